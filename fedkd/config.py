@@ -1,0 +1,256 @@
+"""One typed, validated view of every experiment knob.
+
+Flower hands apps a flat ``run_config`` of kebab-case scalars; this module parses it once
+into a frozen dataclass so the rest of fedkd works with typed fields and never re-reads
+strings. Every field's default is also declared in ``[tool.flwr.app.config]`` of
+``pyproject.toml`` (a test keeps the two identical), because ``flwr run --run-config``
+may only override keys the app declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedkd.models import ModelConfig
+from fedkd.train import TrainConfig
+
+Scalar = bool | int | float | str
+
+
+def _opt(default: Scalar, help: str) -> Any:  # noqa: A002 - "help" reads best in the table below
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every knob of a fedkd experiment; the kebab-case name of ``foo_bar`` is ``foo-bar``."""
+
+    # --- experiment -------------------------------------------------------------------
+    experiment_name: str = _opt("default", "Name of the results folder under output-dir.")
+    output_dir: str = _opt("outputs", "Folder that holds one results folder per experiment.")
+    cache_dir: str = _opt(".cache/fedkd", "Where trained teachers are cached (keyed by config + data hash).")
+    seed: int = _opt(0, "Experiment seed; every random draw (split, sampling, init, rounding) derives from it.")
+    progress: bool = _opt(True, "Show a progress bar and per-round line while the run goes.")
+    # --- data -------------------------------------------------------------------------
+    data_path: str = _opt("", "Interaction file (u.data, ratings.csv, CSV/TSV/parquet); empty = synthetic data.")
+    data_format: str = _opt("auto", "auto | ml-100k | ml-csv | csv | tsv | parquet.")
+    data_columns: str = _opt("", "Column mapping for generic files, e.g. 'user=uid,item=sku,timestamp=ts'.")
+    data_min_interactions: int = _opt(3, "Users need at least this many interactions (>= 3 for leave-one-out).")
+    data_drop_short_users: bool = _opt(False, "Drop users below data-min-interactions instead of failing.")
+    synthetic_users: int = _opt(300, "Synthetic data: number of users.")
+    synthetic_items: int = _opt(400, "Synthetic data: number of items.")
+    synthetic_mean_length: int = _opt(40, "Synthetic data: mean interactions per user.")
+    synthetic_clusters: int = _opt(8, "Synthetic data: number of taste clusters.")
+    cloud_fraction: float = _opt(0.2, "Share of users whose histories the cloud holds (teacher + proxy set).")
+    users_per_client: int = _opt(1, "Edge users per client (1 = one device per user).")
+    max_len: int = _opt(50, "History length fed to every model (most recent items).")
+    # --- teacher (cloud) --------------------------------------------------------------
+    teacher_kind: str = _opt("sasrec", "Teacher architecture: sasrec | meanpool.")
+    teacher_dim: int = _opt(64, "Teacher width.")
+    teacher_blocks: int = _opt(2, "Teacher transformer blocks.")
+    teacher_heads: int = _opt(2, "Teacher attention heads.")
+    teacher_dropout: float = _opt(0.3, "Teacher dropout.")
+    teacher_epochs: int = _opt(40, "Teacher maximum epochs (early stopping on cloud validation NDCG@10).")
+    teacher_patience: int = _opt(4, "Teacher early-stopping patience in epochs.")
+    teacher_lr: float = _opt(0.001, "Teacher Adam learning rate.")
+    teacher_weight_decay: float = _opt(0.0, "Teacher weight decay.")
+    teacher_batch_size: int = _opt(128, "Teacher batch size.")
+    teacher_max_seconds: float = _opt(900.0, "Wall-clock cap on teacher training (0 = none).")
+    # --- student (edge) ---------------------------------------------------------------
+    student_kind: str = _opt("sasrec", "Student architecture: sasrec | meanpool.")
+    student_dim: int = _opt(16, "Student width (the item table dominates its size).")
+    student_blocks: int = _opt(1, "Student transformer blocks.")
+    student_heads: int = _opt(1, "Student attention heads.")
+    student_dropout: float = _opt(0.2, "Student dropout.")
+    # --- rounds -----------------------------------------------------------------------
+    num_rounds: int = _opt(10, "Federated rounds.")
+    clients_per_round: int = _opt(0, "Clients sampled per training round (0 = every client).")
+    local_lr: float = _opt(0.005, "Client Adam learning rate.")
+    batch_size: int = _opt(32, "Private samples per local step.")
+    server_lr: float = _opt(1.0, "Server step on the weighted mean update (1 = FedAvg).")
+    round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
+    eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
+    eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
+    # --- device tiers (compute budget in local steps per round) --------------------------
+    tier_names: str = _opt("weak,strong", "Comma-separated device tier names.")
+    tier_shares: str = _opt("0.5,0.5", "Share of clients in each tier (sums to 1).")
+    tier_steps: str = _opt("4,16", "Local steps per round each tier can afford.")
+    # --- distillation -----------------------------------------------------------------
+    kd_weight: float = _opt(1.0, "lambda: weight of the distillation loss (0 = plain federated training).")
+    kd_temperature: float = _opt(2.0, "Softmax temperature T of teacher and student in the KD loss.")
+    kd_top_k: int = _opt(20, "Teacher items per proxy sample sent as soft labels (the rest is one bin).")
+    kd_batch_size: int = _opt(32, "Proxy samples per local step.")
+    proxy_size: int = _opt(2048, "Public proxy set: prefixes drawn from cloud users' training histories.")
+    proxy_batch: int = _opt(64, "Proxy samples (with soft labels) sent to each client per round.")
+    # --- wire -------------------------------------------------------------------------
+    quant_bits: int = _opt(8, "Bits per value of the student (down) and updates (up): 2, 4, 8 or 32 (identity).")
+    quant_stochastic: bool = _opt(True, "Stochastic (unbiased) rounding of uploads; downloads round to nearest.")
+    soft_label_bits: int = _opt(8, "Bits per soft-label probability: 2, 4, 8 or 32.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # --- conversions ------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Scalar]) -> ExperimentConfig:
+        """Parse a kebab-case mapping (Flower's run_config); unknown keys and wrong types fail."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in flat.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                close = [k for k in cls.keys() if k.split("-")[0] == key.split("-")[0]]
+                hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+                raise ValueError(f"Unknown config key '{key}'.{hint} See `fedkd run --help`.")
+            kwargs[name] = _coerce(key, value, type(known[name].default))
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **overrides: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help_table(cls) -> list[tuple[str, Scalar, str]]:
+        return [(f.name.replace("_", "-"), f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), indent=2, sort_keys=True)
+
+    # --- typed views ------------------------------------------------------------------
+    def teacher_model(self, num_items: int) -> ModelConfig:
+        return ModelConfig(kind=self.teacher_kind, num_items=num_items, dim=self.teacher_dim,
+                           blocks=self.teacher_blocks, heads=self.teacher_heads,
+                           max_len=self.max_len, dropout=self.teacher_dropout)
+
+    def student_model(self, num_items: int) -> ModelConfig:
+        return ModelConfig(kind=self.student_kind, num_items=num_items, dim=self.student_dim,
+                           blocks=self.student_blocks, heads=self.student_heads,
+                           max_len=self.max_len, dropout=self.student_dropout)
+
+    def teacher_train(self) -> TrainConfig:
+        return TrainConfig(epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
+                           lr=self.teacher_lr, weight_decay=self.teacher_weight_decay,
+                           patience=self.teacher_patience,
+                           max_seconds=self.teacher_max_seconds or None, seed=self.seed)
+
+    @property
+    def tiers(self) -> list[tuple[str, float, int]]:
+        """(name, share, steps) per device tier."""
+        return list(zip(_split(self.tier_names), map(float, _split(self.tier_shares)),
+                        map(int, _split(self.tier_steps))))
+
+    @property
+    def column_map(self) -> dict[str, str] | None:
+        if not self.data_columns:
+            return None
+        return dict(pair.split("=", 1) for pair in _split(self.data_columns))
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _coerce(key: str, value: Any, kind: type) -> Scalar:
+    """Accept what TOML or a command line produce; refuse silent truncation or type mix-ups."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false"}:
+            return value.lower() == "true"
+        raise ValueError(f"Config key '{key}' must be true or false, got {value!r}.")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"Config key '{key}' must be an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"Config key '{key}' must be an integer, got {value!r}.")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"Config key '{key}' must be a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"Config key '{key}' must be a number, got {value!r}.") from None
+    return str(value)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}.")
+
+
+def _validate(c: ExperimentConfig) -> None:
+    for name in ("synthetic_users", "synthetic_items", "synthetic_mean_length", "synthetic_clusters",
+                 "users_per_client", "max_len", "teacher_dim", "teacher_blocks", "teacher_heads",
+                 "teacher_epochs", "teacher_batch_size", "student_dim", "student_blocks",
+                 "student_heads", "num_rounds", "batch_size", "eval_every", "eval_k",
+                 "kd_top_k", "kd_batch_size", "proxy_size", "proxy_batch"):
+        _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
+    for name in ("teacher_patience", "clients_per_round"):
+        _check(getattr(c, name) >= 0, name.replace("_", "-"), getattr(c, name), "an integer >= 0")
+    for name in ("teacher_lr", "local_lr", "server_lr", "kd_temperature"):
+        v = getattr(c, name)
+        _check(math.isfinite(v) and v > 0, name.replace("_", "-"), v, "a finite number > 0")
+    for name in ("teacher_weight_decay", "kd_weight", "round_timeout", "teacher_max_seconds"):
+        v = getattr(c, name)
+        _check(math.isfinite(v) and v >= 0, name.replace("_", "-"), v, "a finite number >= 0")
+    for name in ("teacher_dropout", "student_dropout"):
+        v = getattr(c, name)
+        _check(0 <= v < 1, name.replace("_", "-"), v, "a number in [0, 1)")
+    _check(0 <= c.cloud_fraction < 1, "cloud-fraction", c.cloud_fraction, "a number in [0, 1)")
+    _check(c.data_min_interactions >= 3, "data-min-interactions", c.data_min_interactions,
+           "an integer >= 3 (leave-one-out needs train, validation and test items)")
+    _check(c.data_format in {"auto", "ml-100k", "ml-csv", "csv", "tsv", "parquet"}, "data-format",
+           c.data_format, "auto, ml-100k, ml-csv, csv, tsv or parquet")
+    if c.data_columns:
+        pairs = _split(c.data_columns)
+        _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}
+               <= {"user", "item", "timestamp"}, "data-columns", c.data_columns,
+               "'user=COL,item=COL,timestamp=COL' (any subset)")
+    for name in ("teacher_kind", "student_kind"):
+        _check(getattr(c, name) in {"sasrec", "meanpool"}, name.replace("_", "-"),
+               getattr(c, name), "sasrec or meanpool")
+    _check(c.teacher_dim % c.teacher_heads == 0, "teacher-dim", c.teacher_dim,
+           f"a multiple of teacher-heads ({c.teacher_heads})")
+    _check(c.student_dim % c.student_heads == 0, "student-dim", c.student_dim,
+           f"a multiple of student-heads ({c.student_heads})")
+    for name in ("quant_bits", "soft_label_bits"):
+        _check(getattr(c, name) in {2, 4, 8, 32}, name.replace("_", "-"), getattr(c, name),
+               "2, 4, 8 or 32")
+    _check(c.proxy_batch <= c.proxy_size, "proxy-batch", c.proxy_batch,
+           f"at most proxy-size ({c.proxy_size})")
+    _check(bool(c.experiment_name) and "/" not in c.experiment_name and c.experiment_name not in {".", ".."},
+           "experiment-name", c.experiment_name, "a non-empty folder name without '/'")
+    names, shares, steps = _split(c.tier_names), _split(c.tier_shares), _split(c.tier_steps)
+    _check(len(names) >= 1 and len(set(names)) == len(names), "tier-names", c.tier_names,
+           "one or more distinct comma-separated names")
+    _check(len(shares) == len(names), "tier-shares", c.tier_shares,
+           f"{len(names)} comma-separated numbers, one per tier in tier-names")
+    _check(len(steps) == len(names), "tier-steps", c.tier_steps,
+           f"{len(names)} comma-separated integers, one per tier in tier-names")
+    try:
+        share_values = [float(s) for s in shares]
+    except ValueError:
+        share_values = [-1.0]
+    _check(all(s >= 0 for s in share_values) and abs(sum(share_values) - 1) < 1e-6, "tier-shares",
+           c.tier_shares, "non-negative numbers that sum to 1")
+    _check(all(s.isdigit() and int(s) >= 1 for s in steps), "tier-steps", c.tier_steps,
+           "positive integers")

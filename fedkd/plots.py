@@ -1,0 +1,35 @@
+"""PNG plots of a run: validation metric vs round and vs cumulative megabytes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless machines and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str) -> list[Path]:
+    rows = [r for r in rows if r.get("val_ndcg") not in ("", None)]
+    if not rows:
+        return []
+    rounds = [r["round"] for r in rows]
+    mb = [r["cum_bytes"] / 1e6 for r in rows]
+    paths = []
+    for x, xlabel, name in ((rounds, "round", "metrics_vs_round.png"),
+                            (mb, "cumulative training traffic (MB, up + down)", "metrics_vs_bytes.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x, [r["val_ndcg"] for r in rows], marker="o", label=f"NDCG@{k}")
+        ax.plot(x, [r["val_hr"] for r in rows], marker="s", label=f"HR@{k}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation (full ranking, history masked)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths

@@ -1,0 +1,45 @@
+"""The public proxy set and the teacher's soft labels on it.
+
+The proxy set is drawn from cloud users' training prefixes (data the cloud may hold and
+publish). Each round one batch of it, with the teacher's top-k soft labels, goes to
+every selected client; the labels are computed once per batch and reused for all
+clients of the round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedkd.distill import SoftLabels, teacher_soft_labels
+from fedkd.samples import train_samples
+
+
+def build_proxy_set(sequences, cloud_users: np.ndarray, *, size: int, max_len: int,
+                    seed: int) -> np.ndarray:
+    """(P, L) histories: a seeded sample of every-prefix histories of cloud users."""
+    train_seqs = [sequences[u][:-2] for u in cloud_users]
+    hist, _ = train_samples(train_seqs, max_len)
+    if len(hist) == 0:
+        raise ValueError("no cloud-user training prefixes: the proxy set would be empty "
+                         "(raise cloud-fraction or set kd-weight = 0)")
+    take = np.random.default_rng([seed, 4]).choice(len(hist), size=min(size, len(hist)), replace=False)
+    return hist[np.sort(take)]
+
+
+def round_batch(proxy: np.ndarray, *, round_idx: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 5, round_idx])
+    return proxy[rng.choice(len(proxy), size=min(size, len(proxy)), replace=False)]
+
+
+@torch.no_grad()
+def soft_labels(teacher: torch.nn.Module, histories: np.ndarray, *, temperature: float,
+                top_k: int, batch_size: int = 512) -> SoftLabels:
+    teacher.eval()
+    ids, probs = [], []
+    for s in range(0, len(histories), batch_size):
+        sl = teacher_soft_labels(teacher(torch.from_numpy(histories[s:s + batch_size])),
+                                 temperature=temperature, top_k=top_k)
+        ids.append(sl.ids)
+        probs.append(sl.probs)
+    return SoftLabels(ids=np.concatenate(ids), probs=np.concatenate(probs))

@@ -1,0 +1,89 @@
+"""The only fedkd module that knows Flower: numpy dicts <-> Flower records, and byte counts.
+
+A message's content is a RecordDict of named ArrayRecords (numpy arrays under named
+keys), ConfigRecords (settings the receiver must follow) and MetricRecords (numbers it
+reports). Bytes on the wire are measured as Flower sends them: the serialised
+(deflated) bytes of every object in the message's object tree, the unit in which Flower
+1.4x pushes messages through its object store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Content:
+    """Plain-python view of a message's content."""
+
+    arrays: dict[str, Arrays] = field(default_factory=dict)
+    configs: dict[str, dict] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+
+def pack(content: Content) -> RecordDict:
+    rd = RecordDict()
+    for name, arrays in content.arrays.items():
+        rd[name] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    for name, cfg in content.configs.items():
+        rd[name] = ConfigRecord(dict(cfg))
+    for name, met in content.metrics.items():
+        rd[name] = MetricRecord(dict(met))
+    return rd
+
+
+def unpack(rd: RecordDict) -> Content:
+    """Decode a RecordDict; an undecodable array raises ValueError with the key."""
+    out = Content()
+    for name, rec in rd.array_records.items():
+        arrays = {}
+        for key, arr in rec.items():
+            try:
+                arrays[key] = arr.numpy()
+            except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's fault
+                raise ValueError(f"array '{name}/{key}' cannot be decoded: {exc}") from None
+        out.arrays[name] = arrays
+    out.configs = {name: dict(rec) for name, rec in rd.config_records.items()}
+    out.metrics = {name: dict(rec) for name, rec in rd.metric_records.items()}
+    return out
+
+
+def message_nbytes(msg: Message) -> int:
+    """Serialised size of a message: every object Flower would push, summed."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
+def describe(content: Content) -> dict[str, list]:
+    """Keys, dtypes and shapes of the arrays (for logs and audits), no values."""
+    return {name: [[k, str(v.dtype), list(v.shape)] for k, v in arrays.items()]
+            for name, arrays in content.arrays.items()}
+
+
+def id_dtype(num_items: int) -> np.dtype:
+    """Smallest unsigned dtype that holds item ids 0..num_items."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_items <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+def config_of(content: Content, name: str, key: str, kinds: type | tuple[type, ...]) -> object:
+    """A required config value, type-checked, so a malformed message fails with its key."""
+    try:
+        value = content.configs[name][key]
+    except KeyError:
+        raise ValueError(f"message lacks config '{name}/{key}'") from None
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"config '{name}/{key}' has type {type(value).__name__}")
+    return value
+
+
+def metric_dict(values: Mapping[str, float | int]) -> dict[str, float | int]:
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in values.items()}

@@ -1,0 +1,53 @@
+"""fedkd ServerApp: parse the run config once, prepare the results folder, run the rounds."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedkd.config import ExperimentConfig
+from fedkd.results import prepare_dir, write_json
+from server.fedkd_server import FedKDServer
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ExperimentConfig.from_flat(context.run_config)
+    out = Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name
+    moved = prepare_dir(out)
+    _log_to(out / "run.log")
+    if moved:
+        logging.getLogger("fedkd").info("previous results moved to %s", moved)
+    write_json(out / "config.json", {"config": cfg.to_flat(), "python": sys.version.split()[0],
+                                     "platform": platform.platform(), "versions": _versions()})
+    FedKDServer(cfg, out).run(grid)
+
+
+def _log_to(path: Path) -> None:
+    logger = logging.getLogger("fedkd")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(path)):
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("flwr", "torch", "numpy", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
