@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("sasrec", "meanpool")
@@ -41,15 +42,19 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def _mask_padding_column(logits: torch.Tensor) -> torch.Tensor:
-    """Give item 0 a huge but finite score: never ranked, ignored by softmax, yet no
-    ``inf - inf`` NaN when a loss subtracts a max or multiplies by a zero probability."""
-    pad = torch.zeros_like(logits[:1], dtype=torch.bool)
-    pad[:, 0] = True
-    return logits.masked_fill(pad, torch.finfo(logits.dtype).min / 2)
+def _tied_scores(h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """``h @ E^T`` with item 0 pushed to a huge but finite score, fused into one addmm:
+    never ranked, ignored by softmax, yet no ``inf - inf`` NaN inside a loss. The offset
+    swamps any ``h . E[0]``, so it holds even if averaging moves the padding row off zero."""
+    pad = torch.zeros(items.shape[0], dtype=h.dtype, device=h.device)  # (N + 1,)
+    pad[0] = torch.finfo(h.dtype).min / 2
+    return torch.addmm(pad, h, items.T)  # (B, N + 1)
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention under an additive mask. The attention weights themselves are not
+    dropped: a Bernoulli draw over (B, H, L, L) is the costliest op of a CPU step."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
@@ -57,14 +62,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(D // self.heads)  # (B, H, L, L)
-        # A finite fill (not -inf) keeps rows whose keys are all padding uniform instead of NaN;
-        # those rows are padding queries that nothing downstream reads.
-        att = att.masked_fill(~allowed, torch.finfo(att.dtype).min).softmax(dim=-1)
-        y = self.drop(att) @ v  # (B, H, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -79,8 +80,8 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim),
                                  nn.Dropout(cfg.dropout))
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), allowed)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
         return x + self.ffn(self.ln2(x))
 
 
@@ -113,10 +114,13 @@ class SASRec(nn.Module):
         x = self.drop(x) * keep  # padded slots carry nothing
         causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()  # (L, L)
         allowed = (causal & keep.transpose(1, 2)).unsqueeze(1)  # (B, 1, L, L): query i sees real keys j <= i
+        # An additive finite mask (not -inf, not bool) keeps rows whose keys are all padding
+        # uniform instead of NaN; those rows are padding queries that nothing downstream reads.
+        mask = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype)  # (B, 1, L, L)
         for block in self.blocks:
-            x = block(x, allowed) * keep  # re-zero padded queries so they stay inert
+            x = block(x, mask) * keep  # re-zero padded queries so they stay inert
         h = self.ln_f(x[:, -1])  # (B, D)
-        return _mask_padding_column(h @ self.item_emb.weight.T)  # (B, N + 1)
+        return _tied_scores(h, self.item_emb.weight)  # (B, N + 1)
 
 
 class MeanPool(nn.Module):
@@ -137,7 +141,7 @@ class MeanPool(nn.Module):
         keep = (hist > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, L, 1)
         pooled = (self.item_emb(hist) * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (B, D)
         h = self.proj(self.drop(pooled))  # (B, D)
-        return _mask_padding_column(h @ self.item_emb.weight.T)  # (B, N + 1)
+        return _tied_scores(h, self.item_emb.weight)  # (B, N + 1)
 
 
 def _init_embeddings(*embs: nn.Embedding) -> None:
@@ -151,7 +155,8 @@ def _init_embeddings(*embs: nn.Embedding) -> None:
 
 def build_model(cfg: ModelConfig, *, seed: int | None = 0) -> nn.Module:
     """Build ``cfg.kind``; the init draws from ``seed`` without touching the global RNG,
-    so every client and the server can rebuild bit-identical weights (``None`` = global RNG)."""
+    so every client and the server can rebuild bit-identical weights. ``None`` skips the
+    seeding (global RNG) for models whose weights are about to be overwritten anyway."""
     cls = {"sasrec": SASRec, "meanpool": MeanPool}[cfg.kind]
     if seed is None:
         return cls(cfg)

@@ -42,7 +42,7 @@ def _load(path: Path, model_cfg: ModelConfig) -> tuple[nn.Module, dict]:
     blob = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never unpickle code
     if blob["model_config"] != asdict(model_cfg):
         raise ValueError("model config in the file does not match the requested one")
-    model = build_model(model_cfg, seed=None)
+    model = build_model(model_cfg)  # seeded init, overwritten: leaves the global RNG alone
     model.load_state_dict(blob["state_dict"])
     return model, dict(blob["info"])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np

@@ -1,0 +1,52 @@
+"""A real Flower simulation (ServerApp + ClientApps on the Ray engine), 2 rounds, small fleet.
+
+Runs the CLI in a subprocess, as a user would, so Ray starts and stops cleanly per test.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> Path:
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
+           "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+           "--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2",
+           "--teacher-epochs", "2", "--progress", "false", *extra]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp_path / "out" / name
+
+
+def test_two_rounds_write_a_complete_results_folder(tmp_path):
+    out = _run(tmp_path, "e2e")
+    for name in ("config.json", "metrics.csv", "summary.json", "metrics_vs_round.png",
+                 "metrics_vs_bytes.png", "test_per_client.csv", "wire.jsonl", "run.log"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clients"] == 40  # 50 users, 20% in the cloud, one user per client
+    for r in rows:
+        assert int(r["participants"]) == int(r["aggregated"]) == 40
+        assert int(r["bytes_down"]) > 0 and int(r["bytes_up"]) > 0
+        # default tiers weak=4 steps, strong=16: every client spent exactly its tier's budget
+        assert float(r["steps_mean_weak"]) == float(r["steps_max_weak"]) == 4
+        assert float(r["steps_mean_strong"]) == float(r["steps_max_strong"]) == 16
+        assert 0.0 <= float(r["val_ndcg"]) <= float(r["val_hr"]) <= 1.0
+    assert summary["test_users"] == 40
+    assert summary["teacher"]["cached"] is False
+    assert summary["train_bytes_total"] == sum(int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows)
+    per_client = list(csv.DictReader((out / "test_per_client.csv").open()))
+    assert sorted(int(r["partition_id"]) for r in per_client) == list(range(40))
+    # a second run reuses the cached teacher and moves the old results aside, never deleting them
+    out2 = _run(tmp_path, "e2e")
+    assert json.loads((out2 / "summary.json").read_text())["teacher"]["cached"] is True
+    assert len(list((tmp_path / "out").glob("e2e.old-*"))) == 1
