@@ -70,7 +70,8 @@ def train(msg: Message, context: Context) -> Message:
     budget = StepBudget(cfg.tiers[data.tier][2])
     result = local_train(model, data.train, proxy, budget=budget, batch_size=cfg.batch_size,
                          kd_batch_size=cfg.kd_batch_size, lr=cfg.local_lr, kd_weight=cfg.kd_weight,
-                         temperature=cfg.kd_temperature, rng=rng)
+                         temperature=cfg.kd_temperature, rng=rng,
+                         optimizer=cfg.local_optimizer, clip_norm=cfg.local_clip_norm or None)
     trained = get_state(model)
     update = {k: trained[k] - start[k] for k in start}
     return Message(pack(Content(

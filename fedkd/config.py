@@ -70,12 +70,16 @@ class ExperimentConfig:
     # --- rounds -----------------------------------------------------------------------
     num_rounds: int = _opt(10, "Federated rounds.")
     clients_per_round: int = _opt(0, "Clients sampled per training round (0 = every client).")
-    local_lr: float = _opt(0.005, "Client Adam learning rate.")
+    local_optimizer: str = _opt("sgd", "Client optimiser: sgd (stable under averaging) | adam (fresh state each round).")
+    local_lr: float = _opt(3.0, "Client learning rate (SGD on a full-softmax loss needs a large one).")
+    local_clip_norm: float = _opt(1.0, "Clip each local step's gradient norm to this (0 = no clipping).")
     batch_size: int = _opt(32, "Private samples per local step.")
     server_lr: float = _opt(1.0, "Server step on the weighted mean update (1 = FedAvg).")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
+    test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
+                                "(for equal-rounds comparisons inside one longer run).")
     # --- device tiers (compute budget in local steps per round) --------------------------
     tier_names: str = _opt("weak,strong", "Comma-separated device tier names.")
     tier_shares: str = _opt("0.5,0.5", "Share of clients in each tier (sums to 1).")
@@ -151,6 +155,10 @@ class ExperimentConfig:
                         map(int, _split(self.tier_steps))))
 
     @property
+    def extra_test_rounds(self) -> set[int]:
+        return {int(t) for t in _split(self.test_rounds)}
+
+    @property
     def column_map(self) -> dict[str, str] | None:
         if not self.data_columns:
             return None
@@ -209,7 +217,8 @@ def _validate(c: ExperimentConfig) -> None:
     for name in ("teacher_lr", "local_lr", "server_lr", "kd_temperature"):
         v = getattr(c, name)
         _check(math.isfinite(v) and v > 0, name.replace("_", "-"), v, "a finite number > 0")
-    for name in ("teacher_weight_decay", "kd_weight", "round_timeout", "teacher_max_seconds"):
+    for name in ("teacher_weight_decay", "kd_weight", "round_timeout", "teacher_max_seconds",
+                 "local_clip_norm"):
         v = getattr(c, name)
         _check(math.isfinite(v) and v >= 0, name.replace("_", "-"), v, "a finite number >= 0")
     for name in ("teacher_dropout", "student_dropout"):
@@ -225,6 +234,7 @@ def _validate(c: ExperimentConfig) -> None:
         _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}
                <= {"user", "item", "timestamp"}, "data-columns", c.data_columns,
                "'user=COL,item=COL,timestamp=COL' (any subset)")
+    _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     for name in ("teacher_kind", "student_kind"):
         _check(getattr(c, name) in {"sasrec", "meanpool"}, name.replace("_", "-"),
                getattr(c, name), "sasrec or meanpool")
@@ -239,6 +249,8 @@ def _validate(c: ExperimentConfig) -> None:
            f"at most proxy-size ({c.proxy_size})")
     _check(bool(c.experiment_name) and "/" not in c.experiment_name and c.experiment_name not in {".", ".."},
            "experiment-name", c.experiment_name, "a non-empty folder name without '/'")
+    _check(all(t.isdigit() and 1 <= int(t) <= c.num_rounds for t in _split(c.test_rounds)), "test-rounds",
+           c.test_rounds, f"comma-separated rounds in 1..num-rounds ({c.num_rounds})")
     names, shares, steps = _split(c.tier_names), _split(c.tier_shares), _split(c.tier_steps)
     _check(len(names) >= 1 and len(set(names)) == len(names), "tier-names", c.tier_names,
            "one or more distinct comma-separated names")

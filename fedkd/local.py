@@ -45,8 +45,9 @@ def get_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def local_train(model: torch.nn.Module, samples: tuple[np.ndarray, np.ndarray],
                 proxy: ProxyBatch | None, *, budget: StepBudget, batch_size: int,
                 kd_batch_size: int, lr: float, kd_weight: float, temperature: float,
-                rng: np.random.Generator) -> LocalResult:
-    """Spend the whole budget on Adam steps of CE on private prefixes (+ KD on proxy samples).
+                rng: np.random.Generator, optimizer: str = "sgd",
+                clip_norm: float | None = None) -> LocalResult:
+    """Spend the whole budget on optimiser steps of CE on private prefixes (+ KD on proxy samples).
 
     Private batches walk a fresh permutation of the client's samples (an epoch), so a
     client with few samples revisits each before repeating any. With ``kd_weight == 0``
@@ -55,7 +56,16 @@ def local_train(model: torch.nn.Module, samples: tuple[np.ndarray, np.ndarray],
     hist, target = samples
     t0 = time.perf_counter()
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # A fresh optimiser each round: no optimiser state survives between rounds on a device.
+    # Plain SGD by default: its updates are scaled gradients, so the server's average is a
+    # large-batch gradient step; Adam's sign-like first steps averaged over hundreds of
+    # one-user clients proved unstable in our MovieLens tuning (docs/results.md).
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        raise ValueError(f"unknown local optimizer {optimizer!r}: use sgd or adam")
     order, pos, losses = rng.permutation(len(target)), 0, []
     use_kd = proxy is not None and kd_weight > 0
     while budget.remaining > 0 and len(target) > 0:
@@ -71,7 +81,7 @@ def local_train(model: torch.nn.Module, samples: tuple[np.ndarray, np.ndarray],
         budget.spend()
         losses.append(train_step(model, opt, torch.from_numpy(hist[idx]), torch.from_numpy(target[idx]),
                                  kd=kd, kd_weight=kd_weight if use_kd else 0.0,
-                                 temperature=temperature))
+                                 temperature=temperature, clip_norm=clip_norm))
     model.eval()
     return LocalResult(steps=budget.spent, examples=int(len(target)),
                        mean_loss=float(np.mean(losses)) if losses else float("nan"),

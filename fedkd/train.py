@@ -49,7 +49,7 @@ class TrainResult:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor, target: torch.Tensor, *,
                kd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, kd_weight: float = 0.0,
-               temperature: float = 1.0) -> float:
+               temperature: float = 1.0, clip_norm: float | None = None) -> float:
     """One optimiser step on next-item cross-entropy, plus optional distillation.
 
     The KD term is scaled by ``T**2`` so its gradients keep the CE term's magnitude as the
@@ -61,6 +61,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor,
     ----------
     hist, target : (B, L) and (B,) int64 private samples.
     kd : (kd_hist (P, L), kd_ids (P, k) int64, kd_probs (P, k) float32) teacher soft labels.
+    clip_norm : clip the gradient's global norm to this before stepping (None = no clipping);
+        federated clients use it so that a large local learning rate cannot blow a step up.
 
     Returns
     -------
@@ -76,6 +78,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor,
         loss = loss + kd_weight * temperature ** 2 * kd_loss(model(kd_hist), kd_ids, kd_probs,
                                                              temperature=temperature)
     loss.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
     return float(loss.detach())
 

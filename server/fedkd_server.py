@@ -102,6 +102,7 @@ class FedKDServer:
         t_rounds, cum_bytes = time.perf_counter(), 0
         best = (-1.0, 0, state)
         bar = _progress(cfg)
+        extra_tests: dict[int, dict] = {}
         for r in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             selected = self._select(nodes, r)
@@ -142,13 +143,17 @@ class FedKDServer:
             for t, (name, _, _) in enumerate(cfg.tiers):
                 row[f"steps_mean_{name}"] = _mean(steps.get(t, []))
                 row[f"steps_max_{name}"] = max(steps.get(t, [0]))
-            if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+            if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
                 ev = self._evaluate(grid, nodes, state, "valid", r)
                 row.update({"val_hr": ev["hr"], "val_ndcg": ev["ndcg"], "eval_bytes": ev["bytes"]})
                 if ev["ndcg"] > best[0]:
                     best = (ev["ndcg"], r, state)
             else:
                 row.update({"val_hr": "", "val_ndcg": "", "eval_bytes": 0})
+            if r in cfg.extra_test_rounds and r != cfg.num_rounds:
+                t = self._evaluate(grid, nodes, best[2], "test", r, per_client=f"test_per_client_r{r}.csv")
+                extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"],
+                                  "train_bytes": cum_bytes}
             row.update({"round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds})
             self.metrics.append(row)
             bar.update(1)
@@ -156,7 +161,7 @@ class FedKDServer:
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), len(updates), len(selected),
                      down / 1e3, up / 1e3, row["round_s"])
         bar.close()
-        test = self._evaluate(grid, nodes, best[2], "test", best[1], per_client=True)
+        test = self._evaluate(grid, nodes, best[2], "test", best[1], per_client="test_per_client.csv")
         rows = read_metrics(self.out / "metrics.csv")
         summary = {
             "experiment": cfg.experiment_name, "clients": len(nodes), "rounds": cfg.num_rounds,
@@ -168,7 +173,7 @@ class FedKDServer:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
-            "teacher": teacher_info, "wall_seconds": time.perf_counter() - t_start,
+            "tests_at_rounds": extra_tests, "teacher": teacher_info, "wall_seconds": time.perf_counter() - t_start,
         }
         write_json(self.out / "summary.json", summary)
         plot_run(rows, self.out, k=cfg.eval_k, title=cfg.experiment_name)
@@ -207,12 +212,13 @@ class FedKDServer:
                               "replies": len(out), "bytes_up": up})
         return out, down, up
 
-    def _evaluate(self, grid: Grid, nodes: list[Node], state, split: str, r: int, *, per_client=False) -> dict:
+    def _evaluate(self, grid: Grid, nodes: list[Node], state, split: str, r: int, *,
+                  per_client: str | None = None) -> dict:
         content = Content(arrays={"student": encode_state(state, bits=self.cfg.quant_bits, stochastic=False)},
                           configs={"config": {"split": split, "round": r}})
         replies, down, up = self._exchange(grid, nodes, content, "evaluate", r)
         hr = ndcg = n = 0.0
-        table = CsvLog(self.out / f"{split}_per_client.csv") if per_client else None
+        table = CsvLog(self.out / per_client) if per_client else None
         for node, rep in replies:
             m = unpack(rep.content).metrics["metrics"]
             hr, ndcg, n = hr + m["hr-sum"], ndcg + m["ndcg-sum"], n + m["count"]

@@ -37,7 +37,7 @@ from simulations.cli import load_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def central_rows(cfg: ExperimentConfig, student_epochs: int) -> list[dict]:
+def central_rows(cfg: ExperimentConfig, student_epochs: int, student_seconds: float) -> list[dict]:
     """Popularity, teacher and centrally trained student, scored on the edge users' test items."""
     pop = population(cfg)
     seqs, n_items = pop.dataset.sequences, pop.dataset.num_items
@@ -56,7 +56,8 @@ def central_rows(cfg: ExperimentConfig, student_epochs: int) -> list[dict]:
     student = build_model(cfg.student_model(n_items), seed=cfg.seed)
     train_central(student, train_samples([seqs[u][:-2] for u in edge], cfg.max_len),
                   eval_set(seqs, edge, "valid", cfg.max_len),
-                  TrainConfig(epochs=student_epochs, batch_size=128, lr=1e-3, patience=3, seed=cfg.seed))
+                  TrainConfig(epochs=student_epochs, batch_size=128, lr=1e-3, patience=3, seed=cfg.seed,
+                              max_seconds=student_seconds or None))
     rows.append(_row(f"centralized student (edge users pooled, width {cfg.student_dim})",
                      evaluate_ranking(student, test, k=cfg.eval_k), params=num_parameters(student)))
     return rows
@@ -88,8 +89,28 @@ def _toml(v) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
 
 
-def per_user_ndcg(out: Path) -> dict[int, float]:
-    with (out / "test_per_client.csv").open() as f:
+def _fedavg_bytes_per_round(kd_summary: dict, kd_dir: Path) -> float:
+    """Training bytes per round without soft labels: fedkd's, minus the proxy payload.
+
+    Measured, not guessed: wire.jsonl has the bytes of each exchange, and the proxy batch is
+    the only part of a train message that FedAvg does not send. We take the smallest
+    per-round total of a FedAvg-shaped message from a 1-round probe run instead of
+    modelling Flower's framing.
+    """
+    del kd_summary
+    probe = federated({**_read_overrides(kd_dir), "kd-weight": 0.0}, kd_dir.name + "-probe",
+                      kd_dir.parent, rounds=1)
+    return json.loads((probe / "summary.json").read_text())["train_bytes_per_round"]
+
+
+def _read_overrides(run_dir: Path) -> dict:
+    import tomllib
+    ov = tomllib.loads((run_dir.parent / f"{run_dir.name}.toml").read_text())
+    return {k: v for k, v in ov.items() if k not in ("experiment-name", "output-dir", "progress", "num-rounds")}
+
+
+def per_user_ndcg(out: Path, name: str = "test_per_client.csv") -> dict[int, float]:
+    with (out / name).open() as f:
         return {int(r["partition_id"]): float(r["ndcg_sum"]) / max(int(r["count"]), 1) for r in csv.DictReader(f)}
 
 
@@ -107,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-fractions", type=float, nargs="+", default=[0.2, 0.5], help="Cloud-user shares.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Experiment seeds.")
     p.add_argument("--student-epochs", type=int, default=40, help="Max epochs of the centralized student.")
+    p.add_argument("--student-seconds", type=float, default=240,
+                   help="Wall-clock cap on the centralized student's training (0 = none).")
     p.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "baselines",
                    help="Where the federated runs' folders go (finished runs are reused).")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="Markdown table to write.")
@@ -115,23 +138,35 @@ def main(argv: list[str] | None = None) -> int:
     base = {**load_overrides(args.config), "data-path": str(Path(args.data_path).resolve())}
     args.work_dir.mkdir(parents=True, exist_ok=True)
     table, comparisons = [], []
-    for cf in args.cloud_fractions:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seeds outermost: an interrupted table still covers every split
+        for cf in args.cloud_fractions:
             ov = {**base, "cloud-fraction": cf, "seed": seed, "cache-dir": str((ROOT / ".cache/fedkd").resolve())}
             cfg = ExperimentConfig.from_flat(ov)
             tag = f"cf{cf:g}-s{seed}"
-            rows = central_rows(cfg, args.student_epochs)
+            rows = central_rows(cfg, args.student_epochs, args.student_seconds)
             kd = federated(ov, f"{tag}-fedkd", args.work_dir)
-            avg = federated({**ov, "kd-weight": 0.0}, f"{tag}-fedavg", args.work_dir)
-            kd_s, avg_s = (json.loads((o / "summary.json").read_text()) for o in (kd, avg))
-            eq_rounds = math.ceil(kd_s["train_bytes_total"] / avg_s["train_bytes_per_round"])
-            avg_eq = federated({**ov, "kd-weight": 0.0}, f"{tag}-fedavg-eqbytes", args.work_dir, rounds=eq_rounds)
-            rows += [fed_row("federated student, no distillation (FedAvg)", avg, cfg.eval_k),
-                     fed_row("federated student, no distillation, equal bytes", avg_eq, cfg.eval_k),
+            kd_s = json.loads((kd / "summary.json").read_text())
+            # FedAvg sends no soft labels, so equal bytes buys it extra rounds. One longer run
+            # serves both comparisons: it is also tested after fedkd's number of rounds.
+            per_round = _fedavg_bytes_per_round(kd_s, kd)
+            eq_rounds = max(cfg.num_rounds, math.floor(kd_s["train_bytes_total"] / per_round))
+            extra = {"test-rounds": str(cfg.num_rounds)} if eq_rounds > cfg.num_rounds else {}
+            avg = federated({**ov, "kd-weight": 0.0, **extra}, f"{tag}-fedavg", args.work_dir, rounds=eq_rounds)
+            avg_s = json.loads((avg / "summary.json").read_text())
+            eq_r = avg_s["tests_at_rounds"].get(str(cfg.num_rounds))
+            rows.append({"model": "federated student, no distillation (FedAvg), equal rounds",
+                         "hr": eq_r["hr"] if eq_r else avg_s[f"test_hr@{cfg.eval_k}"],
+                         "ndcg": eq_r["ndcg"] if eq_r else avg_s[f"test_ndcg@{cfg.eval_k}"],
+                         "users": avg_s["test_users"], "params": avg_s["student_parameters"],
+                         "rounds": cfg.num_rounds,
+                         "mb": (eq_r["train_bytes"] if eq_r else avg_s["train_bytes_total"]) / 1e6})
+            rows += [fed_row(f"federated student, no distillation (FedAvg), equal bytes ({eq_rounds} rounds)",
+                             avg, cfg.eval_k),
                      fed_row(f"fedkd student (lambda {cfg.kd_weight:g}, T {cfg.kd_temperature:g})", kd, cfg.eval_k)]
             for r in rows:
                 table.append({"cloud": cf, "seed": seed, **r})
-            a, b, c = per_user_ndcg(kd), per_user_ndcg(avg), per_user_ndcg(avg_eq)
+            eq_file = f"test_per_client_r{cfg.num_rounds}.csv" if eq_r else "test_per_client.csv"
+            a, b, c = per_user_ndcg(kd), per_user_ndcg(avg, eq_file), per_user_ndcg(avg)
             comparisons.append({"cloud": cf, "seed": seed, "kd": [a[i] for i in sorted(a)],
                                 "avg": [b[i] for i in sorted(a)], "avg_eq": [c[i] for i in sorted(a)]})
             _write(args, table, comparisons, cfg.eval_k)
