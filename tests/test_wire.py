@@ -1,0 +1,42 @@
+"""Flower packing: round trips, and byte counts that track the payload."""
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedkd.wire import Content, describe, id_dtype, message_nbytes, pack, unpack
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _content(n: int) -> Content:
+    return Content(arrays={"student": {"codes": np.arange(n, dtype=np.uint8) % 251,
+                                       "scale": np.ones(3, np.float32)}},
+                   configs={"config": {"round": 3, "split": "valid"}},
+                   metrics={"metrics": {"num-examples": 12, "loss": 0.5}})
+
+
+def test_pack_unpack_round_trip():
+    c = _content(100)
+    back = unpack(pack(c))
+    assert back.configs == c.configs and back.metrics == c.metrics
+    for k, v in c.arrays["student"].items():
+        assert back.arrays["student"][k].dtype == v.dtype
+        assert np.array_equal(back.arrays["student"][k], v)
+    assert describe(back) == {"student": [["codes", "uint8", [100]], ["scale", "float32", [3]]]}
+
+
+def test_message_bytes_grow_with_the_payload_byte_for_byte_plus_small_framing():
+    small = message_nbytes(Message(pack(_content(1_000)), dst_node_id=2, message_type="train"))
+    big = message_nbytes(Message(pack(_content(101_000)), dst_node_id=2, message_type="train"))
+    assert 100_000 <= big - small < 100_000 + 1_000  # chunk framing only
+    assert small > 1_000
+
+
+def test_id_dtype_is_the_smallest_that_fits():
+    assert id_dtype(255) == np.uint8 and id_dtype(256) == np.uint16 and id_dtype(1682) == np.uint16
+    assert id_dtype(70_000) == np.uint32
