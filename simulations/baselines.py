@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             ov = {**base, "cloud-fraction": cf, "seed": seed, "cache-dir": str((ROOT / ".cache/fedkd").resolve())}
             cfg = ExperimentConfig.from_flat(ov)
             tag = f"cf{cf:g}-s{seed}"
-            rows = central_rows(cfg, args.student_epochs, args.student_seconds)
+            cached = args.work_dir / f"{tag}-central-e{args.student_epochs}-t{args.student_seconds:g}.json"
+            if cached.exists():  # reuse, so that a rerun only computes what is missing
+                rows = json.loads(cached.read_text())
+            else:
+                rows = central_rows(cfg, args.student_epochs, args.student_seconds)
+                cached.write_text(json.dumps(rows, indent=2))
             kd = federated(ov, f"{tag}-fedkd", args.work_dir)
             kd_s = json.loads((kd / "summary.json").read_text())
             # FedAvg sends no soft labels, so equal bytes buys it extra rounds. One longer run
