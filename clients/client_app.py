@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
-from fedkd.codec import decode_state, encode_state, layout_of
+from fedkd.codec import decode_state, encode_state, layout_of, unpack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.distill import decode_soft_labels
 from fedkd.edge import ClientData, client_data
@@ -45,6 +45,19 @@ def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
     return model, start
 
 
+def _proxy(cfg: ExperimentConfig, num_items: int, content: Content) -> ProxyBatch:
+    """Unpack the proxy batch: bit-packed ids, soft labels whose shape the config implies."""
+    arrays = content.arrays["proxy"]
+    rows = int(config_of(content, "config", "proxy-rows", int))
+    shape = (rows, cfg.kd_top_k)
+    sl = decode_soft_labels({
+        **{k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")},
+        "ids": unpack_ids(arrays["sl.ids"], shape, num_items).astype(np.uint32),
+        "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(cfg.soft_label_bits, np.int64)})
+    histories = unpack_ids(arrays["histories"], (rows, cfg.max_len), num_items)
+    return ProxyBatch(histories=histories, ids=sl.ids, probs=sl.probs)
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so it can sample clients reproducibly."""
@@ -62,9 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     model, start = _student(cfg, data, content)
     proxy = None
     if "proxy" in content.arrays:
-        arrays = content.arrays["proxy"]
-        sl = decode_soft_labels({k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")})
-        proxy = ProxyBatch(histories=arrays["histories"].astype(np.int64), ids=sl.ids, probs=sl.probs)
+        proxy = _proxy(cfg, data.num_items, content)
     torch.manual_seed(hash((cfg.seed, 7, round_idx, data.partition_id)) % 2**31)  # dropout masks
     rng = np.random.default_rng([cfg.seed, 6, round_idx, data.partition_id])
     budget = StepBudget(cfg.tiers[data.tier][2])

@@ -97,3 +97,35 @@ def _expect(arrays: Mapping[str, np.ndarray], key: str, dtype: type, size: int) 
 def _expect_finite(a: np.ndarray, key: str) -> None:
     if not np.isfinite(a).all():
         raise PayloadError(f"'{key}' holds non-finite values (NaN or inf)")
+
+
+def id_bits(num_items: int) -> int:
+    """Bits that hold item ids 0..num_items (11 for MovieLens-100K's 1,682 items)."""
+    return max(1, int(num_items).bit_length())
+
+
+def pack_ids(ids: np.ndarray, num_items: int) -> np.ndarray:
+    """Bit-pack item ids at :func:`id_bits` bits each: lossless, and 31% smaller than uint16
+    for MovieLens-100K. Proxy histories and soft-label ids are a fixed cost of every train
+    message that no model quantisation shrinks."""
+    b = id_bits(num_items)
+    flat = np.asarray(ids, dtype=np.int64).ravel()
+    if flat.size and (flat.min() < 0 or flat.max() > num_items):
+        raise ValueError(f"item ids must lie in 0..{num_items}")
+    bits = np.unpackbits(flat.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)[:, 32 - b:]  # (n, b)
+    return np.packbits(bits.ravel())
+
+
+def unpack_ids(packed: np.ndarray, shape: tuple[int, ...], num_items: int) -> np.ndarray:
+    """Inverse of :func:`pack_ids`; raises :class:`PayloadError` on a size mismatch."""
+    b, n = id_bits(num_items), int(np.prod(shape, dtype=np.int64))
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != -(-n * b // 8):
+        raise PayloadError(f"packed ids have dtype {packed.dtype} and shape {packed.shape}, expected "
+                           f"uint8 ({-(-n * b // 8)},) for {n} ids of {b} bits")
+    bits = np.unpackbits(packed)[: n * b].reshape(n, b)
+    full = np.zeros((n, 32), np.uint8)
+    full[:, 32 - b:] = bits
+    ids = np.packbits(full, axis=1).view(">u4").ravel().astype(np.int64)
+    if ids.size and ids.max() > num_items:
+        raise PayloadError(f"packed ids exceed the catalogue size {num_items}")
+    return ids.reshape(shape)

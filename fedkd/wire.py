@@ -66,14 +66,6 @@ def describe(content: Content) -> dict[str, list]:
             for name, arrays in content.arrays.items()}
 
 
-def id_dtype(num_items: int) -> np.dtype:
-    """Smallest unsigned dtype that holds item ids 0..num_items."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if num_items <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
-
-
 def config_of(content: Content, name: str, key: str, kinds: type | tuple[type, ...]) -> object:
     """A required config value, type-checked, so a malformed message fails with its key."""
     try:

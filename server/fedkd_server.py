@@ -19,7 +19,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedkd.aggregate import apply_update, weighted_mean
-from fedkd.codec import PayloadError, decode_state, encode_state, layout_of
+from fedkd.codec import PayloadError, decode_state, encode_state, layout_of, pack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.distill import encode_soft_labels
 from fedkd.local import get_state
@@ -30,7 +30,7 @@ from fedkd.proxy import build_proxy_set, round_batch, soft_labels
 from fedkd.results import CsvLog, JsonLines, read_metrics, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
-from fedkd.wire import Content, id_dtype, message_nbytes, pack, unpack
+from fedkd.wire import Content, message_nbytes, pack, unpack
 
 log = logging.getLogger("fedkd")
 
@@ -112,8 +112,12 @@ class FedKDServer:
                 batch = round_batch(proxy, round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
                 sl = soft_labels(teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
                 enc = encode_soft_labels(sl, bits=cfg.soft_label_bits, num_items=num_items)
-                content.arrays["proxy"] = {"histories": batch.astype(id_dtype(num_items)),
-                                           **{f"sl.{k}": v for k, v in enc.items()}}
+                # Ids bit-packed; the probabilities' shape and bit width are implied by the
+                # config both ends share, so they do not travel (see codec.pack_ids).
+                content.arrays["proxy"] = {
+                    "histories": pack_ids(batch, num_items), "sl.ids": pack_ids(enc["ids"], num_items),
+                    **{f"sl.{k}": v for k, v in enc.items() if k not in ("ids", "probs.shape", "probs.bits")}}
+                content.configs["config"]["proxy-rows"] = len(batch)
             replies, down, up = self._exchange(grid, selected, content, "train", r)
             updates, weights, steps, losses, rejected = [], [], {}, [], 0
             for node, rep in replies:

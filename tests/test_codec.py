@@ -57,3 +57,15 @@ def test_non_finite_float32_values_are_refused():
     enc["values"][3] = np.inf
     with pytest.raises(PayloadError, match="non-finite"):
         decode_state(enc, layout_of(s), bits=32)
+
+
+@pytest.mark.parametrize("num_items", [1, 255, 1682, 70_000])
+def test_packed_ids_round_trip_exactly_and_use_id_bits_each(num_items):
+    from fedkd.codec import id_bits, pack_ids, unpack_ids
+    ids = np.random.default_rng(0).integers(0, num_items + 1, size=(7, 13))
+    ids[0, 0], ids[-1, -1] = 0, num_items
+    packed = pack_ids(ids, num_items)
+    assert packed.size == -(-ids.size * id_bits(num_items) // 8)
+    assert np.array_equal(unpack_ids(packed, ids.shape, num_items), ids)
+    with pytest.raises(PayloadError):
+        unpack_ids(packed[:-1], ids.shape, num_items)

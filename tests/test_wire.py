@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedkd.wire import Content, describe, id_dtype, message_nbytes, pack, unpack
+from fedkd.wire import Content, describe, message_nbytes, pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +35,3 @@ def test_message_bytes_grow_with_the_payload_byte_for_byte_plus_small_framing():
     big = message_nbytes(Message(pack(_content(101_000)), dst_node_id=2, message_type="train"))
     assert 100_000 <= big - small < 100_000 + 1_000  # chunk framing only
     assert small > 1_000
-
-
-def test_id_dtype_is_the_smallest_that_fits():
-    assert id_dtype(255) == np.uint8 and id_dtype(256) == np.uint16 and id_dtype(1682) == np.uint16
-    assert id_dtype(70_000) == np.uint32
