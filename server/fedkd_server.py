@@ -54,6 +54,7 @@ class FedKDServer:
         self.metrics = CsvLog(out_dir / "metrics.csv")
         self.rejections = JsonLines(out_dir / "rejections.jsonl")
         self.wire_log = JsonLines(out_dir / "wire.jsonl")
+        (out_dir / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
 
     # ------------------------------------------------------------------ setup
     def _teacher_and_proxy(self):

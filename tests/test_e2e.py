@@ -28,7 +28,7 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 def test_two_rounds_write_a_complete_results_folder(tmp_path):
     out = _run(tmp_path, "e2e")
     for name in ("config.json", "metrics.csv", "summary.json", "metrics_vs_round.png",
-                 "metrics_vs_bytes.png", "test_per_client.csv", "wire.jsonl", "run.log"):
+                 "metrics_vs_bytes.png", "test_per_client.csv", "wire.jsonl", "run.log", "rejections.jsonl"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [1, 2]
@@ -42,6 +42,7 @@ def test_two_rounds_write_a_complete_results_folder(tmp_path):
         assert float(r["steps_mean_strong"]) == float(r["steps_max_strong"]) == 16
         assert 0.0 <= float(r["val_ndcg"]) <= float(r["val_hr"]) <= 1.0
     assert summary["test_users"] == 40
+    assert (out / "rejections.jsonl").read_text() == ""
     assert summary["teacher"]["cached"] is False
     assert summary["train_bytes_total"] == sum(int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows)
     per_client = list(csv.DictReader((out / "test_per_client.csv").open()))
