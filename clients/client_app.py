@@ -15,13 +15,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
-from fedkd.codec import decode_state, encode_state, layout_of, unpack_ids
+from fedkd.codec import decode_state, encode_state, layout_of
 from fedkd.config import ExperimentConfig
-from fedkd.distill import decode_soft_labels
 from fedkd.edge import ClientData, client_data
-from fedkd.local import ProxyBatch, get_state, local_train, set_state
+from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
+from fedkd.proxy import decode_proxy
 from fedkd.wire import Content, config_of, metric_dict, pack, unpack
 
 app = ClientApp()
@@ -45,19 +45,6 @@ def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
     return model, start
 
 
-def _proxy(cfg: ExperimentConfig, num_items: int, content: Content) -> ProxyBatch:
-    """Unpack the proxy batch: bit-packed ids, soft labels whose shape the config implies."""
-    arrays = content.arrays["proxy"]
-    rows = int(config_of(content, "config", "proxy-rows", int))
-    shape = (rows, cfg.kd_top_k)
-    sl = decode_soft_labels({
-        **{k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")},
-        "ids": unpack_ids(arrays["sl.ids"], shape, num_items).astype(np.uint32),
-        "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(cfg.soft_label_bits, np.int64)})
-    histories = unpack_ids(arrays["histories"], (rows, cfg.max_len), num_items)
-    return ProxyBatch(histories=histories, ids=sl.ids, probs=sl.probs)
-
-
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so it can sample clients reproducibly."""
@@ -75,7 +62,9 @@ def train(msg: Message, context: Context) -> Message:
     model, start = _student(cfg, data, content)
     proxy = None
     if "proxy" in content.arrays:
-        proxy = _proxy(cfg, data.num_items, content)
+        proxy = decode_proxy(content.arrays["proxy"], rows=int(config_of(content, "config", "proxy-rows", int)),
+                             top_k=cfg.kd_top_k, max_len=cfg.max_len, num_items=data.num_items,
+                             bits=cfg.soft_label_bits)
     torch.manual_seed(hash((cfg.seed, 7, round_idx, data.partition_id)) % 2**31)  # dropout masks
     rng = np.random.default_rng([cfg.seed, 6, round_idx, data.partition_id])
     budget = StepBudget(cfg.tiers[data.tier][2])

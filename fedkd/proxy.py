@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedkd.distill import SoftLabels, teacher_soft_labels
+from fedkd.codec import pack_ids, unpack_ids
+from fedkd.distill import SoftLabels, decode_soft_labels, encode_soft_labels, teacher_soft_labels
+from fedkd.local import ProxyBatch
 from fedkd.samples import train_samples
 
 
@@ -43,3 +45,24 @@ def soft_labels(teacher: torch.nn.Module, histories: np.ndarray, *, temperature:
         ids.append(sl.ids)
         probs.append(sl.probs)
     return SoftLabels(ids=np.concatenate(ids), probs=np.concatenate(probs))
+
+
+def encode_proxy(histories: np.ndarray, sl: SoftLabels, *, num_items: int, bits: int) -> dict[str, np.ndarray]:
+    """What a train message carries for distillation: bit-packed ids (histories and labels)
+    and quantised probabilities. Their shape and bit width follow from the config both ends
+    share plus the row count sent in the round's config, so they do not travel."""
+    enc = encode_soft_labels(sl, bits=bits, num_items=num_items)
+    return {"histories": pack_ids(histories, num_items), "sl.ids": pack_ids(enc["ids"], num_items),
+            **{f"sl.{k}": v for k, v in enc.items() if k not in ("ids", "probs.shape", "probs.bits")}}
+
+
+def decode_proxy(arrays: dict[str, np.ndarray], *, rows: int, top_k: int, max_len: int,
+                 num_items: int, bits: int) -> ProxyBatch:
+    """Inverse of :func:`encode_proxy`; raises ValueError (or PayloadError) on a mismatch."""
+    shape = (rows, top_k)
+    sl = decode_soft_labels({
+        **{k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")},
+        "ids": unpack_ids(arrays["sl.ids"], shape, num_items).astype(np.uint32),
+        "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(bits, np.int64)})
+    return ProxyBatch(histories=unpack_ids(arrays["histories"], (rows, max_len), num_items),
+                      ids=sl.ids, probs=sl.probs)

@@ -19,14 +19,13 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedkd.aggregate import apply_update, weighted_mean
-from fedkd.codec import PayloadError, decode_state, encode_state, layout_of, pack_ids
+from fedkd.codec import PayloadError, decode_state, encode_state, layout_of
 from fedkd.config import ExperimentConfig
-from fedkd.distill import encode_soft_labels
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
 from fedkd.plots import plot_run
 from fedkd.population import population
-from fedkd.proxy import build_proxy_set, round_batch, soft_labels
+from fedkd.proxy import build_proxy_set, encode_proxy, round_batch, soft_labels
 from fedkd.results import CsvLog, JsonLines, read_metrics, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
@@ -112,12 +111,7 @@ class FedKDServer:
             if teacher is not None:
                 batch = round_batch(proxy, round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
                 sl = soft_labels(teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
-                enc = encode_soft_labels(sl, bits=cfg.soft_label_bits, num_items=num_items)
-                # Ids bit-packed; the probabilities' shape and bit width are implied by the
-                # config both ends share, so they do not travel (see codec.pack_ids).
-                content.arrays["proxy"] = {
-                    "histories": pack_ids(batch, num_items), "sl.ids": pack_ids(enc["ids"], num_items),
-                    **{f"sl.{k}": v for k, v in enc.items() if k not in ("ids", "probs.shape", "probs.bits")}}
+                content.arrays["proxy"] = encode_proxy(batch, sl, num_items=num_items, bits=cfg.soft_label_bits)
                 content.configs["config"]["proxy-rows"] = len(batch)
             replies, down, up = self._exchange(grid, selected, content, "train", r)
             updates, weights, steps, losses, rejected = [], [], {}, [], 0
