@@ -2,7 +2,12 @@
 
 The same code runs in Flower's simulation engine and on a real SuperNode. The client
 knows its own partition (``partition-id`` in node_config) and therefore its own device
-tier; the server never sees its private histories, only quantised updates and metrics.
+tier; the server never sees its private histories, only quantised updates, top-k
+predictions on public proxy rows (logit protocol) and metrics.
+
+With the ``logits`` and ``local`` protocols the model never leaves the device: it lives in
+``context.state``, which Flower keeps per node across rounds (in simulation and on a
+SuperNode alike).
 """
 
 from __future__ import annotations
@@ -15,14 +20,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
-from fedkd.codec import decode_state, encode_state, layout_of
+from fedkd.codec import decode_state, encode_state, layout_of, unpack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.edge import ClientData, client_data
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
-from fedkd.proxy import decode_proxy
-from fedkd.wire import Content, config_of, metric_dict, pack, unpack
+from fedkd.proxy import decode_proxy, encode_labels, soft_labels
+from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
 
@@ -45,6 +50,14 @@ def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
     return model, start
 
 
+def _own_model(cfg: ExperimentConfig, data: ClientData, context: Context):
+    """This device's model: kept in its state, or the shared seeded initialisation at first."""
+    model = build_model(cfg.student_model(data.num_items), seed=cfg.seed)
+    if "student" in context.state.array_records:
+        set_state(model, from_record(context.state.array_records["student"]))
+    return model
+
+
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so it can sample clients reproducibly."""
@@ -59,7 +72,10 @@ def train(msg: Message, context: Context) -> Message:
     cfg, data = _setup(context)
     content = unpack(msg.content)
     round_idx = int(config_of(content, "config", "round", int))
-    model, start = _student(cfg, data, content)
+    if cfg.stateful_clients:
+        model, start = _own_model(cfg, data, context), None
+    else:
+        model, start = _student(cfg, data, content)
     proxy = None
     if "proxy" in content.arrays:
         proxy = decode_proxy(content.arrays["proxy"], rows=int(config_of(content, "config", "proxy-rows", int)),
@@ -73,25 +89,42 @@ def train(msg: Message, context: Context) -> Message:
                          temperature=cfg.kd_temperature, rng=rng,
                          optimizer=cfg.local_optimizer, clip_norm=cfg.local_clip_norm or None)
     trained = get_state(model)
-    update = {k: trained[k] - start[k] for k in start}
-    return Message(pack(Content(
-        arrays={"update": encode_state(update, bits=cfg.quant_bits, stochastic=cfg.quant_stochastic, rng=rng)},
-        metrics={"metrics": metric_dict({
-            "num-examples": result.examples, "steps": result.steps, "step-limit": budget.limit,
-            "tier": data.tier, "partition-id": data.partition_id, "loss": result.mean_loss,
-            "train-seconds": result.seconds})})), reply_to=msg)
+    arrays = {}
+    if start is not None:
+        update = {k: trained[k] - start[k] for k in start}
+        arrays["update"] = encode_state(update, bits=cfg.quant_bits, stochastic=cfg.quant_stochastic, rng=rng)
+    else:
+        context.state["student"] = to_record(trained)
+    if "next" in content.arrays:  # logit protocol: predictions on the next public batch
+        rows = int(config_of(content, "config", "next-rows", int))
+        hist = unpack_ids(content.arrays["next"]["histories"], (rows, cfg.max_len), data.num_items)
+        preds = soft_labels(model, hist, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+        arrays["preds"] = encode_labels(preds, num_items=data.num_items, bits=cfg.soft_label_bits)
+    return Message(pack(Content(arrays=arrays, metrics={"metrics": metric_dict({
+        "num-examples": result.examples, "steps": result.steps, "step-limit": budget.limit,
+        "tier": data.tier, "partition-id": data.partition_id, "loss": result.mean_loss,
+        "train-seconds": result.seconds})})), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score this client's own held-out item(s); only metric sums leave the device."""
+    """Score this client's own held-out item(s); only metric sums leave the device.
+
+    ``splits`` may name both validation and test, so that protocols whose models stay on
+    the devices can report the test score of the round later chosen on validation.
+    """
     cfg, data = _setup(context)
     content = unpack(msg.content)
-    split = config_of(content, "config", "split", str)
-    if split not in ("valid", "test"):
-        raise ValueError(f"unknown evaluation split {split!r}")
-    model, _ = _student(cfg, data, content)
-    res = evaluate_ranking(model, data.valid if split == "valid" else data.test, k=cfg.eval_k)
-    return Message(pack(Content(metrics={"metrics": metric_dict({
-        "hr-sum": float(res.per_user_hr.sum()), "ndcg-sum": float(res.per_user_ndcg.sum()),
-        "count": res.n, "partition-id": data.partition_id})})), reply_to=msg)
+    splits = str(config_of(content, "config", "splits", str)).split(",")
+    if not splits or any(s not in ("valid", "test") for s in splits):
+        raise ValueError(f"unknown evaluation splits {splits!r}")
+    if "student" in content.arrays:
+        model, _ = _student(cfg, data, content)
+    else:
+        model = _own_model(cfg, data, context)
+    out: dict[str, float | int] = {"partition-id": data.partition_id}
+    for split in splits:
+        res = evaluate_ranking(model, data.valid if split == "valid" else data.test, k=cfg.eval_k)
+        out.update({f"{split}-hr-sum": float(res.per_user_hr.sum()),
+                    f"{split}-ndcg-sum": float(res.per_user_ndcg.sum()), f"{split}-count": res.n})
+    return Message(pack(Content(metrics={"metrics": metric_dict(out)})), reply_to=msg)

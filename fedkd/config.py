@@ -67,6 +67,19 @@ class ExperimentConfig:
     student_blocks: int = _opt(1, "Student transformer blocks.")
     student_heads: int = _opt(1, "Student attention heads.")
     student_dropout: float = _opt(0.2, "Student dropout.")
+    # --- protocol ---------------------------------------------------------------------
+    protocol: str = _opt("params", "What crosses the wire each round. params: quantised student updates, "
+                                   "averaged (kd-weight 0 = FedAvg); logits: clients keep their models and "
+                                   "upload top-k predictions on the proxy set (FedMD/DS-FL); local: no "
+                                   "exchange, each client trains alone; proxy: no client trains, the server "
+                                   "distils the teacher into the student on the proxy set only.")
+    fd_teacher_weight: float = _opt(0.5, "logits protocol: share of the teacher in the distillation targets; "
+                                         "the rest is the fleet's averaged predictions (0 = DS-FL, no teacher).")
+    teacher_refine_steps: int = _opt(0, "Server steps per round distilling the fleet's predictions on the "
+                                        "proxy batch into the teacher (FedDF-style; 0 = frozen teacher).")
+    teacher_refine_lr: float = _opt(0.0001, "Adam learning rate of teacher refinement.")
+    server_distill_steps: int = _opt(50, "proxy protocol: server distillation steps per round.")
+    server_distill_lr: float = _opt(0.001, "proxy protocol: Adam learning rate of the server's student.")
     # --- rounds -----------------------------------------------------------------------
     num_rounds: int = _opt(10, "Federated rounds.")
     clients_per_round: int = _opt(0, "Clients sampled per training round (0 = every client).")
@@ -149,6 +162,23 @@ class ExperimentConfig:
                            max_seconds=self.teacher_max_seconds or None, seed=self.seed)
 
     @property
+    def stateful_clients(self) -> bool:
+        """Clients keep their own model between rounds (nothing global to send them)."""
+        return self.protocol in ("logits", "local")
+
+    @property
+    def needs_teacher(self) -> bool:
+        if self.teacher_refine_steps > 0:
+            return True
+        if self.kd_weight == 0:
+            return False
+        return self.protocol != "logits" or self.fd_teacher_weight > 0
+
+    @property
+    def needs_proxy(self) -> bool:
+        return self.needs_teacher or self.protocol == "logits"
+
+    @property
     def tiers(self) -> list[tuple[str, float, int]]:
         """(name, share, steps) per device tier."""
         return list(zip(_split(self.tier_names), map(float, _split(self.tier_shares)),
@@ -212,9 +242,10 @@ def _validate(c: ExperimentConfig) -> None:
                  "student_heads", "num_rounds", "batch_size", "eval_every", "eval_k",
                  "kd_top_k", "kd_batch_size", "proxy_size", "proxy_batch"):
         _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
-    for name in ("teacher_patience", "clients_per_round"):
+    for name in ("teacher_patience", "clients_per_round", "teacher_refine_steps", "server_distill_steps"):
         _check(getattr(c, name) >= 0, name.replace("_", "-"), getattr(c, name), "an integer >= 0")
-    for name in ("teacher_lr", "local_lr", "server_lr", "kd_temperature"):
+    for name in ("teacher_lr", "local_lr", "server_lr", "kd_temperature", "teacher_refine_lr",
+                 "server_distill_lr"):
         v = getattr(c, name)
         _check(math.isfinite(v) and v > 0, name.replace("_", "-"), v, "a finite number > 0")
     for name in ("teacher_weight_decay", "kd_weight", "round_timeout", "teacher_max_seconds",
@@ -234,6 +265,17 @@ def _validate(c: ExperimentConfig) -> None:
         _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}
                <= {"user", "item", "timestamp"}, "data-columns", c.data_columns,
                "'user=COL,item=COL,timestamp=COL' (any subset)")
+    _check(c.protocol in {"params", "logits", "local", "proxy"}, "protocol", c.protocol,
+           "params, logits, local or proxy")
+    _check(0 <= c.fd_teacher_weight <= 1, "fd-teacher-weight", c.fd_teacher_weight, "a number in [0, 1]")
+    _check(c.protocol != "proxy" or c.kd_weight > 0, "kd-weight", c.kd_weight,
+           "a number > 0 with protocol = proxy (the student learns from the teacher alone)")
+    _check(c.teacher_refine_steps == 0 or c.protocol in {"params", "logits"}, "teacher-refine-steps",
+           c.teacher_refine_steps, f"0 with protocol = {c.protocol} (refinement needs the fleet's predictions)")
+    _check(c.protocol != "logits" or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
+           "a number > 0 with protocol = logits (its public proxy set is drawn from cloud users)")
+    _check(not c.needs_teacher or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
+           "a number > 0 when a teacher is used (kd-weight > 0 or teacher refinement): it has no data otherwise")
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     for name in ("teacher_kind", "student_kind"):
         _check(getattr(c, name) in {"sasrec", "meanpool"}, name.replace("_", "-"),

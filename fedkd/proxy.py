@@ -47,22 +47,34 @@ def soft_labels(teacher: torch.nn.Module, histories: np.ndarray, *, temperature:
     return SoftLabels(ids=np.concatenate(ids), probs=np.concatenate(probs))
 
 
-def encode_proxy(histories: np.ndarray, sl: SoftLabels, *, num_items: int, bits: int) -> dict[str, np.ndarray]:
-    """What a train message carries for distillation: bit-packed ids (histories and labels)
-    and quantised probabilities. Their shape and bit width follow from the config both ends
-    share plus the row count sent in the round's config, so they do not travel."""
+def encode_labels(sl: SoftLabels, *, num_items: int, bits: int) -> dict[str, np.ndarray]:
+    """Bit-packed ids and quantised probabilities of top-k labels. Their shape and bit width
+    follow from the config both ends share plus a row count sent alongside, so they do not travel."""
     enc = encode_soft_labels(sl, bits=bits, num_items=num_items)
-    return {"histories": pack_ids(histories, num_items), "sl.ids": pack_ids(enc["ids"], num_items),
-            **{f"sl.{k}": v for k, v in enc.items() if k not in ("ids", "probs.shape", "probs.bits")}}
+    return {"ids": pack_ids(enc["ids"], num_items),
+            **{k: v for k, v in enc.items() if k not in ("ids", "probs.shape", "probs.bits")}}
+
+
+def decode_labels(arrays: dict[str, np.ndarray], *, rows: int, top_k: int, num_items: int,
+                  bits: int) -> SoftLabels:
+    """Inverse of :func:`encode_labels`; raises ValueError (or PayloadError) on a mismatch."""
+    shape = (rows, top_k)
+    if "ids" not in arrays:
+        raise ValueError("labels lack their 'ids' array")
+    return decode_soft_labels({**arrays, "ids": unpack_ids(arrays["ids"], shape, num_items).astype(np.uint32),
+                               "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(bits, np.int64)})
+
+
+def encode_proxy(histories: np.ndarray, sl: SoftLabels, *, num_items: int, bits: int) -> dict[str, np.ndarray]:
+    """What a train message carries for distillation: bit-packed histories plus their labels."""
+    return {"histories": pack_ids(histories, num_items),
+            **{f"sl.{k}": v for k, v in encode_labels(sl, num_items=num_items, bits=bits).items()}}
 
 
 def decode_proxy(arrays: dict[str, np.ndarray], *, rows: int, top_k: int, max_len: int,
                  num_items: int, bits: int) -> ProxyBatch:
     """Inverse of :func:`encode_proxy`; raises ValueError (or PayloadError) on a mismatch."""
-    shape = (rows, top_k)
-    sl = decode_soft_labels({
-        **{k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")},
-        "ids": unpack_ids(arrays["sl.ids"], shape, num_items).astype(np.uint32),
-        "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(bits, np.int64)})
+    sl = decode_labels({k[len("sl."):]: v for k, v in arrays.items() if k.startswith("sl.")},
+                       rows=rows, top_k=top_k, num_items=num_items, bits=bits)
     return ProxyBatch(histories=unpack_ids(arrays["histories"], (rows, max_len), num_items),
                       ids=sl.ids, probs=sl.probs)

@@ -28,10 +28,18 @@ class Content:
     metrics: dict[str, dict] = field(default_factory=dict)
 
 
+def to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(rec: ArrayRecord) -> Arrays:
+    return {k: arr.numpy() for k, arr in rec.items()}
+
+
 def pack(content: Content) -> RecordDict:
     rd = RecordDict()
     for name, arrays in content.arrays.items():
-        rd[name] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        rd[name] = to_record(arrays)
     for name, cfg in content.configs.items():
         rd[name] = ConfigRecord(dict(cfg))
     for name, met in content.metrics.items():

@@ -1,9 +1,22 @@
-"""The fedkd round loop: teacher soft labels down, quantised updates up, evaluation through clients.
+"""The fedkd round loop: what goes down, what comes up, and evaluation through the clients.
 
 Written against Flower's Grid (custom ``train``/``evaluate``/``query`` messages) rather than
 a built-in strategy, because a round carries more than one ArrayRecord (student plus proxy
 batch with soft labels) and the replies are quantised payloads that must be validated and
 decoded before any averaging; Flower's FedAvg expects exactly one float ArrayRecord.
+
+One loop serves every protocol (``protocol`` in the config); they differ only in what a
+train message carries and what a reply may carry:
+
+=========  ==========================================  ===============================
+protocol   down                                        up
+=========  ==========================================  ===============================
+params     student + proxy batch with teacher labels    quantised update
+logits     proxy batch with teacher/fleet targets,      top-k predictions on the next
+           ids of the next proxy batch                  proxy batch
+local      proxy batch with teacher labels if kd > 0    metrics only
+proxy      nothing (the server distils on the proxy)    nothing
+=========  ==========================================  ===============================
 """
 
 from __future__ import annotations
@@ -15,17 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedkd.aggregate import apply_update, weighted_mean
-from fedkd.codec import PayloadError, decode_state, encode_state, layout_of
+from fedkd.codec import PayloadError, decode_state, encode_state, layout_of, pack_ids
 from fedkd.config import ExperimentConfig
-from fedkd.local import get_state
+from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_dense, top_k
+from fedkd.local import ProxyBatch, get_state
+from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
 from fedkd.plots import plot_run
 from fedkd.population import population
-from fedkd.proxy import build_proxy_set, encode_proxy, round_batch, soft_labels
+from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batch, soft_labels
 from fedkd.results import CsvLog, JsonLines, read_metrics, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
@@ -46,32 +62,36 @@ class FedKDServer:
     """Runs one experiment on a Grid and writes its results folder."""
 
     def __init__(self, cfg: ExperimentConfig, out_dir: Path) -> None:
-        if cfg.kd_weight > 0 and cfg.cloud_fraction == 0:
-            raise ValueError("kd-weight > 0 needs a teacher, and cloud-fraction = 0 leaves it no "
-                             "data: set cloud-fraction > 0 or kd-weight = 0")
         self.cfg, self.out = cfg, out_dir
         self.metrics = CsvLog(out_dir / "metrics.csv")
         self.rejections = JsonLines(out_dir / "rejections.jsonl")
         self.wire_log = JsonLines(out_dir / "wire.jsonl")
         (out_dir / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
+        self.teacher = self.proxy = None
+        self.teacher_info: dict = {}
+        self.fleet: tuple[int, np.ndarray] | None = None  # (round it serves, averaged predictions)
+        self.tests: dict[int, dict] = {}  # stateful protocols: test scores of every validated round
 
     # ------------------------------------------------------------------ setup
-    def _teacher_and_proxy(self):
+    def _setup_cloud(self) -> None:
         cfg = self.cfg
         pop = population(cfg)  # the server reads cloud users only
-        if cfg.kd_weight == 0:
-            return None, None, {}
         seqs, cloud = pop.dataset.sequences, pop.cloud_users
-        train = train_samples([seqs[u][:-2] for u in cloud], cfg.max_len)
-        valid = eval_set(seqs, cloud, "valid", cfg.max_len)
-        teacher, info = load_or_train(
-            cfg.teacher_model(pop.dataset.num_items), cfg.teacher_train(), pop.dataset.fingerprint(),
-            train, valid, cache_dir=Path(cfg.cache_dir),
+        self.num_items = pop.dataset.num_items
+        if cfg.needs_proxy:
+            self.proxy = build_proxy_set(seqs, cloud, size=cfg.proxy_size, max_len=cfg.max_len, seed=cfg.seed)
+        if not cfg.needs_teacher:
+            return
+        self.cloud_train = train_samples([seqs[u][:-2] for u in cloud], cfg.max_len)
+        self.cloud_valid = eval_set(seqs, cloud, "valid", cfg.max_len)
+        self.teacher, self.teacher_info = load_or_train(
+            cfg.teacher_model(self.num_items), cfg.teacher_train(), pop.dataset.fingerprint(),
+            self.cloud_train, self.cloud_valid, cache_dir=Path(cfg.cache_dir),
             extra={"cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed},
             progress=lambda row: log.info("teacher epoch %s: loss %.4f, cloud valid NDCG@10 %.4f",
                                           row["epoch"], row["loss"], row["valid_ndcg"]))
-        proxy = build_proxy_set(seqs, cloud, size=cfg.proxy_size, max_len=cfg.max_len, seed=cfg.seed)
-        return teacher, proxy, info
+        if cfg.teacher_refine_steps:
+            self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_refine_lr)
 
     def _handshake(self, grid: Grid) -> list[Node]:
         node_ids = list(grid.get_node_ids())
@@ -89,82 +109,51 @@ class FedKDServer:
     # ------------------------------------------------------------------ rounds
     def run(self, grid: Grid) -> dict:
         cfg, t_start = self.cfg, time.perf_counter()
-        teacher, proxy, teacher_info = self._teacher_and_proxy()
-        num_items = population(cfg).dataset.num_items
-        student = build_model(cfg.student_model(num_items), seed=cfg.seed)
-        state = get_state(student)
-        layout = layout_of(state)
+        self._setup_cloud()
+        student = build_model(cfg.student_model(self.num_items), seed=cfg.seed)
+        # Protocols whose models stay on the devices have no global state to send or select.
+        self.state = None if cfg.stateful_clients else get_state(student)
+        self.layout = layout_of(get_state(student))
+        self.student = student
         nodes = self._handshake(grid)
         if not nodes:
             raise RuntimeError("no client answered the handshake; nothing to train")
-        log.info("%d clients, student %d parameters, %d rounds", len(nodes), num_parameters(student),
-                 cfg.num_rounds)
+        log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
+                 num_parameters(student), cfg.num_rounds)
         t_rounds, cum_bytes = time.perf_counter(), 0
-        best = (-1.0, 0, state)
+        best = (-1.0, 0, self.state)
         bar = _progress(cfg)
         extra_tests: dict[int, dict] = {}
         for r in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
-            selected = self._select(nodes, r)
-            content = Content(arrays={"student": encode_state(state, bits=cfg.quant_bits, stochastic=False)},
-                              configs={"config": {"round": r}})
-            if teacher is not None:
-                batch = round_batch(proxy, round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
-                sl = soft_labels(teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
-                content.arrays["proxy"] = encode_proxy(batch, sl, num_items=num_items, bits=cfg.soft_label_bits)
-                content.configs["config"]["proxy-rows"] = len(batch)
-            replies, down, up = self._exchange(grid, selected, content, "train", r)
-            updates, weights, steps, losses, rejected = [], [], {}, [], 0
-            for node, rep in replies:
-                try:
-                    got = unpack(rep.content)
-                    upd = decode_state(got.arrays.get("update", {}), layout, bits=cfg.quant_bits)
-                    m = got.metrics["metrics"]
-                    if not int(m["steps"]) <= int(m["step-limit"]):
-                        raise PayloadError(f"reports {m['steps']} steps over its limit {m['step-limit']}")
-                except (PayloadError, ValueError, KeyError) as exc:
-                    rejected += 1
-                    self.rejections.append({"round": r, "partition_id": node.partition_id,
-                                            "node_id": node.node_id, "reason": str(exc)})
-                    log.warning("round %d: rejected update of client %d: %s", r, node.partition_id, exc)
-                    continue
-                updates.append(upd)
-                weights.append(float(m["num-examples"]))
-                steps.setdefault(int(m["tier"]), []).append(int(m["steps"]))
-                losses.append(float(m["loss"]))
-            if updates:
-                state = apply_update(state, weighted_mean(updates, weights), cfg.server_lr)
-            cum_bytes += down + up
-            row = {"round": r, "participants": len(selected), "replied": len(replies),
-                   "stragglers": len(selected) - len(replies), "rejected": rejected,
-                   "aggregated": len(updates), "train_loss": _mean(losses),
-                   "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes}
-            for t, (name, _, _) in enumerate(cfg.tiers):
-                row[f"steps_mean_{name}"] = _mean(steps.get(t, []))
-                row[f"steps_max_{name}"] = max(steps.get(t, [0]))
+            row = self._train_round(grid, nodes, r)
+            cum_bytes += row["bytes_down"] + row["bytes_up"]
+            row["cum_bytes"] = cum_bytes
             if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
-                ev = self._evaluate(grid, nodes, state, "valid", r)
+                ev = self._validate(grid, nodes, r)
                 row.update({"val_hr": ev["hr"], "val_ndcg": ev["ndcg"], "eval_bytes": ev["bytes"]})
                 if ev["ndcg"] > best[0]:
-                    best = (ev["ndcg"], r, state)
+                    best = (ev["ndcg"], r, self.state)
             else:
                 row.update({"val_hr": "", "val_ndcg": "", "eval_bytes": 0})
+            if cfg.teacher_refine_steps:
+                row["teacher_cloud_val_ndcg"] = (evaluate_ranking(self.teacher, self.cloud_valid, k=cfg.eval_k).ndcg
+                                                 if row["val_ndcg"] != "" else "")
             if r in cfg.extra_test_rounds and r != cfg.num_rounds:
-                t = self._evaluate(grid, nodes, best[2], "test", r, per_client=f"test_per_client_r{r}.csv")
-                extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"],
-                                  "train_bytes": cum_bytes}
+                t = self._test(grid, nodes, best, f"test_per_client_r{r}.csv")
+                extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"], "train_bytes": cum_bytes}
             row.update({"round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds})
             self.metrics.append(row)
             bar.update(1)
             log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %.0f kB down %.0f kB up, %.1fs",
-                     r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), len(updates), len(selected),
-                     down / 1e3, up / 1e3, row["round_s"])
+                     r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"],
+                     row["participants"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["round_s"])
         bar.close()
-        test = self._evaluate(grid, nodes, best[2], "test", best[1], per_client="test_per_client.csv")
+        test = self._test(grid, nodes, best, "test_per_client.csv")
         rows = read_metrics(self.out / "metrics.csv")
         summary = {
-            "experiment": cfg.experiment_name, "clients": len(nodes), "rounds": cfg.num_rounds,
-            "student_parameters": num_parameters(student), "best_round": best[1],
+            "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(nodes),
+            "rounds": cfg.num_rounds, "student_parameters": num_parameters(student), "best_round": best[1],
             "best_val_ndcg": best[0], f"test_hr@{cfg.eval_k}": test["hr"],
             f"test_ndcg@{cfg.eval_k}": test["ndcg"], "test_users": test["n"],
             "train_bytes_total": cum_bytes, "train_bytes_per_round": cum_bytes / cfg.num_rounds,
@@ -172,13 +161,146 @@ class FedKDServer:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
-            "tests_at_rounds": extra_tests, "teacher": teacher_info, "wall_seconds": time.perf_counter() - t_start,
+            "tests_at_rounds": extra_tests, "teacher": self.teacher_info,
+            "wall_seconds": time.perf_counter() - t_start,
         }
+        if cfg.teacher_refine_steps:
+            summary["teacher_cloud_val_ndcg_final"] = evaluate_ranking(self.teacher, self.cloud_valid,
+                                                                       k=cfg.eval_k).ndcg
         write_json(self.out / "summary.json", summary)
         plot_run(rows, self.out, k=cfg.eval_k, title=cfg.experiment_name)
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", cfg.eval_k,
                  test["hr"], cfg.eval_k, test["ndcg"], best[1], self.out)
         return summary
+
+    def _train_round(self, grid: Grid, nodes: list[Node], r: int) -> dict:
+        """One round of training under the configured protocol; returns its metrics row so far."""
+        cfg = self.cfg
+        batch = (round_batch(self.proxy, round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
+                 if self.proxy is not None else None)
+        if cfg.protocol == "proxy":
+            loss = self._server_distill(r)
+            row = {"round": r, "participants": 0, "replied": 0, "stragglers": 0, "rejected": 0,
+                   "aggregated": 0, "train_loss": loss, "bytes_down": 0, "bytes_up": 0}
+            return {**row, **self._tier_steps({})}
+        selected = self._select(nodes, r)
+        content = Content(configs={"config": {"round": r}})
+        if self.state is not None:
+            content.arrays["student"] = encode_state(self.state, bits=cfg.quant_bits, stochastic=False)
+        targets = self._targets(batch, r)
+        if targets is not None:
+            content.arrays["proxy"] = encode_proxy(batch, targets, num_items=self.num_items,
+                                                   bits=cfg.soft_label_bits)
+            content.configs["config"]["proxy-rows"] = len(batch)
+        nxt = None
+        if cfg.protocol == "logits":
+            nxt = round_batch(self.proxy, round_idx=r + 1, size=cfg.proxy_batch, seed=cfg.seed)
+            content.arrays["next"] = {"histories": pack_ids(nxt, self.num_items)}
+            content.configs["config"]["next-rows"] = len(nxt)
+        replies, down, up = self._exchange(grid, selected, content, "train", r)
+        accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0)
+        payloads = [p for _, _, p in accepted]
+        fleet_view = None  # (proxy histories, the fleet's averaged predictions on them)
+        if accepted and cfg.protocol == "params":
+            weights = [float(m["num-examples"]) for _, m, _ in accepted]
+            start = decode_state(encode_state(self.state, bits=cfg.quant_bits, stochastic=False), self.layout,
+                                 bits=cfg.quant_bits)
+            if cfg.teacher_refine_steps:  # FedDF: the ensemble of this round's client models
+                models = [{k: start[k] + u[k] for k in start} for u in payloads]
+                fleet_view = (batch, ensemble_of_states(self.student, models, batch, temperature=cfg.kd_temperature))
+            self.state = apply_update(self.state, weighted_mean(payloads, weights), cfg.server_lr)
+        if accepted and cfg.protocol == "logits":
+            self.fleet = (r + 1, average([densify(p, self.num_items) for p in payloads]))
+            fleet_view = (nxt, self.fleet[1])
+        refine_loss = self._refine_teacher(*fleet_view, r) if fleet_view and cfg.teacher_refine_steps else ""
+        steps: dict[int, list[int]] = {}
+        for node, m, _ in accepted:
+            steps.setdefault(int(m["tier"]), []).append(int(m["steps"]))
+        row = {"round": r, "participants": len(selected), "replied": len(replies),
+               "stragglers": len(selected) - len(replies), "rejected": rejected, "aggregated": len(accepted),
+               "train_loss": _mean(float(m["loss"]) for _, m, _ in accepted), "bytes_down": down, "bytes_up": up}
+        if cfg.teacher_refine_steps:
+            row["teacher_refine_loss"] = refine_loss
+        return {**row, **self._tier_steps(steps)}
+
+    def _tier_steps(self, steps: dict[int, list[int]]) -> dict:
+        out = {}
+        for t, (name, _, _) in enumerate(self.cfg.tiers):
+            out[f"steps_mean_{name}"] = _mean(steps.get(t, []))
+            out[f"steps_max_{name}"] = max(steps.get(t, [0]))
+        return out
+
+    def _targets(self, batch: np.ndarray | None, r: int):
+        """Distillation targets for this round's proxy batch, or None for no distillation."""
+        cfg = self.cfg
+        if batch is None or cfg.kd_weight == 0:
+            return None
+        if cfg.protocol != "logits":
+            return soft_labels(self.teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+        w = cfg.fd_teacher_weight if self.teacher is not None else 0.0
+        fleet = self.fleet[1] if self.fleet is not None and self.fleet[0] == r else None
+        if fleet is None:  # first round: nothing from the fleet yet
+            return (soft_labels(self.teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+                    if w > 0 else None)
+        if w > 0:
+            fleet = w * predict_dense(self.teacher, batch, temperature=cfg.kd_temperature) + (1 - w) * fleet
+        return top_k(fleet, cfg.kd_top_k)
+
+    def _accept(self, replies, r: int, *, rows: int) -> tuple[list, int]:
+        """Validate and decode replies; a bad one is logged with its reason and left out."""
+        accepted, rejected = [], 0
+        for node, rep in replies:
+            try:
+                got = unpack(rep.content)
+                m = got.metrics["metrics"]
+                if not int(m["steps"]) <= int(m["step-limit"]):
+                    raise PayloadError(f"reports {m['steps']} steps over its limit {m['step-limit']}")
+                accepted.append((node, m, self._payload(got, rows)))
+            except (PayloadError, ValueError, KeyError) as exc:
+                rejected += 1
+                self.rejections.append({"round": r, "partition_id": node.partition_id,
+                                        "node_id": node.node_id, "reason": str(exc)})
+                log.warning("round %d: rejected update of client %d: %s", r, node.partition_id, exc)
+        return accepted, rejected
+
+    def _payload(self, got: Content, rows: int):
+        cfg = self.cfg
+        if cfg.protocol == "params":
+            return decode_state(got.arrays.get("update", {}), self.layout, bits=cfg.quant_bits)
+        if cfg.protocol == "logits":
+            if "preds" not in got.arrays:
+                raise PayloadError("reply lacks its predictions ('preds')")
+            return decode_labels(got.arrays["preds"], rows=rows, top_k=cfg.kd_top_k, num_items=self.num_items,
+                                 bits=cfg.soft_label_bits)
+        if got.arrays:
+            raise PayloadError(f"protocol {cfg.protocol} uploads no arrays, got {sorted(got.arrays)}")
+        return None
+
+    def _refine_teacher(self, histories: np.ndarray, fleet: np.ndarray, r: int) -> float:
+        """FedDF/FedGKT step: fit the teacher to the fleet's predictions, and to its own cloud data."""
+        cfg = self.cfg
+        t = top_k(fleet, cfg.kd_top_k)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((cfg.seed, 9, r)) % 2**31)  # dropout masks
+            return distill(self.teacher, self.teacher_opt, ProxyBatch(histories, t.ids, t.probs),
+                           steps=cfg.teacher_refine_steps, kd_batch_size=cfg.kd_batch_size,
+                           temperature=cfg.kd_temperature, rng=np.random.default_rng([cfg.seed, 9, r]),
+                           private=self.cloud_train, batch_size=cfg.teacher_batch_size)
+
+    def _server_distill(self, r: int) -> float:
+        """Proxy-only baseline: the student learns the teacher's labels on the whole proxy set."""
+        cfg = self.cfg
+        if not hasattr(self, "proxy_labels"):
+            sl = soft_labels(self.teacher, self.proxy, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+            self.proxy_labels = ProxyBatch(self.proxy, sl.ids, sl.probs)
+            self.student_opt = torch.optim.Adam(self.student.parameters(), lr=cfg.server_distill_lr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((cfg.seed, 10, r)) % 2**31)
+            loss = distill(self.student, self.student_opt, self.proxy_labels, steps=cfg.server_distill_steps,
+                           kd_batch_size=cfg.kd_batch_size, temperature=cfg.kd_temperature,
+                           rng=np.random.default_rng([cfg.seed, 10, r]))
+        self.state = get_state(self.student)
+        return loss
 
     def _select(self, nodes: list[Node], r: int) -> list[Node]:
         k = self.cfg.clients_per_round
@@ -194,7 +316,7 @@ class FedKDServer:
         msgs = [Message(rd, dst_node_id=n.node_id, message_type=kind) for n in nodes]
         down = sum(message_nbytes(m) for m in msgs)
         timeout = self.cfg.round_timeout or None
-        up, out = 0, []
+        up, out, up_arrays = 0, [], set()
         for rep in grid.send_and_receive(msgs, timeout=timeout):
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
@@ -205,26 +327,49 @@ class FedKDServer:
                 log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
                 continue
             up += message_nbytes(rep)
+            up_arrays.update(rep.content.array_records.keys())
             out.append((node, rep))
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
         self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
-                              "replies": len(out), "bytes_up": up})
+                              "replies": len(out), "bytes_up": up, "arrays_down": sorted(content.arrays),
+                              "arrays_up": sorted(up_arrays)})
         return out, down, up
 
-    def _evaluate(self, grid: Grid, nodes: list[Node], state, split: str, r: int, *,
-                  per_client: str | None = None) -> dict:
-        content = Content(arrays={"student": encode_state(state, bits=self.cfg.quant_bits, stochastic=False)},
-                          configs={"config": {"split": split, "round": r}})
+    # ------------------------------------------------------------------ evaluation
+    def _validate(self, grid: Grid, nodes: list[Node], r: int) -> dict:
+        """Validation through the clients. Where the models live on the devices, the test split is
+        scored in the same message and kept, to be reported only for the round validation picks."""
+        if self.state is not None:
+            return self._evaluate(grid, nodes, self.state, ("valid",), r)["valid"]
+        ev = self._evaluate(grid, nodes, None, ("valid", "test"), r)
+        self.tests[r] = ev["test"]
+        return ev["valid"]
+
+    def _test(self, grid: Grid, nodes: list[Node], best: tuple, per_client: str) -> dict:
+        _, r, state = best
+        res = self.tests[r] if state is None else self._evaluate(grid, nodes, state, ("test",), r)["test"]
+        table = CsvLog(self.out / per_client)
+        table.extend(res["rows"])
+        return res
+
+    def _evaluate(self, grid: Grid, nodes: list[Node], state, splits: tuple[str, ...], r: int) -> dict:
+        content = Content(configs={"config": {"splits": ",".join(splits), "round": r}})
+        if state is not None:
+            content.arrays["student"] = encode_state(state, bits=self.cfg.quant_bits, stochastic=False)
         replies, down, up = self._exchange(grid, nodes, content, "evaluate", r)
-        hr = ndcg = n = 0.0
-        table = CsvLog(self.out / per_client) if per_client else None
-        for node, rep in replies:
-            m = unpack(rep.content).metrics["metrics"]
-            hr, ndcg, n = hr + m["hr-sum"], ndcg + m["ndcg-sum"], n + m["count"]
-            if table:
-                table.append({"partition_id": node.partition_id, "tier": node.tier, "count": int(m["count"]),
-                              "hr_sum": m["hr-sum"], "ndcg_sum": m["ndcg-sum"]})
-        return {"hr": hr / max(n, 1), "ndcg": ndcg / max(n, 1), "n": int(n), "bytes": down + up}
+        out = {}
+        for split in splits:
+            hr = ndcg = n = 0.0
+            rows = []
+            for node, rep in replies:
+                m = unpack(rep.content).metrics["metrics"]
+                h, g, c = m[f"{split}-hr-sum"], m[f"{split}-ndcg-sum"], m[f"{split}-count"]
+                hr, ndcg, n = hr + h, ndcg + g, n + c
+                rows.append({"partition_id": node.partition_id, "tier": node.tier, "count": int(c),
+                             "hr_sum": h, "ndcg_sum": g})
+            out[split] = {"hr": hr / max(n, 1), "ndcg": ndcg / max(n, 1), "n": int(n), "rows": rows,
+                          "bytes": down + up}
+        return out
 
 
 def _mean(xs: Iterable[float]) -> float:

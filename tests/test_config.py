@@ -57,3 +57,26 @@ def test_tiers_parse_in_order():
 def test_configuration_reference_is_current():
     from simulations.config_doc import render
     assert (ROOT / "docs" / "configuration.md").read_text() == render()
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"protocol": "gossip"}, "'protocol' has invalid value 'gossip'"),
+    ({"protocol": "proxy", "kd-weight": 0.0}, "'kd-weight' has invalid value 0.0"),
+    ({"protocol": "local", "teacher-refine-steps": 5}, "'teacher-refine-steps' has invalid value 5"),
+    ({"protocol": "logits", "cloud-fraction": 0.0, "kd-weight": 0.0}, "'cloud-fraction' has invalid value 0.0"),
+    ({"cloud-fraction": 0.0}, "'cloud-fraction' has invalid value 0.0"),
+    ({"fd-teacher-weight": 1.5}, "'fd-teacher-weight' has invalid value 1.5"),
+])
+def test_protocol_settings_that_cannot_work_are_refused(flat, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig.from_flat(flat)
+
+
+def test_which_protocols_need_a_teacher_and_a_proxy_set():
+    def cfg(**kw):
+        return ExperimentConfig.from_flat({k.replace("_", "-"): v for k, v in kw.items()})
+    assert cfg().needs_teacher and not cfg(kd_weight=0.0).needs_teacher
+    assert not cfg(protocol="logits", fd_teacher_weight=0.0).needs_teacher
+    assert cfg(protocol="logits", fd_teacher_weight=0.0).needs_proxy  # public data, no teacher (DS-FL)
+    assert cfg(kd_weight=0.0, teacher_refine_steps=3).needs_teacher
+    assert cfg(protocol="local").stateful_clients and not cfg(protocol="params").stateful_clients

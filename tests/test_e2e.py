@@ -51,3 +51,25 @@ def test_two_rounds_write_a_complete_results_folder(tmp_path):
     out2 = _run(tmp_path, "e2e")
     assert json.loads((out2 / "summary.json").read_text())["teacher"]["cached"] is True
     assert len(list((tmp_path / "out").glob("e2e.old-*"))) == 1
+
+
+def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(tmp_path):
+    """Logit-only FD with teacher refinement: no model crosses the wire in either direction,
+    the devices' models persist between rounds in Flower's node state, and the teacher moves."""
+    out = _run(tmp_path, "fd", "--protocol", "logits", "--teacher-refine-steps", "20",
+               "--teacher-refine-lr", "0.01", "--num-rounds", "3")
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "logits" and summary["rejected_total"] == 0
+    # Evaluation messages carry no model: if node state were lost between rounds every client
+    # would score the same seeded initial model each time and validation could never change.
+    assert len({r["val_ndcg"] for r in rows}) > 1
+    wire = [json.loads(line) for line in (out / "wire.jsonl").open()]
+    evals = [w for w in wire if w["type"] == "evaluate"]
+    trains = [w for w in wire if w["type"] == "train"]
+    assert all(w["arrays_down"] == [] and w["arrays_up"] == [] for w in evals)
+    assert all(w["arrays_down"] == ["next", "proxy"] and w["arrays_up"] == ["preds"] for w in trains)
+    assert all(w["bytes_down"] / w["messages_down"] < 1000 for w in evals)  # a config, no model
+    # the refined teacher changes: its cloud validation score is not frozen at the cached teacher's
+    assert all(r["teacher_refine_loss"] != "" for r in rows)
+    assert summary["teacher_cloud_val_ndcg_final"] != pytest.approx(summary["teacher"]["best_valid_ndcg"], abs=1e-9)
