@@ -71,6 +71,7 @@ class FedKDServer:
         self.teacher_info: dict = {}
         self.fleet: tuple[int, np.ndarray] | None = None  # (round it serves, averaged predictions)
         self.tests: dict[int, dict] = {}  # stateful protocols: test scores of every validated round
+        self.trained: set[int] = set()  # partitions whose work was aggregated at least once
 
     # ------------------------------------------------------------------ setup
     def _setup_cloud(self) -> None:
@@ -153,6 +154,7 @@ class FedKDServer:
         rows = read_metrics(self.out / "metrics.csv")
         summary = {
             "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(nodes),
+            "clients_trained": len(self.trained),
             "rounds": cfg.num_rounds, "student_parameters": num_parameters(student), "best_round": best[1],
             "best_val_ndcg": best[0], f"test_hr@{cfg.eval_k}": test["hr"],
             f"test_ndcg@{cfg.eval_k}": test["ndcg"], "test_users": test["n"],
@@ -214,6 +216,7 @@ class FedKDServer:
             fleet_view = (nxt, self.fleet[1])
         refine_loss = self._refine_teacher(*fleet_view, r) if fleet_view and cfg.teacher_refine_steps else ""
         steps: dict[int, list[int]] = {}
+        self.trained.update(node.partition_id for node, _, _ in accepted)
         for node, m, _ in accepted:
             steps.setdefault(int(m["tier"]), []).append(int(m["steps"]))
         row = {"round": r, "participants": len(selected), "replied": len(replies),
