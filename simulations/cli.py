@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tomllib
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
+from simulations import report, sweep
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    sweep.add_parser(sub)
+    report.add_parser(sub)
     args = parser.parse_args(argv)
+    command = "fedkd " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "run":
             overrides = load_overrides(args.config)
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             out = run_experiment(overrides, num_cpus=args.num_cpus, verbose=args.verbose)
             print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
             print(f"results: {out}")
+        elif args.command == "sweep":
+            return sweep.main(args, command)
+        elif args.command == "report":
+            return report.main(args, command)
     except ValueError as exc:
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2
