@@ -38,9 +38,19 @@ def _config(items: tuple) -> ExperimentConfig:
 
 
 def _setup(context: Context) -> tuple[ExperimentConfig, ClientData]:
+    """This node's config and data: the run config, with the device's own ``data-path`` if its
+    node config names one (``flower-supernode --node-config "partition-id=0 data-path=..."``)."""
     torch.set_num_threads(1)  # one simulated client per worker core
-    cfg = _config(tuple(sorted(context.run_config.items())))
-    return cfg, client_data(cfg, int(context.node_config["partition-id"]))
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
+                         "--node-config \"partition-id=<i> num-partitions=<n>\" (i in 0..n-1, "
+                         "n = the fleet size; see docs/devices.md)")
+    run_config = dict(context.run_config)
+    if "data-path" in node:  # the device's own copy of the (same) interaction file
+        run_config["data-path"] = str(node["data-path"])
+    cfg = _config(tuple(sorted(run_config.items())))
+    return cfg, client_data(cfg, int(node["partition-id"]))
 
 
 def _student(cfg: ExperimentConfig, data: ClientData, content: Content):

@@ -109,7 +109,10 @@ class SASRec(nn.Module):
         hist = hist[:, -self.cfg.max_len:]
         B, L = hist.shape
         keep = (hist > 0).unsqueeze(-1)  # (B, L, 1)
-        recency = torch.arange(L - 1, -1, -1, device=hist.device)  # (L,) 0 = most recent
+        # (L - 1) - arange, not arange(L - 1, -1, -1): onnxruntime's GatherToSliceFusion turns a
+        # Range with a negative step feeding a Gather into an empty Slice (end -1 = last item),
+        # which breaks exported students (fedkd/export.py) at the default optimisation level.
+        recency = (L - 1) - torch.arange(L, device=hist.device)  # (L,) 0 = most recent
         x = self.item_emb(hist) * math.sqrt(self.cfg.dim) + self.pos_emb(recency)  # (B, L, D)
         x = self.drop(x) * keep  # padded slots carry nothing
         causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()  # (L, L)

@@ -7,11 +7,14 @@ it finished. An existing folder is never overwritten: it is moved aside first.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 def prepare_dir(path: Path) -> Path | None:
@@ -74,9 +77,23 @@ class JsonLines:
             f.write(json.dumps(obj, sort_keys=True, default=_jsonable) + "\n")
 
 
+def state_digest(state: Mapping[str, np.ndarray] | None) -> str:
+    """First 16 hex digits of sha256 over a model state's float32 bytes, keys in sorted order.
+
+    Identifies a global model across processes and machines (a deployment and a simulation
+    of the same seed should print the same digest); empty for protocols with no global state.
+    """
+    if state is None:
+        return ""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(np.ascontiguousarray(state[key], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    with path.open() as f:
-        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    with path.open() as f:  # a digest of only digits is text, not a number
+        return [{k: v if k == "model_digest" else _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _num(v: str) -> float | str:

@@ -42,7 +42,7 @@ from fedkd.models import build_model, num_parameters
 from fedkd.plots import plot_run
 from fedkd.population import population
 from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batch, soft_labels
-from fedkd.results import CsvLog, JsonLines, read_metrics, write_json
+from fedkd.results import CsvLog, JsonLines, read_metrics, state_digest, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
 from fedkd.wire import Content, message_nbytes, pack, unpack
@@ -143,7 +143,8 @@ class FedKDServer:
             if r in cfg.extra_test_rounds and r != cfg.num_rounds:
                 t = self._test(grid, nodes, best, f"test_per_client_r{r}.csv")
                 extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"], "train_bytes": cum_bytes}
-            row.update({"round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds})
+            row.update({"round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds,
+                        "model_digest": state_digest(self.state)})
             self.metrics.append(row)
             bar.update(1)
             log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %.0f kB down %.0f kB up, %.1fs",

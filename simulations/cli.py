@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
-from simulations import report, sweep
+from simulations import deploy, report, sweep
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
+    deploy.add_parser(sub)
     args = parser.parse_args(argv)
     command = "fedkd " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return sweep.main(args, command)
         elif args.command == "report":
             return report.main(args, command)
+        elif args.command == "deploy":
+            return deploy.main(args)
     except ValueError as exc:
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2
