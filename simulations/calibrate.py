@@ -212,8 +212,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m simulations.calibrate", description=__doc__,
+def parser(prog: str = "fedkd calibrate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DEFAULTS
     g = p.add_argument_group("model (defaults: the fedkd default student)")
