@@ -26,6 +26,7 @@ from fedkd.edge import ClientData, client_data
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
+from fedkd.nested import sub_config
 from fedkd.proxy import decode_proxy, encode_labels, soft_labels
 from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
@@ -54,7 +55,12 @@ def _setup(context: Context) -> tuple[ExperimentConfig, ClientData]:
 
 
 def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
-    model = build_model(cfg.student_model(data.num_items), seed=None)
+    """The student this device was sent: the global one, or its nested slice of the width the
+    server chose for this device's memory (HeteroFL)."""
+    width = int(config_of(content, "config", "width", int))
+    if width not in cfg.widths:
+        raise ValueError(f"width {width} is not one of student-widths {cfg.widths}")
+    model = build_model(sub_config(cfg.student_model(data.num_items), width), seed=None)
     start = decode_state(content.arrays["student"], layout_of(get_state(model)), bits=cfg.quant_bits)
     set_state(model, start)
     return model, start
@@ -93,7 +99,9 @@ def train(msg: Message, context: Context) -> Message:
                              bits=cfg.soft_label_bits)
     torch.manual_seed(hash((cfg.seed, 7, round_idx, data.partition_id)) % 2**31)  # dropout masks
     rng = np.random.default_rng([cfg.seed, 6, round_idx, data.partition_id])
-    budget = StepBudget(cfg.tiers[data.tier][2])
+    # The server plays the clock in simulation: it sends how many steps fit this device's
+    # round (its tier's budget, cut by the deadline); the meter enforces exactly that.
+    budget = StepBudget(int(config_of(content, "config", "steps", int)))
     result = local_train(model, data.train, proxy, budget=budget, batch_size=cfg.batch_size,
                          kd_batch_size=cfg.kd_batch_size, lr=cfg.local_lr, kd_weight=cfg.kd_weight,
                          temperature=cfg.kd_temperature, rng=rng,

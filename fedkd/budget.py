@@ -29,6 +29,8 @@ class StepBudget:
         return self.limit - self.spent
 
     def spend(self, steps: int = 1) -> None:
+        if steps < 0:
+            raise ValueError(f"cannot spend a negative number of steps ({steps})")
         if steps > self.remaining:
             raise BudgetExceeded(f"asked for {steps} step(s) with {self.remaining} of {self.limit} left")
         self.spent += steps

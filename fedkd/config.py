@@ -97,6 +97,28 @@ class ExperimentConfig:
     tier_names: str = _opt("weak,strong", "Comma-separated device tier names.")
     tier_shares: str = _opt("0.5,0.5", "Share of clients in each tier (sums to 1).")
     tier_steps: str = _opt("4,16", "Local steps per round each tier can afford.")
+    # --- device profiles, deadlines, heterogeneous students (docs/budgets.md) -----------------
+    tier_speed: str = _opt("1", "Relative compute speed per tier, or one value for all (1 = the calibrated machine).")
+    tier_memory_mb: str = _opt("64", "Memory per tier (MB) a device lends to training; it picks the "
+                                        "widest student of student-widths whose training footprint fits.")
+    tier_uplink_kbps: str = _opt("10000", "Uplink bandwidth per tier (kbit/s).")
+    tier_downlink_kbps: str = _opt("50000", "Downlink bandwidth per tier (kbit/s).")
+    tier_availability: str = _opt("1", "Probability per tier that a device is online in a round.")
+    device_spread: float = _opt(0.0, "Per-device lognormal spread (sigma) around its tier's speed, memory "
+                                     "and bandwidths (0 = every device exactly its tier).")
+    device_trace: str = _opt("", "CSV/JSON trace with one profile per client (overrides the tier-* "
+                                 "profile values; format in docs/budgets.md).")
+    calibration: str = _opt("", "Calibration JSON from `fedkd calibrate` giving seconds per local step by "
+                                "student width (empty = the one shipped for the reference machine).")
+    round_deadline: float = _opt(0.0, "Simulated seconds per round for download + local steps + upload; a "
+                                      "device fits as many steps as the deadline allows (0 = no deadline).")
+    straggler_policy: str = _opt("drop", "drop: a device that cannot fit min-steps is a straggler and its "
+                                         "work is not used; partial: it sends the steps that fit.")
+    min_steps: int = _opt(1, "Fewest local steps that count as finishing a round under a deadline.")
+    student_widths: str = _opt("", "Nested student widths (HeteroFL), e.g. '4,8,16'; each device trains "
+                                   "the widest slice its memory holds (empty = everyone trains student-dim).")
+    selection: str = _opt("uniform", "uniform: clients-per-round drawn uniformly from the online devices; "
+                                     "budget: prefer devices likely to finish, never starving a tier.")
     # --- distillation -----------------------------------------------------------------
     kd_weight: float = _opt(1.0, "lambda: weight of the distillation loss (0 = plain federated training).")
     kd_temperature: float = _opt(2.0, "Softmax temperature T of teacher and student in the KD loss.")
@@ -183,6 +205,11 @@ class ExperimentConfig:
         """(name, share, steps) per device tier."""
         return list(zip(_split(self.tier_names), map(float, _split(self.tier_shares)),
                         map(int, _split(self.tier_steps))))
+
+    @property
+    def widths(self) -> list[int]:
+        """Nested student widths, narrowest first; [student-dim] when the fleet is homogeneous."""
+        return [int(w) for w in _split(self.student_widths)] or [self.student_dim]
 
     @property
     def extra_test_rounds(self) -> set[int]:
@@ -308,3 +335,26 @@ def _validate(c: ExperimentConfig) -> None:
            c.tier_shares, "non-negative numbers that sum to 1")
     _check(all(s.isdigit() and int(s) >= 1 for s in steps), "tier-steps", c.tier_steps,
            "positive integers")
+    for key in ("tier-speed", "tier-memory-mb", "tier-uplink-kbps", "tier-downlink-kbps", "tier-availability"):
+        raw = getattr(c, key.replace("-", "_"))
+        try:
+            values = [float(v) for v in _split(raw)]
+        except ValueError:
+            values = []
+        ok = len(values) in (1, len(names)) and all(math.isfinite(v) and v > 0 for v in values)
+        if key == "tier-availability":
+            ok = len(values) in (1, len(names)) and all(0 <= v <= 1 for v in values)
+        _check(ok, key, raw, f"1 number (every tier) or {len(names)} comma-separated numbers (one per tier), "
+               + ("each in [0, 1]" if key == "tier-availability" else "each > 0"))
+    _check(math.isfinite(c.device_spread) and c.device_spread >= 0, "device-spread", c.device_spread,
+           "a finite number >= 0")
+    _check(math.isfinite(c.round_deadline) and c.round_deadline >= 0, "round-deadline", c.round_deadline,
+           "a finite number >= 0 (0 = no deadline)")
+    _check(c.straggler_policy in {"drop", "partial"}, "straggler-policy", c.straggler_policy, "drop or partial")
+    _check(c.min_steps >= 1, "min-steps", c.min_steps, "an integer >= 1")
+    _check(c.selection in {"uniform", "budget"}, "selection", c.selection, "uniform or budget")
+    widths = _split(c.student_widths)
+    _check(all(w.isdigit() and 1 <= int(w) <= c.student_dim and int(w) % c.student_heads == 0 for w in widths)
+           and (not widths or int(widths[-1]) == c.student_dim) and widths == sorted(widths, key=int),
+           "student-widths", c.student_widths,
+           f"increasing widths that divide by student-heads and end at student-dim ({c.student_dim})")

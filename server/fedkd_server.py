@@ -32,13 +32,17 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedkd.aggregate import apply_update, weighted_mean
+from fedkd.aggregate import apply_update
 from fedkd.codec import PayloadError, decode_state, encode_state, layout_of, pack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_dense, top_k
 from fedkd.local import ProxyBatch, get_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
+from fedkd.nested import nested_mean, slice_state, sub_layout
+from fedkd.schedule import fleet_profiles, select, tier_index, width_for
+from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
+from fedkd.devices import online
 from fedkd.plots import plot_run
 from fedkd.population import population
 from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batch, soft_labels
@@ -48,6 +52,8 @@ from fedkd.teacher import load_or_train
 from fedkd.wire import Content, message_nbytes, pack, unpack
 
 log = logging.getLogger("fedkd")
+# Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
+CALIBRATION = Path(__file__).resolve().parents[1] / "fedkd" / "reference_calibration.json"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,32 @@ class FedKDServer:
         if cfg.teacher_refine_steps:
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_refine_lr)
 
+    def _setup_fleet(self, nodes: list[Node]) -> None:
+        """Device profiles, each device's student width, and the step-time calibration."""
+        cfg = self.cfg
+        self.full_model = cfg.student_model(self.num_items)
+        self.profiles = fleet_profiles(cfg, population(cfg).num_clients)
+        self.tier_of = {n.partition_id: tier_index(cfg, self.profiles[n.partition_id]) for n in nodes}
+        widths = cfg.widths
+        self.width_of = {n.partition_id: width_for(self.profiles[n.partition_id], self.full_model, widths)
+                         for n in nodes}
+        if cfg.protocol != "params":  # models that stay on devices are full width
+            self.width_of = {pid: cfg.student_dim for pid in self.width_of}
+        self.calibration = load_calibration(cfg.calibration or CALIBRATION)
+        self.up_estimate: dict[int, float] = {}  # width -> bytes of the last reply seen at that width
+        self.down_size: dict[int, int] = {}  # width -> bytes of a train message at that width
+        self.sim_time = 0.0
+        cannot = sorted(pid for pid, w in self.width_of.items() if w is None)
+        names = [name for name, _, _ in cfg.tiers]
+        for t, name in enumerate(names):
+            members = [pid for pid, tt in self.tier_of.items() if tt == t]
+            ws = sorted({self.width_of[p] or 0 for p in members})
+            log.info("tier %s: %d devices, student width %s", name, len(members),
+                     ", ".join(str(w) if w else "none (memory too small: never trains)" for w in ws))
+        if len(cannot) == len(nodes):
+            raise ValueError("no device's memory holds even the narrowest student: raise tier-memory-mb "
+                             "or add narrower student-widths")
+
     def _handshake(self, grid: Grid) -> list[Node]:
         node_ids = list(grid.get_node_ids())
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in node_ids]
@@ -119,6 +151,7 @@ class FedKDServer:
         nodes = self._handshake(grid)
         if not nodes:
             raise RuntimeError("no client answered the handshake; nothing to train")
+        self._setup_fleet(nodes)
         log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
                  num_parameters(student), cfg.num_rounds)
         t_rounds, cum_bytes = time.perf_counter(), 0
@@ -153,6 +186,7 @@ class FedKDServer:
         bar.close()
         test = self._test(grid, nodes, best, "test_per_client.csv")
         rows = read_metrics(self.out / "metrics.csv")
+        fleet = self._fleet_summary(grid, nodes, best, test, rows)
         summary = {
             "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(nodes),
             "clients_trained": len(self.trained),
@@ -164,7 +198,7 @@ class FedKDServer:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
-            "tests_at_rounds": extra_tests, "teacher": self.teacher_info,
+            "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet,
             "wall_seconds": time.perf_counter() - t_start,
         }
         if cfg.teacher_refine_steps:
@@ -176,6 +210,32 @@ class FedKDServer:
                  test["hr"], cfg.eval_k, test["ndcg"], best[1], self.out)
         return summary
 
+    def _fleet_summary(self, grid: Grid, nodes: list[Node], best: tuple, test: dict, rows: list[dict]) -> dict:
+        """Per tier: test NDCG of the model each device runs, participation, stragglers; the
+        simulated time; and, with mixed widths, the full global student on every user."""
+        cfg, k = self.cfg, self.cfg.eval_k
+        out: dict = {"sim_time_s": self.sim_time, "tiers": {}}
+        for t, (name, _, _) in enumerate(cfg.tiers):
+            rs = [r for r in test["rows"] if r["tier"] == t]
+            n = sum(r["count"] for r in rs)
+            out["tiers"][name] = {
+                "devices": sum(1 for tt in self.tier_of.values() if tt == t),
+                "widths": sorted({self.width_of[p] or 0 for p, tt in self.tier_of.items() if tt == t}),
+                f"test_ndcg@{k}": sum(r["ndcg_sum"] for r in rs) / max(n, 1),
+                f"test_hr@{k}": sum(r["hr_sum"] for r in rs) / max(n, 1), "test_users": n,
+                **{key: int(sum(row.get(f"{key}_{name}", 0) for row in rows))
+                   for key in ("participants", "aggregated", "stragglers")}}
+        if best[2] is not None and any(self.width_of[n.partition_id] != cfg.student_dim for n in nodes):
+            full = self._evaluate(grid, nodes, best[2], ("test",), best[1], full_width=True)["test"]
+            CsvLog(self.out / "test_per_client_full_width.csv").extend(full["rows"])
+            out[f"test_ndcg@{k}_full_width"] = full["ndcg"]
+            out[f"test_hr@{k}_full_width"] = full["hr"]
+            for t, (name, _, _) in enumerate(cfg.tiers):
+                rs = [r for r in full["rows"] if r["tier"] == t]
+                out["tiers"][name][f"test_ndcg@{k}_full_width"] = (sum(r["ndcg_sum"] for r in rs)
+                                                                   / max(sum(r["count"] for r in rs), 1))
+        return out
+
     def _train_round(self, grid: Grid, nodes: list[Node], r: int) -> dict:
         """One round of training under the configured protocol; returns its metrics row so far."""
         cfg = self.cfg
@@ -183,13 +243,11 @@ class FedKDServer:
                  if self.proxy is not None else None)
         if cfg.protocol == "proxy":
             loss = self._server_distill(r)
-            row = {"round": r, "participants": 0, "replied": 0, "stragglers": 0, "rejected": 0,
-                   "aggregated": 0, "train_loss": loss, "bytes_down": 0, "bytes_up": 0}
+            row = {"round": r, "online": 0, "participants": 0, "replied": 0, "stragglers": 0, "rejected": 0,
+                   "aggregated": 0, "train_loss": loss, "bytes_down": 0, "bytes_up": 0,
+                   "sim_round_s": 0.0, "sim_time_s": self.sim_time}
             return {**row, **self._tier_steps({})}
-        selected = self._select(nodes, r)
         content = Content(configs={"config": {"round": r}})
-        if self.state is not None:
-            content.arrays["student"] = encode_state(self.state, bits=cfg.quant_bits, stochastic=False)
         targets = self._targets(batch, r)
         if targets is not None:
             content.arrays["proxy"] = encode_proxy(batch, targets, num_items=self.num_items,
@@ -200,18 +258,39 @@ class FedKDServer:
             nxt = round_batch(self.proxy, round_idx=r + 1, size=cfg.proxy_batch, seed=cfg.seed)
             content.arrays["next"] = {"histories": pack_ids(nxt, self.num_items)}
             content.configs["config"]["next-rows"] = len(nxt)
-        replies, down, up = self._exchange(grid, selected, content, "train", r)
-        accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0)
+        by_width = self._contents_by_width(content, self.state)
+        self.down_size = {}
+        online_nodes = [n for n in nodes if self.width_of[n.partition_id] is not None
+                        and online(self.profiles[n.partition_id], cfg.seed, r, n.partition_id)]
+        plans = {n.partition_id: self._plan(n, by_width) for n in online_nodes}
+        chosen = set(select([n.partition_id for n in online_nodes], cfg.clients_per_round,
+                            rng=np.random.default_rng([cfg.seed, 8, r]), policy=cfg.selection,
+                            tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
+        selected = [n for n in online_nodes if n.partition_id in chosen]
+        sent = [n for n in selected if plans[n.partition_id].used]
+        items = [(n, self._with_steps(by_width[self.width_of[n.partition_id]], plans[n.partition_id].steps))
+                 for n in sent]
+        replies, down, up, sizes = self._exchange(grid, items, "train", r)
+        down += sum(self._nbytes(by_width[self.width_of[n.partition_id]]) for n in selected if n not in sent)
+        timings, late = self._clock(selected, plans, sizes, replies)
+        replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
+        accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
+                                          allowed={n.partition_id: plans[n.partition_id].steps for n in sent})
         payloads = [p for _, _, p in accepted]
         fleet_view = None  # (proxy histories, the fleet's averaged predictions on them)
         if accepted and cfg.protocol == "params":
             weights = [float(m["num-examples"]) for _, m, _ in accepted]
-            start = decode_state(encode_state(self.state, bits=cfg.quant_bits, stochastic=False), self.layout,
-                                 bits=cfg.quant_bits)
-            if cfg.teacher_refine_steps:  # FedDF: the ensemble of this round's client models
-                models = [{k: start[k] + u[k] for k in start} for u in payloads]
-                fleet_view = (batch, ensemble_of_states(self.student, models, batch, temperature=cfg.kd_temperature))
-            self.state = apply_update(self.state, weighted_mean(payloads, weights), cfg.server_lr)
+            widths = [self.width_of[n.partition_id] for n, _, _ in accepted]
+            if cfg.teacher_refine_steps:  # FedDF: the ensemble of this round's (full-width) client models
+                start = decode_state(encode_state(self.state, bits=cfg.quant_bits, stochastic=False), self.layout,
+                                     bits=cfg.quant_bits)
+                models = [{k: start[k] + u[k] for k in start} for u, w in zip(payloads, widths)
+                          if w == cfg.student_dim]
+                if models:
+                    fleet_view = (batch, ensemble_of_states(self.student, models, batch,
+                                                            temperature=cfg.kd_temperature))
+            update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
+            self.state = apply_update(self.state, update, cfg.server_lr)
         if accepted and cfg.protocol == "logits":
             self.fleet = (r + 1, average([densify(p, self.num_items) for p in payloads]))
             fleet_view = (nxt, self.fleet[1])
@@ -219,20 +298,88 @@ class FedKDServer:
         steps: dict[int, list[int]] = {}
         self.trained.update(node.partition_id for node, _, _ in accepted)
         for node, m, _ in accepted:
-            steps.setdefault(int(m["tier"]), []).append(int(m["steps"]))
-        row = {"round": r, "participants": len(selected), "replied": len(replies),
-               "stragglers": len(selected) - len(replies), "rejected": rejected, "aggregated": len(accepted),
-               "train_loss": _mean(float(m["loss"]) for _, m, _ in accepted), "bytes_down": down, "bytes_up": up}
+            steps.setdefault(self.tier_of[node.partition_id], []).append(int(m["steps"]))
+        round_s = round_wall_seconds(timings.values(), cfg.round_deadline)
+        self.sim_time += round_s
+        stragglers = {n.partition_id for n in selected} - {n.partition_id for n, _, _ in accepted} - {
+            n.partition_id for n, _ in replies}  # dropped by the deadline, late, or no reply
+        row = {"round": r, "online": len(online_nodes), "participants": len(selected), "replied": len(replies),
+               "stragglers": len(stragglers), "rejected": rejected, "aggregated": len(accepted),
+               "train_loss": _mean(float(m["loss"]) for _, m, _ in accepted), "bytes_down": down, "bytes_up": up,
+               "sim_round_s": round_s, "sim_time_s": self.sim_time}
         if cfg.teacher_refine_steps:
             row["teacher_refine_loss"] = refine_loss
-        return {**row, **self._tier_steps(steps)}
+        per_tier = {"participants": [n.partition_id for n in selected], "stragglers": sorted(stragglers),
+                    "aggregated": [n.partition_id for n, _, _ in accepted]}
+        return {**row, **self._tier_steps(steps, per_tier)}
 
-    def _tier_steps(self, steps: dict[int, list[int]]) -> dict:
+    def _tier_steps(self, steps: dict[int, list[int]], per_tier: dict[str, list[int]] | None = None) -> dict:
         out = {}
         for t, (name, _, _) in enumerate(self.cfg.tiers):
             out[f"steps_mean_{name}"] = _mean(steps.get(t, []))
             out[f"steps_max_{name}"] = max(steps.get(t, [0]))
+            for key, pids in (per_tier or {"participants": [], "stragglers": [], "aggregated": []}).items():
+                out[f"{key}_{name}"] = sum(1 for p in pids if self.tier_of.get(p) == t)
         return out
+
+    # ------------------------------------------------------------------ devices and the clock
+    def _contents_by_width(self, content: Content, state, widths=None) -> dict[int, Content]:
+        """The round's content for each student width in use (one encoding per width)."""
+        out = {}
+        for w in widths or sorted({w for w in self.width_of.values() if w is not None}):
+            c = Content(arrays=dict(content.arrays), configs={k: dict(v) for k, v in content.configs.items()})
+            c.configs["config"]["width"] = w
+            if state is not None:
+                c.arrays["student"] = encode_state(slice_state(state, self.full_model, w), bits=self.cfg.quant_bits,
+                                                   stochastic=False)
+            out[w] = c
+        return out
+
+    @staticmethod
+    def _with_steps(content: Content, steps: int) -> Content:
+        return Content(arrays=content.arrays, configs={"config": {**content.configs["config"], "steps": steps}})
+
+    @staticmethod
+    def _nbytes(content: Content) -> int:
+        return message_nbytes(Message(pack(content), dst_node_id=0, message_type="train"))
+
+    def _plan(self, node: Node, by_width: dict[int, Content]) -> ClientTiming:
+        """Steps that fit this device's round, from the message it would get and its profile."""
+        cfg, pid = self.cfg, node.partition_id
+        w = self.width_of[pid]
+        max_steps = cfg.tiers[self.tier_of[pid]][2]
+        probe = self._with_steps(by_width[w], max_steps)
+        if w not in self.down_size:
+            self.down_size[w] = self._nbytes(probe)
+        up = self.up_estimate.get(w, self.down_size[w] - sum(a.nbytes for k, arrs in probe.arrays.items()
+                                                               if k != "student" for a in arrs.values()))
+        return plan_client(self.profiles[pid], down_bytes=self.down_size[w], up_bytes=up,
+                           step_seconds=step_seconds(self.calibration, w), max_steps=max_steps,
+                           deadline_s=cfg.round_deadline, min_steps=min(cfg.min_steps, max_steps),
+                           policy=cfg.straggler_policy)
+
+    def _clock(self, selected: list[Node], plans: dict[int, ClientTiming], sizes: dict[int, tuple[int, int]],
+               replies) -> tuple[dict[int, ClientTiming], set[int]]:
+        """Simulated time of each selected device from the bytes actually sent and received.
+
+        A device whose real reply turned out larger than planned and so missed the deadline
+        is late: a straggler like the others, its work not used."""
+        cfg, timings, late = self.cfg, {}, set()
+        replied = {n.partition_id for n, _ in replies}
+        for n in selected:
+            pid, plan = n.partition_id, plans[n.partition_id]
+            if pid not in sizes or pid not in replied:
+                timings[pid] = plan
+                continue
+            down, up = sizes[pid]
+            w = self.width_of[pid]
+            self.up_estimate[w] = up
+            total = round_seconds(down, up, plan.steps, step_seconds(self.calibration, w), self.profiles[pid])
+            timings[pid] = ClientTiming(plan.download_s, plan.compute_s, plan.upload_s, total, plan.steps,
+                                        plan.straggler)
+            if cfg.round_deadline and total > cfg.round_deadline * (1 + 1e-9):
+                late.add(pid)
+        return timings, late
 
     def _targets(self, batch: np.ndarray | None, r: int):
         """Distillation targets for this round's proxy batch, or None for no distillation."""
@@ -250,16 +397,19 @@ class FedKDServer:
             fleet = w * predict_dense(self.teacher, batch, temperature=cfg.kd_temperature) + (1 - w) * fleet
         return top_k(fleet, cfg.kd_top_k)
 
-    def _accept(self, replies, r: int, *, rows: int) -> tuple[list, int]:
-        """Validate and decode replies; a bad one is logged with its reason and left out."""
+    def _accept(self, replies, r: int, *, rows: int, allowed: dict[int, int]) -> tuple[list, int]:
+        """Validate and decode replies; a bad one is logged with its reason and left out.
+
+        Steps are checked against the allowance this server sent, not the limit the client
+        reports, so a device cannot grant itself more work than it was given."""
         accepted, rejected = [], 0
         for node, rep in replies:
             try:
                 got = unpack(rep.content)
                 m = got.metrics["metrics"]
-                if not int(m["steps"]) <= int(m["step-limit"]):
-                    raise PayloadError(f"reports {m['steps']} steps over its limit {m['step-limit']}")
-                accepted.append((node, m, self._payload(got, rows)))
+                if not 0 <= int(m["steps"]) <= allowed[node.partition_id]:
+                    raise PayloadError(f"reports {m['steps']} steps; it was allowed {allowed[node.partition_id]}")
+                accepted.append((node, m, self._payload(got, rows, self.width_of[node.partition_id])))
             except (PayloadError, ValueError, KeyError) as exc:
                 rejected += 1
                 self.rejections.append({"round": r, "partition_id": node.partition_id,
@@ -267,10 +417,10 @@ class FedKDServer:
                 log.warning("round %d: rejected update of client %d: %s", r, node.partition_id, exc)
         return accepted, rejected
 
-    def _payload(self, got: Content, rows: int):
+    def _payload(self, got: Content, rows: int, width: int):
         cfg = self.cfg
         if cfg.protocol == "params":
-            return decode_state(got.arrays.get("update", {}), self.layout, bits=cfg.quant_bits)
+            return decode_state(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits)
         if cfg.protocol == "logits":
             if "preds" not in got.arrays:
                 raise PayloadError("reply lacks its predictions ('preds')")
@@ -306,22 +456,21 @@ class FedKDServer:
         self.state = get_state(self.student)
         return loss
 
-    def _select(self, nodes: list[Node], r: int) -> list[Node]:
-        k = self.cfg.clients_per_round
-        if k == 0 or k >= len(nodes):
-            return list(nodes)
-        idx = np.random.default_rng([self.cfg.seed, 8, r]).choice(len(nodes), size=k, replace=False)
-        return [nodes[i] for i in sorted(idx)]
-
-    def _exchange(self, grid: Grid, nodes: list[Node], content: Content, kind: str, r: int):
-        """Send one content to many nodes; return (node, reply) pairs without errors and byte counts."""
-        rd = pack(content)
-        by_id = {n.node_id: n for n in nodes}
-        msgs = [Message(rd, dst_node_id=n.node_id, message_type=kind) for n in nodes]
-        down = sum(message_nbytes(m) for m in msgs)
+    def _exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int):
+        """Send each node its content; return (node, reply) pairs without errors, the byte totals,
+        and per partition id the (down, up) bytes of its messages."""
+        packed: dict[int, object] = {}  # one RecordDict per distinct content
+        msgs, sizes = [], {}
+        for n, c in items:
+            rd = packed.setdefault(id(c), pack(c))
+            msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
+        for (n, _), m in zip(items, msgs):
+            sizes[n.partition_id] = (message_nbytes(m), 0)
+        by_id = {n.node_id: n for n, _ in items}
+        down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
         up, out, up_arrays = 0, [], set()
-        for rep in grid.send_and_receive(msgs, timeout=timeout):
+        for rep in grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
@@ -330,14 +479,17 @@ class FedKDServer:
                                         "reason": f"client error ({kind}): {rep.error.reason}"})
                 log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
                 continue
-            up += message_nbytes(rep)
+            nbytes = message_nbytes(rep)
+            up += nbytes
+            sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
             up_arrays.update(rep.content.array_records.keys())
             out.append((node, rep))
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
         self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
-                              "replies": len(out), "bytes_up": up, "arrays_down": sorted(content.arrays),
+                              "replies": len(out), "bytes_up": up,
+                              "arrays_down": sorted({k for _, c in items for k in c.arrays}),
                               "arrays_up": sorted(up_arrays)})
-        return out, down, up
+        return out, down, up, sizes
 
     # ------------------------------------------------------------------ evaluation
     def _validate(self, grid: Grid, nodes: list[Node], r: int) -> dict:
@@ -356,11 +508,21 @@ class FedKDServer:
         table.extend(res["rows"])
         return res
 
-    def _evaluate(self, grid: Grid, nodes: list[Node], state, splits: tuple[str, ...], r: int) -> dict:
+    def _evaluate(self, grid: Grid, nodes: list[Node], state, splits: tuple[str, ...], r: int, *,
+                  full_width: bool = False) -> dict:
+        """Every client scores the model it would run: its own width's slice of ``state`` (the
+        full student when ``full_width``, or for a device too small for any width); with
+        ``state`` None, the model it keeps."""
         content = Content(configs={"config": {"splits": ",".join(splits), "round": r}})
-        if state is not None:
-            content.arrays["student"] = encode_state(state, bits=self.cfg.quant_bits, stochastic=False)
-        replies, down, up = self._exchange(grid, nodes, content, "evaluate", r)
+        by_width = {None: content} if state is None else self._contents_by_width(content, state)
+        if state is not None and self.cfg.student_dim not in by_width:
+            by_width.update(self._contents_by_width(content, state, widths=[self.cfg.student_dim]))
+        full = self.cfg.student_dim
+
+        def width(n: Node):
+            return None if state is None else full if full_width else (self.width_of[n.partition_id] or full)
+        items = [(n, by_width[width(n)]) for n in nodes]
+        replies, down, up, _ = self._exchange(grid, items, "evaluate", r)
         out = {}
         for split in splits:
             hr = ndcg = n = 0.0
@@ -369,8 +531,8 @@ class FedKDServer:
                 m = unpack(rep.content).metrics["metrics"]
                 h, g, c = m[f"{split}-hr-sum"], m[f"{split}-ndcg-sum"], m[f"{split}-count"]
                 hr, ndcg, n = hr + h, ndcg + g, n + c
-                rows.append({"partition_id": node.partition_id, "tier": node.tier, "count": int(c),
-                             "hr_sum": h, "ndcg_sum": g})
+                rows.append({"partition_id": node.partition_id, "tier": self.tier_of[node.partition_id],
+                             "width": width(node) or full, "count": int(c), "hr_sum": h, "ndcg_sum": g})
             out[split] = {"hr": hr / max(n, 1), "ndcg": ndcg / max(n, 1), "n": int(n), "rows": rows,
                           "bytes": down + up}
         return out

@@ -54,14 +54,21 @@ def load_overrides(files: list[Path]) -> dict[str, Scalar]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calibrate"]:  # its own parser: it needs no experiment config
+        from simulations import calibrate
+        return calibrate.main(argv[1:])
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     deploy.add_parser(sub)
+    sub.add_parser("calibrate", add_help=False,
+                   help="Measure this machine's step and top-10 times per student width "
+                        "(writes a calibration profile; `fedkd calibrate --help`).")
     args = parser.parse_args(argv)
-    command = "fedkd " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "fedkd " + shlex.join(argv)
     try:
         if args.command == "run":
             overrides = load_overrides(args.config)

@@ -73,3 +73,27 @@ def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(tmp_path
     # the refined teacher changes: its cloud validation score is not frozen at the cached teacher's
     assert all(r["teacher_refine_loss"] != "" for r in rows)
     assert summary["teacher_cloud_val_ndcg_final"] != pytest.approx(summary["teacher"]["best_valid_ndcg"], abs=1e-9)
+
+
+def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
+    """A trace decides who is online each round; weak devices train a width-4 slice and fit
+    fewer steps under the deadline; simulated time adds up round by round."""
+    trace = tmp_path / "trace.csv"
+    rows = ["client,tier,speed,memory_mb,uplink_kbps,downlink_kbps,availability,online_rounds"]
+    for c in range(40):
+        tier, speed, mem = ("weak", 0.1, 0.01) if c % 2 == 0 else ("strong", 1.0, 1.0)
+        online = "2" if c == 0 else "" if c == 1 else "1;2"
+        rows.append(f"{c},{tier},{speed},{mem},500,5000,{0.0 if c == 1 else 1.0},{online}")
+    trace.write_text("\n".join(rows) + "\n")
+    out = _run(tmp_path, "mixed", "--device-trace", str(trace), "--student-widths", "4,16",
+               "--tier-steps", "16,16", "--round-deadline", "0.6", "--min-steps", "2")
+    metrics = list(csv.DictReader((out / "metrics.csv").open()))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [int(r["online"]) for r in metrics] == [38, 39]  # client 0 joins in round 2, client 1 never
+    assert sum(float(r["sim_round_s"]) for r in metrics) == pytest.approx(summary["sim_time_s"])
+    assert all(0 < float(r["sim_round_s"]) <= 0.6 for r in metrics)
+    weak, strong = summary["tiers"]["weak"], summary["tiers"]["strong"]
+    assert weak["widths"] == [4] and strong["widths"] == [16]
+    assert all(float(r["steps_max_weak"]) < float(r["steps_max_strong"]) == 16 for r in metrics)
+    assert weak["aggregated"] + weak["stragglers"] == weak["participants"] == 19 + 20
+    assert "test_ndcg@10_full_width" in summary and (out / "test_per_client_full_width.csv").is_file()

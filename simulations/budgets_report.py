@@ -1,0 +1,112 @@
+"""Tables and plots of docs/budgets.md from a finished ``fedkd sweep simulations/sweeps/budgets.toml``.
+
+    python -m simulations.budgets_report outputs/sweeps/budgets --target 0.03
+
+Per run: the NDCG@10 of the model each device runs (its own width), of the full global
+student on every user, per device tier, participation and stragglers per tier, simulated
+time, and simulated time until validation NDCG@10 first reaches ``--target``. Runs whose
+name starts with ``deadline-`` (plus ``nested``, whose deadline is the base one) make the
+deadline sweep plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from fedkd.plots import plt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(folder: Path) -> dict[str, dict]:
+    """Finished runs by name: summary, config and metrics rows."""
+    runs = {}
+    for d in sorted((folder / "runs").iterdir()):
+        if not (d / "summary.json").is_file():
+            continue
+        rows = list(csv.DictReader((d / "metrics.csv").open()))
+        runs[d.name] = {"summary": json.loads((d / "summary.json").read_text()),
+                        "config": json.loads((d / "config.json").read_text())["config"], "rows": rows}
+    return runs
+
+
+def time_to_target(rows: list[dict], target: float) -> float | None:
+    """Simulated seconds until validation NDCG@10 first reaches the target (None: never)."""
+    for r in rows:
+        if r["val_ndcg"] not in ("", None) and float(r["val_ndcg"]) >= target:
+            return float(r["sim_time_s"])
+    return None
+
+
+def fleet_table(runs: dict[str, dict], target: float) -> str:
+    first = next(iter(runs.values()))
+    tiers = [t.strip() for t in first["config"]["tier-names"].split(",")]  # the config's order, weakest first
+    head = (["run", "deadline s", "widths", "NDCG@10 (own model)", "NDCG@10 (full student)"]
+            + [f"{t} NDCG@10" for t in tiers] + [f"{t} part./aggr./strag." for t in tiers]
+            + ["sim time s", f"sim s to NDCG {target:g}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, run in runs.items():
+        s, c = run["summary"], run["config"]
+        tt = time_to_target(run["rows"], target)
+        cells = [name, f"{c['round-deadline']:g}", c["student-widths"] or str(c["student-dim"]),
+                 f"{s['test_ndcg@10']:.4f}", f"{s.get('test_ndcg@10_full_width', s['test_ndcg@10']):.4f}"]
+        cells += [f"{s['tiers'][t]['test_ndcg@10']:.4f}" for t in tiers]
+        cells += [f"{s['tiers'][t]['participants']}/{s['tiers'][t]['aggregated']}/{s['tiers'][t]['stragglers']}"
+                  for t in tiers]
+        cells += [f"{s['sim_time_s']:.1f}", "never" if tt is None else f"{tt:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def deadline_plot(runs: dict[str, dict], out: Path) -> list[tuple[float, float, int]]:
+    """Final test NDCG@10 and stragglers against the deadline (uniform selection runs only)."""
+    points = sorted((r["config"]["round-deadline"], r["summary"]["test_ndcg@10"], r["summary"]["stragglers_total"])
+                    for name, r in runs.items()
+                    if (name.startswith("deadline-") or name.startswith("nested-"))
+                    and r["config"]["selection"] == "uniform")
+    if not points:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p[0] for p in points]
+    ax.plot(xs, [p[1] for p in points], marker="o", color="C0")
+    ax.set_xscale("log")
+    ax.set_xlabel("round deadline (simulated seconds, log scale)")
+    ax.set_ylabel("test NDCG@10 (own-width models)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p[2] for p in points], marker="s", color="C3")
+    ax2.set_ylabel("stragglers over the run", color="C3")
+    ax.set_title("Deadline sweep (mixed fleet, nested widths)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return points
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="Folder of the budgets sweep (outputs/sweeps/budgets).")
+    p.add_argument("--target", type=float, default=0.03, help="Validation NDCG@10 for time-to-target.")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "budgets_deadline.png",
+                   help="Where the deadline plot goes.")
+    args = p.parse_args(argv)
+    runs = load(args.sweep)
+    if not runs:
+        print(f"{args.sweep}: no finished runs", file=sys.stderr)
+        return 1
+    print(fleet_table(runs, args.target))
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    points = deadline_plot(runs, args.plot)
+    print("| deadline s | test NDCG@10 | stragglers |\n|---|---|---|")
+    for d, ndcg, strag in points:
+        print(f"| {d:g} | {ndcg:.4f} | {strag} |")
+    print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
