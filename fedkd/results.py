@@ -101,3 +101,18 @@ def _num(v: str) -> float | str:
         return float(v)
     except ValueError:
         return v
+
+
+def save_student(out_dir: Path, state: Mapping[str, np.ndarray], model_cfg) -> Path:
+    """``student.pt`` (a torch state dict, loadable with weights_only) and ``student.json``
+    (its ModelConfig), written atomically, so a results folder can be exported to a device."""
+    import dataclasses
+
+    import torch
+
+    path = out_dir / "student.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
+    write_json(out_dir / "student.json", dataclasses.asdict(model_cfg))
+    return path

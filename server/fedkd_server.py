@@ -46,7 +46,7 @@ from fedkd.devices import online
 from fedkd.plots import plot_run
 from fedkd.population import population
 from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batch, soft_labels
-from fedkd.results import CsvLog, JsonLines, read_metrics, state_digest, write_json
+from fedkd.results import CsvLog, JsonLines, read_metrics, save_student, state_digest, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
 from fedkd.wire import Content, message_nbytes, pack, unpack
@@ -204,6 +204,8 @@ class FedKDServer:
         if cfg.teacher_refine_steps:
             summary["teacher_cloud_val_ndcg_final"] = evaluate_ranking(self.teacher, self.cloud_valid,
                                                                        k=cfg.eval_k).ndcg
+        if best[2] is not None:  # the chosen global student, for `fedkd export` and later analysis
+            save_student(self.out, best[2], self.full_model)
         write_json(self.out / "summary.json", summary)
         plot_run(rows, self.out, k=cfg.eval_k, title=cfg.experiment_name)
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", cfg.eval_k,

@@ -97,3 +97,28 @@ def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
     assert all(float(r["steps_max_weak"]) < float(r["steps_max_strong"]) == 16 for r in metrics)
     assert weak["aggregated"] + weak["stragglers"] == weak["participants"] == 19 + 20
     assert "test_ndcg@10_full_width" in summary and (out / "test_per_client_full_width.csv").is_file()
+
+
+def test_a_finished_run_exports_its_student_for_devices(tmp_path):
+    """The chosen student is saved with the results and `fedkd export` turns it into an ONNX file
+    whose top-10 equals the PyTorch student's on the run's own users."""
+    out = _run(tmp_path, "exp", "--num-rounds", "1", "--kd-weight", "0")
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "export", str(out)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import torch
+
+    from fedkd.export import Recommender
+    from fedkd.models import ModelConfig, build_model
+
+    cfg = ModelConfig(**json.loads((out / "student.json").read_text()))
+    model = build_model(cfg, seed=None)
+    model.load_state_dict(torch.load(out / "student.pt", weights_only=True))
+    model.eval()
+    rec = Recommender(out / "export" / "student.onnx")
+    hist = torch.randint(1, cfg.num_items + 1, (20, cfg.max_len))
+    with torch.no_grad():
+        scores = model(hist)[:, 1:]
+    ids, _ = rec.topk(hist.numpy(), k=10)  # nothing excluded, like the raw scores below
+    expected = (scores.topk(10, dim=1).indices + 1).numpy()
+    assert (ids == expected).mean() > 0.95  # equal up to float ties
