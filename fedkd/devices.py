@@ -28,7 +28,7 @@ Trace file (:func:`load_trace`)
 
     ============== ======== ==========================================================
     client         int      partition id, 0-based; each id at most once
-    tier           str      a label (reported; it need not match tier-names)
+    tier           str      one of tier-names: it gives the device its tier-steps budget
     speed          float    relative compute speed, > 0 (1.0 = the calibrated machine)
     memory_mb      float    device memory in MB, > 0
     uplink_kbps    float    upload bandwidth in kbit/s (1 kbit = 1000 bit), > 0
