@@ -33,6 +33,7 @@ from fedkd.stats import paired_bootstrap
 from fedkd.teacher import load_or_train
 from fedkd.train import TrainConfig, train_central
 from simulations.cli import load_overrides
+from simulations.runner import overrides_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,16 +78,12 @@ def federated(overrides: dict, name: str, work: Path, *, rounds: int | None = No
     ov = {**overrides, "experiment-name": name, "output-dir": str(work), "progress": False}
     if rounds is not None:
         ov["num-rounds"] = rounds
-    cfg_file.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in ov.items()))
+    cfg_file.write_text(overrides_toml(ov))
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "simulations.cli", "run", "--config", str(cfg_file)],
                    cwd=ROOT, check=True)
     print(f"[baselines] {name}: {time.time() - t0:.0f}s", flush=True)
     return out
-
-
-def _toml(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
 
 
 def _fedavg_bytes_per_round(kd_summary: dict, kd_dir: Path) -> float:

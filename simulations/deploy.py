@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
+from simulations.runner import overrides_toml
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONNECTION = "fedkd-local"
@@ -596,7 +597,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     state.mkdir(parents=True, exist_ok=True)
     results = Path(cfg.output_dir) / cfg.experiment_name
     run_config = state / "run-config.toml"
-    run_config.write_text(_toml(overrides))
+    run_config.write_text(overrides_toml(overrides))
     fleet = LocalFleet(state, certs=certs, auth=auth, out=out)
     atexit.register(fleet.stop)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
@@ -634,11 +635,6 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
             shutil.rmtree(state, ignore_errors=True)
         else:
             out(f"[fedkd deploy] logs kept in {state / 'logs'}")
-
-
-def _toml(values: Mapping[str, Scalar]) -> str:
-    import tomli_w
-    return tomli_w.dumps(dict(values))
 
 
 def _run(fleet: LocalFleet, run_config: Path, nodes: Sequence[str], *, timeout: float) -> int:

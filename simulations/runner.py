@@ -22,6 +22,13 @@ APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("output-dir", "cache-dir", "data-path")
 
 
+def overrides_toml(overrides: Mapping[str, Scalar]) -> str:
+    """Flat overrides as the TOML text that `fedkd run --config` and `flwr run --run-config` read."""
+    import tomli_w
+
+    return tomli_w.dumps(dict(overrides))
+
+
 def resolve_overrides(overrides: Mapping[str, Scalar], *, base: Path | None = None) -> dict[str, Scalar]:
     """Validate overrides and make path values absolute (the apps may run from a copy)."""
     out = dict(overrides)

@@ -60,7 +60,7 @@ from tqdm import tqdm
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
 from simulations.report import DEFAULT_METRICS, lookup, run_status, write_report
-from simulations.runner import resolve_overrides
+from simulations.runner import overrides_toml, resolve_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = ("seed", "experiment-name", "output-dir")  # set by the sweep for each run
@@ -302,7 +302,7 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
     sweep.dir.joinpath("runs").mkdir(parents=True, exist_ok=True)
     write_json(sweep.dir / "sweep.json", sweep.to_json())
     for run in todo:
-        run.toml.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in run.overrides.items()))
+        run.toml.write_text(overrides_toml(run.overrides))
     failures: list[str] = []
     metric = sweep.metrics[0]
     with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo) as bar:
@@ -352,10 +352,6 @@ def _record_failure(sweep: Sweep, run: Run, rc: int) -> None:
     JsonLines(sweep.dir / "failures.jsonl").append(
         {"run": run.name, "returncode": rc, "log": str(run.log), "log_tail": tail,
          "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def _toml(v: Scalar) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
 
 
 class SubprocessExecutor:
