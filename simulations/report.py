@@ -84,7 +84,21 @@ def run_status(run_dir: Path, expected: Mapping | None = None) -> str:
         stored = json.loads((run_dir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return "stale"
-    return "finished" if stored == dict(expected) else "stale"
+    return "finished" if same_config(stored, expected) else "stale"
+
+
+def same_config(stored: Mapping, expected: Mapping) -> bool:
+    """Equal settings, where a key only one side knows counts at its default.
+
+    A knob added to fedkd after a run finished, at its default, does not change what that
+    run did (defaults keep earlier behaviour), so it must not force the run to be redone;
+    any other difference does.
+    """
+    from fedkd.config import ExperimentConfig
+
+    defaults = ExperimentConfig().to_flat()
+    return all(stored.get(k, defaults.get(k)) == expected.get(k, defaults.get(k))
+               for k in set(stored) | set(expected))
 
 
 def load_runs(folder: Path) -> Collection:

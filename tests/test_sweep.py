@@ -303,3 +303,14 @@ cache-dir = "{tmp_path / 'cache'}"
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 runs: 2 finished, 0 to run" in again.stdout
     assert time.monotonic() - t0 < 30  # no simulation started
+
+
+def test_a_knob_added_later_at_its_default_does_not_make_finished_runs_stale():
+    from fedkd.config import ExperimentConfig
+    from simulations.report import same_config
+
+    now = ExperimentConfig().to_flat()
+    before = {k: v for k, v in now.items() if k not in ("round-deadline", "student-widths")}  # an older fedkd
+    assert same_config(before, now) and same_config(now, before)
+    assert not same_config(before, {**now, "round-deadline": 1.0})  # a real difference still counts
+    assert not same_config({**before, "seed": 3}, now)
