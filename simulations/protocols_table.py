@@ -1,0 +1,100 @@
+"""The protocols table of docs/results.md, from a finished ``fedkd sweep simulations/sweeps/protocols.toml``.
+
+    python -m simulations.protocols_table outputs/sweeps/protocols
+
+Mean ± sd over seeds comes from :mod:`simulations.report` (the same numbers as the sweep's
+report.md); on top, each protocol is compared with fedkd (frozen teacher) user by user: a
+paired bootstrap over test users, stratified by seed, because every protocol is scored on
+the same users and the per-seed spread hides how consistent a difference is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fedkd.stats import paired_bootstrap
+from simulations.baselines import per_user_ndcg
+from simulations.report import aggregate, format_stat, load_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- protocols -->", "<!-- /protocols -->"
+WIRE = {  # what a training round sends, by protocol (docs/architecture.md#protocols)
+    "params": "student down, quantised update up (+ proxy batch and soft labels down if kd > 0)",
+    "logits": "proxy batch, targets and next batch ids down; top-k predictions up",
+    "local": "nothing",
+    "proxy": "nothing (the server trains on the proxy set)",
+}
+
+
+def build(folder: Path, reference: str = "fedkd-frozen") -> str:
+    col = load_runs(folder)
+    k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
+    rows = aggregate(col.runs, k_metrics)
+    done = {r.name: r for r in col.runs if r.status == "finished"}
+    ref_runs = {r.seed: r for r in done.values() if r.config == reference}
+    lines = [f"Command: `fedkd sweep simulations/sweeps/protocols.toml --set data-path=<ml-100k>/u.data`, "
+             f"then `python -m simulations.protocols_table {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`.",
+             "",
+             f"| protocol (config) | what a round sends | seeds | test NDCG@10 | test HR@10 | MB per round | "
+             f"MB up, whole run | clients trained | NDCG@10 vs {reference}, paired 95% CI |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs = [r for r in done.values() if r.config == row.config]
+        protocol = runs[0].summary.get("protocol", "params") if runs else "?"
+        mb = row.stats["train_bytes_per_round"]
+        up = row.stats["bytes_up_total"]
+        lines.append(
+            f"| {protocol} ({row.config}) | {WIRE.get(protocol, '')} | {row.done}/{row.expected} | "
+            f"{format_stat(row.stats['test_ndcg@10'])} | {format_stat(row.stats['test_hr@10'])} | "
+            f"{'' if mb is None else f'{mb.mean / 1e6:.2f}'} | {'' if up is None else f'{up.mean / 1e6:.1f}'} | "
+            f"{format_stat(row.stats['clients_trained'])} | {_versus(runs, ref_runs, row.config == reference)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _versus(runs, ref_runs, is_ref: bool) -> str:
+    if is_ref:
+        return "reference"
+    pairs = [(r, ref_runs[r.seed]) for r in runs if r.seed in ref_runs]
+    if not pairs:
+        return "n/a"
+    a, b, strata = [], [], []
+    for i, (r, ref) in enumerate(pairs):
+        x, y = per_user_ndcg(r.dir), per_user_ndcg(ref.dir)
+        ids = sorted(set(x) & set(y))
+        a += [x[j] for j in ids]
+        b += [y[j] for j in ids]
+        strata += [i] * len(ids)
+    m, lo, hi = paired_bootstrap(np.array(a), np.array(b), strata=np.array(strata))
+    return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] ({m / max(np.mean(b), 1e-12):+.0%})"
+
+
+def write_into(doc: Path, table: str) -> None:
+    """Replace the text between the protocol markers (append a section if they are missing)."""
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{START}\n{table}{END}"
+    if START in text and END in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text += f"\n## Protocols on MovieLens-100K\n\n{block}\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="Folder of the protocols sweep (outputs/sweeps/protocols).")
+    p.add_argument("--reference", default="fedkd-frozen", help="Config every other one is compared with.")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md",
+                   help="Markdown file whose protocols section is replaced.")
+    args = p.parse_args(argv)
+    table = build(args.sweep.resolve(), args.reference)
+    print(table)
+    write_into(args.doc, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
