@@ -25,8 +25,8 @@ START, END = "<!-- protocols -->", "<!-- /protocols -->"
 WIRE = {  # what a training round sends, by protocol (docs/architecture.md#protocols)
     "params": "student down, quantised update up (+ proxy batch and soft labels down if kd > 0)",
     "logits": "proxy batch, targets and next batch ids down; top-k predictions up",
-    "local": "nothing",
-    "proxy": "nothing (the server trains on the proxy set)",
+    "local": "a round config down, metrics up: no model, no labels",
+    "proxy": "nothing: the server trains on the proxy set",
 }
 
 

@@ -45,7 +45,7 @@ def test_table_has_mean_sd_over_seeds_and_a_paired_difference(folder):
     vals = [made[("local", s)]["test_ndcg@10"] for s in (0, 1)]
     assert f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" in row
     assert "-0.0500 [-0.0500, -0.0500]" in row  # every user lost exactly 0.05: the interval is a point
-    assert "| 2/2 |" in row and "| nothing |" in row
+    assert "| 2/2 |" in row and "no model" in row
     assert "reference" in next(line for line in table.splitlines() if line.startswith("| params"))
 
 
