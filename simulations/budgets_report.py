@@ -17,7 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fedkd.plots import plt
+from fedkd.stats import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +65,50 @@ def fleet_table(runs: dict[str, dict], target: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_user(run_dir: Path, name: str) -> dict[int, tuple[int, float]]:
+    """Per test user: (tier index, NDCG@10), from a run's per-client test file."""
+    with (run_dir / name).open() as f:
+        return {int(r["partition_id"]): (int(r["tier"]), float(r["ndcg_sum"]) / max(int(r["count"]), 1))
+                for r in csv.DictReader(f)}
+
+
+# (label, run, its per-client file, reference run): every row compares the same users of one tier.
+COMPARISONS = [
+    ("nested, full student vs drop-weak", "nested", "test_per_client_full_width.csv", "drop-weak"),
+    ("nested, own width vs drop-weak", "nested", "test_per_client.csv", "drop-weak"),
+    ("nested vs all-strong", "nested", "test_per_client.csv", "all-strong"),
+    ("drop-weak vs all-strong", "drop-weak", "test_per_client.csv", "all-strong"),
+]
+
+
+def comparison_table(folder: Path, runs: dict[str, dict], seed: int = 0) -> str:
+    """Per tier, the paired difference in test NDCG@10 between two runs on that tier's users,
+    with a 95% bootstrap interval over users, and the relative difference.
+
+    Pairing is what makes one seed informative here: both runs score the same users with
+    the same held-out items, so user-to-user variance cancels."""
+    first = next(iter(runs.values()))
+    tiers = [t.strip() for t in first["config"]["tier-names"].split(",")]
+    lines = ["| comparison | tier | users | NDCG@10 | reference | difference, 95% CI | relative |",
+             "|---|---|---|---|---|---|---|"]
+    for label, name, file, ref in COMPARISONS:
+        a_name, b_name = f"{name}-s{seed}", f"{ref}-s{seed}"
+        if a_name not in runs or b_name not in runs or not (folder / "runs" / a_name / file).is_file():
+            continue
+        a = per_user(folder / "runs" / a_name, file)
+        b = per_user(folder / "runs" / b_name, "test_per_client.csv")
+        for t, tier in enumerate(tiers):
+            users = sorted(u for u in a if a[u][0] == t and u in b)
+            if not users:
+                continue
+            x, y = np.array([a[u][1] for u in users]), np.array([b[u][1] for u in users])
+            m, lo, hi = paired_bootstrap(x, y)
+            rel = f"{m / y.mean():+.0%}" if y.mean() > 0 else "n/a"
+            lines.append(f"| {label} | {tier} | {len(users)} | {x.mean():.4f} | {y.mean():.4f} | "
+                         f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
 def deadline_plot(runs: dict[str, dict], out: Path) -> list[tuple[float, float, int]]:
     """Final test NDCG@10 and stragglers against the deadline (uniform selection runs only)."""
     points = sorted((r["config"]["round-deadline"], r["summary"]["test_ndcg@10"], r["summary"]["stragglers_total"])
@@ -99,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.sweep}: no finished runs", file=sys.stderr)
         return 1
     print(fleet_table(runs, args.target))
+    print(comparison_table(args.sweep, runs))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     points = deadline_plot(runs, args.plot)
     print("| deadline s | test NDCG@10 | stragglers |\n|---|---|---|")
