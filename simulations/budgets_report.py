@@ -81,31 +81,39 @@ COMPARISONS = [
 ]
 
 
-def comparison_table(folder: Path, runs: dict[str, dict], seed: int = 0) -> str:
+def comparison_table(folder: Path, runs: dict[str, dict]) -> str:
     """Per tier, the paired difference in test NDCG@10 between two runs on that tier's users,
-    with a 95% bootstrap interval over users, and the relative difference.
+    pooled over every seed at which both ran, with a 95% bootstrap interval over users
+    (stratified by seed) and the relative difference.
 
-    Pairing is what makes one seed informative here: both runs score the same users with
+    Pairing is what makes few seeds informative here: both runs score the same users with
     the same held-out items, so user-to-user variance cancels."""
     first = next(iter(runs.values()))
     tiers = [t.strip() for t in first["config"]["tier-names"].split(",")]
-    lines = ["| comparison | tier | users | NDCG@10 | reference | difference, 95% CI | relative |",
-             "|---|---|---|---|---|---|---|"]
+    seeds = sorted({int(n.rsplit("-s", 1)[1]) for n in runs if n.rsplit("-s", 1)[-1].isdigit()})
+    lines = ["| comparison | tier | seeds | users x seeds | NDCG@10 | reference | difference, 95% CI | relative |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, name, file, ref in COMPARISONS:
-        a_name, b_name = f"{name}-s{seed}", f"{ref}-s{seed}"
-        if a_name not in runs or b_name not in runs or not (folder / "runs" / a_name / file).is_file():
+        pairs = [(s, per_user(folder / "runs" / f"{name}-s{s}", file),
+                  per_user(folder / "runs" / f"{ref}-s{s}", "test_per_client.csv"))
+                 for s in seeds if f"{name}-s{s}" in runs and f"{ref}-s{s}" in runs
+                 and (folder / "runs" / f"{name}-s{s}" / file).is_file()]
+        if not pairs:
             continue
-        a = per_user(folder / "runs" / a_name, file)
-        b = per_user(folder / "runs" / b_name, "test_per_client.csv")
         for t, tier in enumerate(tiers):
-            users = sorted(u for u in a if a[u][0] == t and u in b)
-            if not users:
+            x, y, strata = [], [], []
+            for s, a, b in pairs:
+                users = sorted(u for u in a if a[u][0] == t and u in b)
+                x += [a[u][1] for u in users]
+                y += [b[u][1] for u in users]
+                strata += [s] * len(users)
+            if not x:
                 continue
-            x, y = np.array([a[u][1] for u in users]), np.array([b[u][1] for u in users])
-            m, lo, hi = paired_bootstrap(x, y)
+            x, y = np.array(x), np.array(y)
+            m, lo, hi = paired_bootstrap(x, y, strata=np.array(strata))
             rel = f"{m / y.mean():+.0%}" if y.mean() > 0 else "n/a"
-            lines.append(f"| {label} | {tier} | {len(users)} | {x.mean():.4f} | {y.mean():.4f} | "
-                         f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {rel} |")
+            lines.append(f"| {label} | {tier} | {','.join(str(p[0]) for p in pairs)} | {len(x)} | {x.mean():.4f} | "
+                         f"{y.mean():.4f} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] | {rel} |")
     return "\n".join(lines) + "\n"
 
 

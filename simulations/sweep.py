@@ -110,6 +110,20 @@ class Sweep:
                 "runs": [{"name": r.name, "config": r.config, "seed": r.seed, "resolved": r.resolved}
                          for r in self.runs]}
 
+    def merged_json(self, previous: Mapping | None) -> dict:
+        """This plan plus the runs an earlier invocation planned and this one does not (other
+        seeds or configs): ``--seeds 3`` or ``--configs a`` extends a sweep's report instead
+        of hiding what already ran. A run planned again takes its new settings."""
+        out = self.to_json()
+        if not previous or previous.get("name") != self.name:
+            return out
+        mine = {r["name"] for r in out["runs"]}
+        kept = [r for r in previous.get("runs", []) if r.get("name") not in mine]
+        out["runs"] = kept + out["runs"]
+        out["seeds"] = sorted({*previous.get("seeds", []), *self.seeds})
+        out["configs"] = {**previous.get("configs", {}), **self.configs}
+        return out
+
 
 # --- planning ---------------------------------------------------------------------------
 def load_spec(path: Path) -> dict:
@@ -164,8 +178,10 @@ _SPEC_CHECKS = {"name": partial(_expect, kind=str), "seeds": partial(_expect_lis
 
 
 def plan(spec_path: Path, *, seeds: Sequence[int] | None = None, output_dir: Path | None = None,
-         sets: Mapping[str, Scalar] | None = None, cwd: Path | None = None) -> Sweep:
-    """Every run of a spec, each checked as ExperimentConfig; nothing is written."""
+         sets: Mapping[str, Scalar] | None = None, cwd: Path | None = None,
+         only: Sequence[str] | None = None) -> Sweep:
+    """Every run of a spec (or of the configs named in ``only``), each checked as
+    ExperimentConfig; nothing is written."""
     spec = load_spec(spec_path)
     cwd = cwd or Path.cwd()
     sets = dict(sets or {})
@@ -179,6 +195,12 @@ def plan(spec_path: Path, *, seeds: Sequence[int] | None = None, output_dir: Pat
     seeds = list(seeds if seeds is not None else spec.get("seeds", []))
     _check_seeds(spec_path, seeds)
     configs = expand_configs(spec, shared)
+    if only:
+        unknown = [c for c in only if c not in configs]
+        if unknown:
+            raise SpecError(f"--configs: {', '.join(unknown)} not in {spec_path}; its configs are "
+                            f"{', '.join(configs)}")
+        configs = {c: o for c, o in configs.items() if c in set(only)}
     # seeds outermost: the first runs to finish already compare every config
     runs = [_run(cfg, overrides, seed, sweep_dir / "runs", sets, cwd)
             for seed in seeds for cfg, overrides in configs.items()]
@@ -300,7 +322,8 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
     print(f"sweep {sweep.name}: {line}", flush=True)
     todo = [r for r in sweep.runs if status[r.name] != "finished"]
     sweep.dir.joinpath("runs").mkdir(parents=True, exist_ok=True)
-    write_json(sweep.dir / "sweep.json", sweep.to_json())
+    old = sweep.dir / "sweep.json"
+    write_json(old, sweep.merged_json(json.loads(old.read_text()) if old.is_file() else None))
     for run in todo:
         run.toml.write_text(overrides_toml(run.overrides))
     failures: list[str] = []
@@ -434,13 +457,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Override a setting of every run, after everything in the spec; may repeat.")
     p.add_argument("--jobs", type=int, default=1,
                    help="Runs at a time; each gets --num-cpus max(1, CPUs // jobs) (default: 1).")
+    p.add_argument("--configs", nargs="+", default=None, metavar="NAME",
+                   help="Run only these configs of the spec (full names, grid suffix included), e.g. to "
+                        "add seeds to the configs that need them; the report still covers every "
+                        "finished run in the sweep's folder.")
     p.add_argument("--dry-run", action="store_true", help="List the runs and their status; run nothing.")
 
 
 def main(args: argparse.Namespace, command: str) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-    sweep = plan(args.spec, seeds=args.seeds, output_dir=args.output_dir, sets=dict(args.sets))
+    sweep = plan(args.spec, seeds=args.seeds, output_dir=args.output_dir, sets=dict(args.sets),
+                 only=args.configs)
     if args.dry_run:
         status, line = describe(sweep)
         print(f"sweep {sweep.name} ({sweep.dir}): {line}")

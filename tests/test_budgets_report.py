@@ -52,10 +52,16 @@ def test_comparisons_pair_the_same_users_of_each_tier(tmp_path):
     rows = [r for r in table.splitlines() if r.startswith("| nested, full student vs drop-weak")]
     assert [r.split("|")[2].strip() for r in rows] == ["weak", "mid", "strong"]
     weak, mid = rows[0].split("|"), rows[1].split("|")
-    assert weak[3].strip() == "20"
-    assert weak[6].strip().startswith("+0.1000 [+0.1000, +0.1000]")  # a constant shift has no spread
-    assert mid[6].strip().startswith("+0.0000")
+    assert weak[3].strip() == "0" and weak[4].strip() == "20"
+    assert weak[7].strip().startswith("+0.1000 [+0.1000, +0.1000]")  # a constant shift has no spread
+    assert mid[7].strip().startswith("+0.0000")
     assert "all-strong" not in table  # a missing reference run is left out, not invented
+
+    _run(tmp_path, "nested-s1", better, full=better)  # a second seed pools, paired within its seed
+    _run(tmp_path, "drop-weak-s1", {u: (t, v - 0.1) for u, (t, v) in ref.items()})
+    weak = br.comparison_table(tmp_path, br.load(tmp_path)).splitlines()[2].split("|")
+    assert weak[3].strip() == "0,1" and weak[4].strip() == "40"
+    assert weak[7].strip().startswith("+0.1500")
 
 
 def test_fleet_table_and_deadline_plot(tmp_path):

@@ -189,6 +189,24 @@ def test_interrupted_sweep_resumes_with_exactly_the_missing_runs(four_runs, tmp_
     assert "4 runs: 4 finished, 0 to run" in capsys.readouterr().out
 
 
+def test_configs_option_runs_only_those_and_the_report_keeps_every_run(four_runs, tmp_path):
+    from simulations.report import load_runs
+
+    run_sweep(plan(four_runs, output_dir=tmp_path / "out", cwd=tmp_path, seeds=[0]), FakeExecutor())
+    extra = FakeExecutor()
+    sweep = plan(four_runs, output_dir=tmp_path / "out", cwd=tmp_path, seeds=[1, 2], only=["kd"])
+    assert [r.name for r in sweep.runs] == ["kd-s1", "kd-s2"]
+    run_sweep(sweep, extra)
+    assert extra.calls == ["kd-s1", "kd-s2"]
+    written = json.loads((sweep.dir / "sweep.json").read_text())
+    assert [r["name"] for r in written["runs"]] == ["kd-s0", "avg-s0", "kd-s1", "kd-s2"]
+    assert written["seeds"] == [0, 1, 2]
+    col = load_runs(sweep.dir)
+    assert {r.name: r.status for r in col.runs} == dict.fromkeys(["kd-s0", "kd-s1", "kd-s2", "avg-s0"], "finished")
+    with pytest.raises(SpecError, match="--configs: nope not in .*its configs are kd, avg"):
+        plan(four_runs, output_dir=tmp_path / "out", cwd=tmp_path, only=["nope"])
+
+
 def test_edited_spec_reruns_only_the_configs_that_changed(four_runs, tmp_path):
     run_sweep(_plan(four_runs, tmp_path), FakeExecutor())
     four_runs.write_text(four_runs.read_text().replace("kd-weight = 1.0", "kd-weight = 0.5"))
