@@ -117,25 +117,51 @@ def comparison_table(folder: Path, runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def deadline_plot(runs: dict[str, dict], out: Path) -> list[tuple[float, float, int]]:
-    """Final test NDCG@10 and stragglers against the deadline (uniform selection runs only)."""
-    points = sorted((r["config"]["round-deadline"], r["summary"]["test_ndcg@10"], r["summary"]["stragglers_total"])
-                    for name, r in runs.items()
-                    if (name.startswith("deadline-") or name.startswith("nested-"))
-                    and r["config"]["selection"] == "uniform")
+def mean_steps(rows: list[dict], tier: str) -> float:
+    """Mean local steps of a tier's aggregated devices over the rounds (0 where none trained)."""
+    vals = [float(r[f"steps_mean_{tier}"]) for r in rows if r.get(f"steps_mean_{tier}") not in ("", "nan", None)]
+    vals = [v for v in vals if v == v]
+    return sum(vals) / len(rows) if rows else 0.0
+
+
+def deadline_points(runs: dict[str, dict]) -> list[dict]:
+    """The deadline sweep (uniform selection, mixed fleet): one point per deadline."""
+    points = []
+    for name, r in runs.items():
+        if not (name.startswith("deadline-") or name.startswith("nested-")) or r["config"]["selection"] != "uniform":
+            continue
+        tiers = [t.strip() for t in r["config"]["tier-names"].split(",")]
+        s = r["summary"]
+        points.append({"deadline": r["config"]["round-deadline"], "ndcg": s["test_ndcg@10"],
+                       "ndcg_full": s.get("test_ndcg@10_full_width", s["test_ndcg@10"]),
+                       "stragglers": s["stragglers_total"], "weakest": tiers[0],
+                       "weak_steps": mean_steps(r["rows"], tiers[0]), "run": name})
+    return sorted(points, key=lambda p: (p["deadline"], p["run"]))
+
+
+def deadline_plot(runs: dict[str, dict], out: Path) -> list[dict]:
+    """Final test NDCG@10, stragglers and the weakest tier's local steps against the deadline."""
+    points = deadline_points(runs)
     if not points:
         return []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p[0] for p in points]
-    ax.plot(xs, [p[1] for p in points], marker="o", color="C0")
-    ax.set_xscale("log")
-    ax.set_xlabel("round deadline (simulated seconds, log scale)")
-    ax.set_ylabel("test NDCG@10 (own-width models)", color="C0")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [p[2] for p in points], marker="s", color="C3")
-    ax2.set_ylabel("stragglers over the run", color="C3")
-    ax.set_title("Deadline sweep (mixed fleet, nested widths)")
-    ax.grid(alpha=0.3)
+    xs = [p["deadline"] for p in points]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    ax.plot(xs, [p["ndcg"] for p in points], marker="o", label="each device's own-width model")
+    ax.plot(xs, [p["ndcg_full"] for p in points], marker="^", label="full global student, every user")
+    ax.set_ylabel("test NDCG@10")
+    ax.legend(fontsize=8)
+    bx.plot(xs, [p["stragglers"] for p in points], marker="s", color="C3", label="stragglers over the run")
+    bx.set_ylabel("stragglers over the run", color="C3")
+    bx2 = bx.twinx()
+    bx2.plot(xs, [p["weak_steps"] for p in points], marker="d", color="C2")
+    bx2.set_ylabel(f"mean local steps per round, {points[0]['weakest']} tier", color="C2")
+    for a in (ax, bx):
+        a.set_xscale("log")
+        a.set_xticks(xs, [f"{x:g}" for x in xs])
+        a.minorticks_off()
+        a.set_xlabel("round deadline (simulated s, log scale)")
+        a.grid(alpha=0.3)
+    fig.suptitle("Deadline sweep: mixed fleet, nested widths, uniform selection")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -157,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     print(comparison_table(args.sweep, runs))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     points = deadline_plot(runs, args.plot)
-    print("| deadline s | test NDCG@10 | stragglers |\n|---|---|---|")
-    for d, ndcg, strag in points:
-        print(f"| {d:g} | {ndcg:.4f} | {strag} |")
+    if points:
+        weak = points[0]["weakest"]
+        print(f"| deadline s | test NDCG@10, own model | full student | stragglers | {weak} steps/round |\n"
+              "|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['deadline']:g} | {p['ndcg']:.4f} | {p['ndcg_full']:.4f} | {p['stragglers']} | "
+              f"{p['weak_steps']:.1f} |")
     print(f"\nplot: {args.plot}")
     return 0
 

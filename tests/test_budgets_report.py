@@ -21,9 +21,9 @@ def _run(folder, name, per_user, *, deadline=1.0, widths="4,8,16", stragglers=0,
                                                           "selection": "uniform"}}))
     with (d / "metrics.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["round", "val_ndcg", "sim_time_s"])
+        w.writerow(["round", "val_ndcg", "sim_time_s", "steps_mean_weak"])
         for r, v in enumerate(val, 1):
-            w.writerow([r, v, r * 1.5])
+            w.writerow([r, v, r * 1.5, "nan" if r == 1 else 3 * deadline])  # round 1: no weak device trained
     for fname, rows in (("test_per_client.csv", per_user), ("test_per_client_full_width.csv", full)):
         if rows is None:
             continue
@@ -74,7 +74,7 @@ def test_fleet_table_and_deadline_plot(tmp_path):
     assert table.splitlines()[2].endswith("| never |")  # deadline-0.5 never reaches 0.03
     assert table.splitlines()[3].endswith("| 4.5 |")    # nested reaches 0.04 in round 3
     points = br.deadline_plot(runs, tmp_path / "plot.png")
-    assert points == [(0.5, 0.05, 7), (1.0, 0.05, 0)]
+    assert [(p["deadline"], p["stragglers"], p["weak_steps"]) for p in points] == [(0.5, 7, 1.0), (1.0, 0, 2.0)]  # round 1 counts as 0 steps
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
