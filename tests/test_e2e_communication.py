@@ -72,6 +72,10 @@ def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path):
 def test_naive_soft_labels_are_float32_distributions_over_every_item(tmp_path):
     out = _run(tmp_path, "naive", "--soft-label-format", "full", "--num-rounds", "1")
     (row,) = _check_columns(out)
-    items = json.loads((out / "config.json").read_text())["config"]["synthetic-items"]
+    from fedkd.config import ExperimentConfig
+    from fedkd.population import population
+
+    cfg = ExperimentConfig.from_flat(json.loads((out / "config.json").read_text())["config"])
+    items = population(cfg).dataset.num_items
     per_client = int(row["bytes_down_soft_labels"]) / int(row["participants"])
     assert 64 * items * 4 <= per_client < 64 * items * 4 + 1000  # the array and its framing
