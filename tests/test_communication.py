@@ -310,3 +310,16 @@ def test_defaults_leave_the_wire_as_before():
     assert (cfg.student_bits, cfg.per_row, cfg.error_feedback, cfg.update_density, cfg.soft_label_format,
             cfg.kd_cache) == (8, False, False, 1.0, "topk", False)
     assert ExperimentConfig(quant_bits=4, down_bits=8).student_bits == 8
+
+
+def test_compressed_soft_labels_are_over_50x_smaller_than_naive_on_the_movielens_layout():
+    """Acceptance 3 on message format: a 64-row batch on 1,682 items, top-20 at 8 bits vs float32
+    distributions over every item, counted as Flower serialises them (framing included)."""
+    from simulations.communication_sizes import message_sizes
+
+    naive = message_sizes(ExperimentConfig(soft_label_format="full", num_rounds=2), 1682)["down"]["soft_labels"]
+    topk = message_sizes(ExperimentConfig(num_rounds=2), 1682)["down"]["soft_labels"]
+    held = message_sizes(ExperimentConfig(kd_cache=True, num_rounds=2), 1682, held=True)["down"]["soft_labels"]
+    assert naive >= 64 * 1682 * 4
+    assert naive / topk >= 50
+    assert held < topk / 10
