@@ -51,7 +51,9 @@ def load(folder: Path) -> dict[str, dict[int, dict]]:
         runs.setdefault(m["config"], {})[int(m["seed"])] = {
             "summary": json.loads((d / "summary.json").read_text()),
             "config": json.loads((d / "config.json").read_text())["config"], "rows": rows}
-    return runs
+    order = list(json.loads((folder / "sweep.json").read_text()).get("configs", {})) if (
+        folder / "sweep.json").is_file() else []  # the spec's order, as the sweep recorded it
+    return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _num(v: str) -> float | str:
