@@ -346,7 +346,8 @@ def _validate(c: ExperimentConfig) -> None:
            f"false with protocol = {c.protocol} (only params uploads updates)")
     _check(c.soft_label_format in {"topk", "full"}, "soft-label-format", c.soft_label_format, "topk or full")
     _check(c.soft_label_format == "topk" or c.protocol in {"params", "local"}, "soft-label-format",
-           c.soft_label_format, f"topk with protocol = {c.protocol} (its uploads are top-k predictions)")
+           c.soft_label_format, f"topk with protocol = {c.protocol} (full labels exist only in the train "
+           "messages of params and local)")
     _check(not c.kd_cache or (c.protocol in {"params", "local"} and c.soft_label_format == "topk"), "kd-cache",
            c.kd_cache, "false unless protocol is params or local and soft-label-format is topk (the full "
            "format is the uncompressed baseline)")

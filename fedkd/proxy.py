@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedkd.codec import pack_ids, unpack_ids
+from fedkd.codec import PayloadError, pack_ids, unpack_ids
 from fedkd.distill import SoftLabels, decode_soft_labels, encode_soft_labels, teacher_soft_labels
 from fedkd.local import ProxyBatch
 from fedkd.samples import train_samples
@@ -98,8 +98,6 @@ def encode_full_proxy(histories: np.ndarray, probs: np.ndarray, *, num_items: in
 
 def decode_full_proxy(arrays: dict[str, np.ndarray], *, rows: int, max_len: int, num_items: int) -> ProxyBatch:
     """Inverse of :func:`encode_full_proxy`: every item is a label (k = N, no rest bin)."""
-    from fedkd.codec import PayloadError
-
     if set(arrays) != {"histories", "sl.probs"}:
         raise PayloadError(f"full soft labels need arrays histories and sl.probs, got {sorted(arrays)}")
     probs = arrays["sl.probs"]
@@ -180,8 +178,6 @@ def decode_cached_proxy(arrays: dict[str, np.ndarray], cache: dict[str, np.ndarr
     Raises ValueError naming the rows when the message relies on rows the cache does not
     hold (a device whose storage was wiped): the server then forgets it and resends in full.
     """
-    from fedkd.codec import PayloadError
-
     for key in ("rows", "hist-mask", "label-mask"):
         if key not in arrays:
             raise PayloadError(f"cached proxy batch lacks '{key}'")
