@@ -7,12 +7,15 @@ predictions on public proxy rows (logit protocol) and metrics.
 
 With the ``logits`` and ``local`` protocols the model never leaves the device: it lives in
 ``context.state``, which Flower keeps per node across rounds (in simulation and on a
-SuperNode alike).
+SuperNode alike). Larger per-device memory (error-feedback residuals, cached proxy rows and
+soft labels) lives in device-local files instead (:func:`_store`), because node state travels
+with every message in simulation.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,14 +23,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
-from fedkd.codec import decode_state, encode_state, layout_of, unpack_ids
+from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.edge import ClientData, client_data
+from fedkd.feedback import DeviceStore, device_folder, encode_with_feedback
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import sub_config
-from fedkd.proxy import decode_proxy, encode_labels, soft_labels
+from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
 from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
@@ -54,6 +58,41 @@ def _setup(context: Context) -> tuple[ExperimentConfig, ClientData]:
     return cfg, client_data(cfg, int(node["partition-id"]))
 
 
+def _store(cfg: ExperimentConfig, context: Context, partition_id: int) -> DeviceStore:
+    """This device's own folder for this run.
+
+    A real device names its storage in its node config (``flower-supernode --node-config
+    "partition-id=0 state-dir=/var/lib/fedkd"``). In simulation every device is a worker
+    process on the machine that runs the server, so the default is the results folder
+    (``<output-dir>/<experiment-name>/device-state/``): a new run of the experiment moves the
+    old folder aside and starts with empty devices, and what the devices kept can be
+    inspected afterwards.
+    """
+    base = context.node_config.get("state-dir")
+    if not base:
+        base = (Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name / "device-state")
+    return DeviceStore(device_folder(str(base), context.run_id, partition_id))
+
+
+def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):
+    """The round's proxy batch with its soft labels, in the configured format; with kd-cache
+    the rows this device already holds come from its own storage, and the new ones are stored
+    before training (the server counts them as held once this device replies)."""
+    arrays, rows = content.arrays["proxy"], int(config_of(content, "config", "proxy-rows", int))
+    if cfg.soft_label_format == "full":
+        return decode_full_proxy(arrays, rows=rows, max_len=cfg.max_len, num_items=data.num_items)
+    if not cfg.kd_cache:
+        return decode_proxy(arrays, rows=rows, top_k=cfg.kd_top_k, max_len=cfg.max_len,
+                            num_items=data.num_items, bits=cfg.soft_label_bits)
+    store = _store(cfg, context, data.partition_id)
+    proxy, cache = decode_cached_proxy(arrays, store.load("proxy-cache"), rows=rows,
+                                       proxy_len=int(config_of(content, "config", "proxy-size", int)),
+                                       top_k=cfg.kd_top_k, max_len=cfg.max_len, num_items=data.num_items,
+                                       bits=cfg.soft_label_bits)
+    store.save("proxy-cache", cache)
+    return proxy
+
+
 def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
     """The student this device was sent: the global one, or its nested slice of the width the
     server chose for this device's memory (HeteroFL)."""
@@ -61,7 +100,8 @@ def _student(cfg: ExperimentConfig, data: ClientData, content: Content):
     if width not in cfg.widths:
         raise ValueError(f"width {width} is not one of student-widths {cfg.widths}")
     model = build_model(sub_config(cfg.student_model(data.num_items), width), seed=None)
-    start = decode_state(content.arrays["student"], layout_of(get_state(model)), bits=cfg.quant_bits)
+    start = decode_state(content.arrays["student"], layout_of(get_state(model)), bits=cfg.student_bits,
+                         per_row=cfg.per_row)
     set_state(model, start)
     return model, start
 
@@ -92,11 +132,7 @@ def train(msg: Message, context: Context) -> Message:
         model, start = _own_model(cfg, data, context), None
     else:
         model, start = _student(cfg, data, content)
-    proxy = None
-    if "proxy" in content.arrays:
-        proxy = decode_proxy(content.arrays["proxy"], rows=int(config_of(content, "config", "proxy-rows", int)),
-                             top_k=cfg.kd_top_k, max_len=cfg.max_len, num_items=data.num_items,
-                             bits=cfg.soft_label_bits)
+    proxy = _proxy(cfg, data, content, context) if "proxy" in content.arrays else None
     torch.manual_seed(hash((cfg.seed, 7, round_idx, data.partition_id)) % 2**31)  # dropout masks
     rng = np.random.default_rng([cfg.seed, 6, round_idx, data.partition_id])
     # The server plays the clock in simulation: it sends how many steps fit this device's
@@ -110,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {}
     if start is not None:
         update = {k: trained[k] - start[k] for k in start}
-        arrays["update"] = encode_state(update, bits=cfg.quant_bits, stochastic=cfg.quant_stochastic, rng=rng)
+        arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
     else:
         context.state["student"] = to_record(trained)
     if "next" in content.arrays:  # logit protocol: predictions on the next public batch
@@ -122,6 +158,25 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": result.examples, "steps": result.steps, "step-limit": budget.limit,
         "tier": data.tier, "partition-id": data.partition_id, "loss": result.mean_loss,
         "train-seconds": result.seconds})})), reply_to=msg)
+
+
+def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator, context: Context,
+                   partition_id: int) -> dict:
+    """Quantise (and sparsify) the update; with error feedback, add the residual this device
+    kept from its last upload and keep the new one in its own storage."""
+    def encode(u):
+        return encode_update(u, bits=cfg.quant_bits, stochastic=cfg.quant_stochastic, rng=rng,
+                             per_row=cfg.per_row, density=cfg.update_density)
+    if not cfg.error_feedback:
+        return encode(update)
+    layout = layout_of(update)
+    store = _store(cfg, context, partition_id)
+    arrays, residual = encode_with_feedback(
+        update, store.load("ef-residual"), encode=encode,
+        decode=lambda a: decode_update(a, layout, bits=cfg.quant_bits, per_row=cfg.per_row,
+                                       density=cfg.update_density))
+    store.save("ef-residual", residual)
+    return arrays
 
 
 @app.evaluate()

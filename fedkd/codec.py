@@ -11,6 +11,7 @@ before anything touches the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -32,24 +33,32 @@ def packed_len(count: int, bits: int) -> int:
     return -(-count * bits // 8)
 
 
-def encode_state(state: Mapping[str, np.ndarray], *, bits: int, stochastic: bool,
-                 rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Quantise every tensor with its own (per-tensor) scale and concatenate the codes.
+def _rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor for per-row scales: the first axis (0-D and 1-D tensors are one row)."""
+    return int(shape[0]) if len(shape) > 1 else 1
 
-    ``bits == 32`` sends the float32 values untouched (the identity baseline).
+
+def encode_state(state: Mapping[str, np.ndarray], *, bits: int, stochastic: bool,
+                 rng: np.random.Generator | None = None, per_row: bool = False) -> dict[str, np.ndarray]:
+    """Quantise every tensor with its own scale (or one per row) and concatenate the codes.
+
+    ``bits == 32`` sends the float32 values untouched (the identity baseline). ``per_row``
+    gives every first-axis row (an item's embedding) its own scale and offset: 8 bytes a
+    row, worth it when rows differ in range.
     """
     if bits == 32:
         return {"values": np.concatenate([np.asarray(v, np.float32).ravel() for v in state.values()])}
-    qs = [quantize(np.asarray(v, np.float32), bits, per_row=False, stochastic=stochastic, rng=rng)
+    qs = [quantize(np.asarray(v, np.float32), bits, per_row=per_row, stochastic=stochastic, rng=rng)
           for v in state.values()]
     return {
         "codes": np.concatenate([q.data for q in qs]),                  # (sum packed,) uint8
-        "scale": np.concatenate([q.scale for q in qs]).astype(np.float32),   # (T,)
-        "offset": np.concatenate([q.offset for q in qs]).astype(np.float32),  # (T,)
+        "scale": np.concatenate([q.scale for q in qs]).astype(np.float32),   # (T,) or (sum rows,)
+        "offset": np.concatenate([q.offset for q in qs]).astype(np.float32),  # (T,) or (sum rows,)
     }
 
 
-def decode_state(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int) -> dict[str, np.ndarray]:
+def decode_state(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int,
+                 per_row: bool = False) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_state`; raises :class:`PayloadError` naming what is wrong."""
     sizes = [int(np.prod(s, dtype=np.int64)) for s in layout.values()]
     if bits == 32:
@@ -63,19 +72,82 @@ def decode_state(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int)
         return out
     _expect_keys(arrays, {"codes", "scale", "offset"})
     packed = [packed_len(n, bits) for n in sizes]
+    groups = [_rows(tuple(s)) if per_row else 1 for s in layout.values()]
     codes = _expect(arrays, "codes", np.uint8, sum(packed))
-    scale = _expect(arrays, "scale", np.float32, len(sizes))
-    offset = _expect(arrays, "offset", np.float32, len(sizes))
+    scale = _expect(arrays, "scale", np.float32, sum(groups))
+    offset = _expect(arrays, "offset", np.float32, sum(groups))
     _expect_finite(scale, "scale")
     _expect_finite(offset, "offset")
     if (scale < 0).any():
         raise PayloadError("negative quantisation scale")
-    out, start = {}, 0
-    for i, ((name, shape), nbytes) in enumerate(zip(layout.items(), packed)):
+    out, start, g0 = {}, 0, 0
+    for (name, shape), nbytes, g in zip(layout.items(), packed, groups):
         q = QuantizedTensor(bits=bits, shape=tuple(shape), data=codes[start:start + nbytes],
-                            scale=scale[i:i + 1], offset=offset[i:i + 1])
+                            scale=scale[g0:g0 + g], offset=offset[g0:g0 + g])
         out[name] = dequantize(q)
-        start += nbytes
+        start, g0 = start + nbytes, g0 + g
+    return out
+
+
+def kept_entries(layout: Layout, density: float) -> int:
+    """Entries a sparse update keeps: ``ceil(density * size)``, at least one. Both ends derive it
+    from the shared config, so the count never travels."""
+    total = sum(int(np.prod(s, dtype=np.int64)) for s in layout.values())
+    return max(1, min(total, math.ceil(density * total - 1e-9)))
+
+
+def encode_update(update: Mapping[str, np.ndarray], *, bits: int, stochastic: bool,
+                  rng: np.random.Generator | None = None, per_row: bool = False,
+                  density: float = 1.0) -> dict[str, np.ndarray]:
+    """An update as it goes up: dense (:func:`encode_state`) or, with ``density < 1``, top-k.
+
+    Top-k keeps the ``kept_entries`` largest magnitudes over the whole model (ties by position)
+    and sends their flat positions, bit-packed at ``bit_length(size - 1)`` bits and ascending,
+    plus their values quantised together with one scale and offset (float32 at 32 bits). What
+    it leaves out is lost unless error feedback carries it to the next round.
+    """
+    if density >= 1:
+        return encode_state(update, bits=bits, stochastic=stochastic, rng=rng, per_row=per_row)
+    flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in update.values()])  # (n,)
+    k = kept_entries(layout_of(update), density)
+    index = np.sort(np.argsort(-np.abs(flat), kind="stable")[:k])  # (k,) ascending
+    values = flat[index]
+    out = {"index": pack_ids(index, flat.size - 1)}
+    if bits == 32:
+        return {**out, "values": values}
+    q = quantize(values, bits, per_row=False, stochastic=stochastic, rng=rng)
+    return {**out, "codes": q.data, "scale": q.scale, "offset": q.offset}
+
+
+def decode_update(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int, per_row: bool = False,
+                  density: float = 1.0) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_update`; raises :class:`PayloadError` naming what is wrong."""
+    if density >= 1:
+        return decode_state(arrays, layout, bits=bits, per_row=per_row)
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in layout.values()]
+    n, k = sum(sizes), kept_entries(layout, density)
+    _expect_keys(arrays, {"index", "values"} if bits == 32 else {"index", "codes", "scale", "offset"})
+    index = unpack_ids(arrays["index"], (k,), n - 1)
+    if k > 1 and not (np.diff(index) > 0).all():
+        raise PayloadError("sparse update positions must be strictly increasing")
+    if bits == 32:
+        values = _expect(arrays, "values", np.float32, k)
+    else:
+        codes = _expect(arrays, "codes", np.uint8, packed_len(k, bits))
+        scale = _expect(arrays, "scale", np.float32, 1)
+        offset = _expect(arrays, "offset", np.float32, 1)
+        _expect_finite(scale, "scale")
+        _expect_finite(offset, "offset")
+        if (scale < 0).any():
+            raise PayloadError("negative quantisation scale")
+        values = dequantize(QuantizedTensor(bits=bits, shape=(k,), data=codes, scale=scale, offset=offset))
+    _expect_finite(values, "values")
+    flat = np.zeros(n, np.float32)
+    flat[index] = values
+    out, start = {}, 0
+    for (name, shape), size in zip(layout.items(), sizes):
+        out[name] = flat[start:start + size].reshape(shape).copy()
+        start += size
     return out
 
 

@@ -130,6 +130,21 @@ class ExperimentConfig:
     quant_bits: int = _opt(8, "Bits per value of the student (down) and updates (up): 2, 4, 8 or 32 (identity).")
     quant_stochastic: bool = _opt(True, "Stochastic (unbiased) rounding of uploads; downloads round to nearest.")
     soft_label_bits: int = _opt(8, "Bits per soft-label probability: 2, 4, 8 or 32.")
+    # --- communication (docs/communication.md) -------------------------------------------
+    down_bits: int = _opt(0, "Bits per value of the student sent down: 2, 4, 8 or 32 (0 = quant-bits, "
+                             "which then sets both directions).")
+    quant_scales: str = _opt("tensor", "One scale and offset per tensor, or per row (first axis) of each "
+                                       "tensor: tensor | row (8 more bytes a row, less error for rows "
+                                       "of different ranges).")
+    error_feedback: bool = _opt(False, "Each client adds the quantisation error it left out last time to "
+                                       "its next update (kept in a device-local file, not in Flower's "
+                                       "node state).")
+    update_density: float = _opt(1.0, "Share of update entries sent, largest magnitudes first (top-k "
+                                      "sparsification; 1 = dense).")
+    soft_label_format: str = _opt("topk", "topk: top kd-top-k ids + quantised probabilities per proxy row; "
+                                          "full: float32 distribution over every item (the naive baseline).")
+    kd_cache: bool = _opt(False, "Clients keep the proxy histories and soft labels they received; the "
+                                 "server resends only rows a client lacks or whose labels changed.")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -199,6 +214,15 @@ class ExperimentConfig:
     @property
     def needs_proxy(self) -> bool:
         return self.needs_teacher or self.protocol == "logits"
+
+    @property
+    def student_bits(self) -> int:
+        """Bits of the student on the way down (down-bits, or quant-bits when it is 0)."""
+        return self.down_bits or self.quant_bits
+
+    @property
+    def per_row(self) -> bool:
+        return self.quant_scales == "row"
 
     @property
     def tiers(self) -> list[tuple[str, float, int]]:
@@ -314,6 +338,19 @@ def _validate(c: ExperimentConfig) -> None:
     for name in ("quant_bits", "soft_label_bits"):
         _check(getattr(c, name) in {2, 4, 8, 32}, name.replace("_", "-"), getattr(c, name),
                "2, 4, 8 or 32")
+    _check(c.down_bits in {0, 2, 4, 8, 32}, "down-bits", c.down_bits, "0 (= quant-bits), 2, 4, 8 or 32")
+    _check(c.quant_scales in {"tensor", "row"}, "quant-scales", c.quant_scales, "tensor or row")
+    _check(math.isfinite(c.update_density) and 0 < c.update_density <= 1, "update-density", c.update_density,
+           "a number in (0, 1] (1 = every entry)")
+    _check(not c.error_feedback or c.protocol == "params", "error-feedback", c.error_feedback,
+           f"false with protocol = {c.protocol} (only params uploads updates)")
+    _check(c.soft_label_format in {"topk", "full"}, "soft-label-format", c.soft_label_format, "topk or full")
+    _check(c.soft_label_format == "topk" or c.protocol in {"params", "local"}, "soft-label-format",
+           c.soft_label_format, f"topk with protocol = {c.protocol} (full labels exist only in the train "
+           "messages of params and local)")
+    _check(not c.kd_cache or (c.protocol in {"params", "local"} and c.soft_label_format == "topk"), "kd-cache",
+           c.kd_cache, "false unless protocol is params or local and soft-label-format is topk (the full "
+           "format is the uncompressed baseline)")
     _check(c.proxy_batch <= c.proxy_size, "proxy-batch", c.proxy_batch,
            f"at most proxy-size ({c.proxy_size})")
     _check(bool(c.experiment_name) and "/" not in c.experiment_name and c.experiment_name not in {".", ".."},

@@ -9,7 +9,7 @@ reports). Bytes on the wire are measured as Flower sends them: the serialised
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,39 @@ def unpack(rd: RecordDict) -> Content:
 def message_nbytes(msg: Message) -> int:
     """Serialised size of a message: every object Flower would push, summed."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
+def message_nbytes_by_part(msg: Message, part_of: Callable[[str, str | None], str]) -> dict[str, int]:
+    """:func:`message_nbytes` split by content; the parts sum to it exactly.
+
+    Flower serialises a Message as a tree of objects, each deflated to bytes on its own
+    (``Message`` -> ``RecordDict`` -> records -> ``Array`` -> ``ArrayChunk``) and pushed once per
+    distinct object id (identical objects, e.g. two all-zero chunks, travel once). Every
+    distinct object is charged to one part: an Array and its chunks to
+    ``part_of(record, array key)``, a record's own object (its key -> id map, or a config or
+    metric record's values) to ``part_of(record, None)``, and the Message (metadata) and
+    RecordDict (record names) objects to ``"envelope"``. An object that occurs twice is
+    charged where it occurs first, in Flower's own (post-order) traversal.
+    """
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+
+    def charge(obj, part: str, *, with_children: bool) -> None:
+        objs = get_all_nested_objects(obj) if with_children else {obj.object_id: obj}
+        for oid, o in objs.items():
+            if oid not in seen:
+                seen.add(oid)
+                out[part] = out.get(part, 0) + len(o.deflate())
+
+    if msg.has_content():
+        for name, rec in msg.content.items():
+            if isinstance(rec, ArrayRecord):
+                for key, arr in rec.items():
+                    charge(arr, part_of(name, key), with_children=True)
+            charge(rec, part_of(name, None), with_children=False)
+        charge(msg.content, "envelope", with_children=False)
+    charge(msg, "envelope", with_children=False)
+    return out
 
 
 def describe(content: Content) -> dict[str, list]:

@@ -33,7 +33,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedkd.aggregate import apply_update
-from fedkd.codec import PayloadError, decode_state, encode_state, layout_of, pack_ids
+from fedkd.codec import PayloadError, decode_state, decode_update, encode_state, layout_of, pack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_dense, top_k
 from fedkd.local import ProxyBatch, get_state
@@ -45,11 +45,13 @@ from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_sec
 from fedkd.devices import online
 from fedkd.plots import plot_run
 from fedkd.population import population
-from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batch, soft_labels
+from fedkd.proxy import (CacheMirror, build_proxy_set, decode_labels, encode_cached_proxy, encode_full_proxy,
+                         encode_proxy, full_distribution, label_digests, round_batch, round_rows, soft_labels)
 from fedkd.results import CsvLog, JsonLines, read_metrics, save_student, state_digest, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
-from fedkd.wire import Content, message_nbytes, pack, unpack
+from fedkd.traffic import TrafficMeter, part_of
+from fedkd.wire import Content, message_nbytes_by_part, pack, unpack
 
 log = logging.getLogger("fedkd")
 # Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
@@ -78,6 +80,8 @@ class FedKDServer:
         self.fleet: tuple[int, np.ndarray] | None = None  # (round it serves, averaged predictions)
         self.tests: dict[int, dict] = {}  # stateful protocols: test scores of every validated round
         self.trained: set[int] = set()  # partitions whose work was aggregated at least once
+        self.traffic = TrafficMeter()  # training bytes by content (docs/communication.md)
+        self.mirror = CacheMirror()  # kd-cache: proxy rows and labels each device holds
 
     # ------------------------------------------------------------------ setup
     def _setup_cloud(self) -> None:
@@ -163,6 +167,7 @@ class FedKDServer:
             row = self._train_round(grid, nodes, r)
             cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["cum_bytes"] = cum_bytes
+            row.update(self.traffic.close_round())
             if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
                 ev = self._validate(grid, nodes, r)
                 row.update({"val_hr": ev["hr"], "val_ndcg": ev["ndcg"], "eval_bytes": ev["bytes"]})
@@ -241,8 +246,9 @@ class FedKDServer:
     def _train_round(self, grid: Grid, nodes: list[Node], r: int) -> dict:
         """One round of training under the configured protocol; returns its metrics row so far."""
         cfg = self.cfg
-        batch = (round_batch(self.proxy, round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
-                 if self.proxy is not None else None)
+        rows = (round_rows(len(self.proxy), round_idx=r, size=cfg.proxy_batch, seed=cfg.seed)
+                if self.proxy is not None else None)
+        batch = self.proxy[rows] if rows is not None else None  # = round_batch(...)
         if cfg.protocol == "proxy":
             loss = self._server_distill(r)
             row = {"round": r, "online": 0, "participants": 0, "replied": 0, "stragglers": 0, "rejected": 0,
@@ -251,9 +257,17 @@ class FedKDServer:
             return {**row, **self._tier_steps({})}
         content = Content(configs={"config": {"round": r}})
         targets = self._targets(batch, r)
-        if targets is not None:
+        cache = None  # kd-cache: (rows, histories, labels, label digests) of this round's batch
+        if targets is not None and cfg.soft_label_format == "full":
+            content.arrays["proxy"] = encode_full_proxy(batch, targets, num_items=self.num_items)
+        elif targets is not None:
             content.arrays["proxy"] = encode_proxy(batch, targets, num_items=self.num_items,
                                                    bits=cfg.soft_label_bits)
+            if cfg.kd_cache:
+                cache = (rows, batch, targets, label_digests(targets, num_items=self.num_items,
+                                                             bits=cfg.soft_label_bits))
+                content.configs["config"]["proxy-size"] = len(self.proxy)
+        if targets is not None:
             content.configs["config"]["proxy-rows"] = len(batch)
         nxt = None
         if cfg.protocol == "logits":
@@ -270,10 +284,18 @@ class FedKDServer:
                             tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
         selected = [n for n in online_nodes if n.partition_id in chosen]
         sent = [n for n in selected if plans[n.partition_id].used]
-        items = [(n, self._with_steps(by_width[self.width_of[n.partition_id]], plans[n.partition_id].steps))
-                 for n in sent]
+        items = [(n, self._with_steps(self._cached(n, by_width[self.width_of[n.partition_id]], cache),
+                                      plans[n.partition_id].steps)) for n in sent]
         replies, down, up, sizes = self._exchange(grid, items, "train", r)
-        down += sum(self._nbytes(by_width[self.width_of[n.partition_id]]) for n in selected if n not in sent)
+        down += sum(self._nbytes(self._cached(n, by_width[self.width_of[n.partition_id]], cache), count=True)
+                    for n in selected if n not in sent)
+        if cache is not None:  # a reply means the device stored the rows before it trained
+            replied = {n.partition_id for n, _ in replies}
+            for n in sent:
+                if n.partition_id in replied:
+                    self.mirror.commit(n.partition_id, cache[0], cache[3])
+                else:
+                    self.mirror.forget(n.partition_id)
         timings, late = self._clock(selected, plans, sizes, replies)
         replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
         accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
@@ -284,8 +306,9 @@ class FedKDServer:
             weights = [float(m["num-examples"]) for _, m, _ in accepted]
             widths = [self.width_of[n.partition_id] for n, _, _ in accepted]
             if cfg.teacher_refine_steps:  # FedDF: the ensemble of this round's (full-width) client models
-                start = decode_state(encode_state(self.state, bits=cfg.quant_bits, stochastic=False), self.layout,
-                                     bits=cfg.quant_bits)
+                start = decode_state(encode_state(self.state, bits=cfg.student_bits, stochastic=False,
+                                                  per_row=cfg.per_row), self.layout,
+                                     bits=cfg.student_bits, per_row=cfg.per_row)
                 models = [{k: start[k] + u[k] for k in start} for u, w in zip(payloads, widths)
                           if w == cfg.student_dim]
                 if models:
@@ -332,8 +355,9 @@ class FedKDServer:
             c = Content(arrays=dict(content.arrays), configs={k: dict(v) for k, v in content.configs.items()})
             c.configs["config"]["width"] = w
             if state is not None:
-                c.arrays["student"] = encode_state(slice_state(state, self.full_model, w), bits=self.cfg.quant_bits,
-                                                   stochastic=False)
+                c.arrays["student"] = encode_state(slice_state(state, self.full_model, w),
+                                                   bits=self.cfg.student_bits, stochastic=False,
+                                                   per_row=self.cfg.per_row)
             out[w] = c
         return out
 
@@ -341,9 +365,24 @@ class FedKDServer:
     def _with_steps(content: Content, steps: int) -> Content:
         return Content(arrays=content.arrays, configs={"config": {**content.configs["config"], "steps": steps}})
 
-    @staticmethod
-    def _nbytes(content: Content) -> int:
-        return message_nbytes(Message(pack(content), dst_node_id=0, message_type="train"))
+    def _cached(self, node: Node, content: Content, cache) -> Content:
+        """kd-cache: the content with its proxy batch cut to what this device does not hold yet."""
+        if cache is None:
+            return content
+        rows, batch, labels, digests = cache
+        need_hist, need_label = self.mirror.delta(node.partition_id, rows, digests)
+        arrays = dict(content.arrays)
+        arrays["proxy"] = encode_cached_proxy(rows, batch, labels, need_hist, need_label, proxy_len=len(self.proxy),
+                                              num_items=self.num_items, bits=self.cfg.soft_label_bits)
+        return Content(arrays=arrays, configs=content.configs)
+
+    def _nbytes(self, content: Content, *, count: bool = False) -> int:
+        """Bytes of a train message with this content; ``count`` adds them to the round's traffic
+        (a device dropped before it was sent anything still downloads its message)."""
+        parts = message_nbytes_by_part(Message(pack(content), dst_node_id=0, message_type="train"), part_of)
+        if count:
+            self.traffic.add("down", parts)
+        return sum(parts.values())
 
     def _plan(self, node: Node, by_width: dict[int, Content]) -> ClientTiming:
         """Steps that fit this device's round, from the message it would get and its profile."""
@@ -388,6 +427,8 @@ class FedKDServer:
         cfg = self.cfg
         if batch is None or cfg.kd_weight == 0:
             return None
+        if cfg.protocol != "logits" and cfg.soft_label_format == "full":
+            return full_distribution(self.teacher, batch, temperature=cfg.kd_temperature)
         if cfg.protocol != "logits":
             return soft_labels(self.teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
         w = cfg.fd_teacher_weight if self.teacher is not None else 0.0
@@ -422,7 +463,8 @@ class FedKDServer:
     def _payload(self, got: Content, rows: int, width: int):
         cfg = self.cfg
         if cfg.protocol == "params":
-            return decode_state(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits)
+            return decode_update(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits,
+                                 per_row=cfg.per_row, density=cfg.update_density)
         if cfg.protocol == "logits":
             if "preds" not in got.arrays:
                 raise PayloadError("reply lacks its predictions ('preds')")
@@ -467,7 +509,10 @@ class FedKDServer:
             rd = packed.setdefault(id(c), pack(c))
             msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
         for (n, _), m in zip(items, msgs):
-            sizes[n.partition_id] = (message_nbytes(m), 0)
+            parts = message_nbytes_by_part(m, part_of)
+            if kind == "train":
+                self.traffic.add("down", parts)
+            sizes[n.partition_id] = (sum(parts.values()), 0)
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
@@ -481,7 +526,10 @@ class FedKDServer:
                                         "reason": f"client error ({kind}): {rep.error.reason}"})
                 log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
                 continue
-            nbytes = message_nbytes(rep)
+            parts = message_nbytes_by_part(rep, part_of)
+            if kind == "train":
+                self.traffic.add("up", parts)
+            nbytes = sum(parts.values())
             up += nbytes
             sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
             up_arrays.update(rep.content.array_records.keys())
