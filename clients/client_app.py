@@ -27,6 +27,7 @@ from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import sub_config
+from fedkd.privacy import local_dp
 from fedkd.proxy import decode_proxy, encode_labels, soft_labels
 from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
@@ -110,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {}
     if start is not None:
         update = {k: trained[k] - start[k] for k in start}
+        if cfg.dp_mode == "local":  # clip and noise the real update, before quantisation (docs/privacy.md)
+            update = local_dp(update, cfg, np.random.default_rng([cfg.seed, 12, round_idx, data.partition_id]))
         arrays["update"] = encode_state(update, bits=cfg.quant_bits, stochastic=cfg.quant_stochastic, rng=rng)
     else:
         context.state["student"] = to_record(trained)

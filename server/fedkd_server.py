@@ -39,7 +39,8 @@ from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_d
 from fedkd.local import ProxyBatch, get_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
-from fedkd.nested import nested_mean, slice_state, sub_layout
+from fedkd.nested import embed, nested_mean, slice_state, sub_layout
+from fedkd.privacy import accountant_for, noisy_mean, poisson_sample, private_sum
 from fedkd.schedule import fleet_profiles, select, tier_index, width_for
 from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
 from fedkd.devices import online
@@ -49,7 +50,7 @@ from fedkd.proxy import build_proxy_set, decode_labels, encode_proxy, round_batc
 from fedkd.results import CsvLog, JsonLines, read_metrics, save_student, state_digest, write_json
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
-from fedkd.wire import Content, message_nbytes, pack, unpack
+from fedkd.wire import Content, describe_message, message_nbytes, message_payload, pack, unpack
 
 log = logging.getLogger("fedkd")
 # Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
@@ -129,8 +130,11 @@ class FedKDServer:
     def _handshake(self, grid: Grid) -> list[Node]:
         node_ids = list(grid.get_node_ids())
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in node_ids]
+        for m in msgs:
+            self._audit("down", m, 0, None)
         nodes = []
         for rep in grid.send_and_receive(msgs):
+            self._audit("up", rep, 0, None)
             if rep.has_error():
                 log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
                 continue
@@ -152,6 +156,13 @@ class FedKDServer:
         if not nodes:
             raise RuntimeError("no client answered the handshake; nothing to train")
         self._setup_fleet(nodes)
+        self.accountant = accountant_for(cfg, sum(1 for n in nodes if self.width_of[n.partition_id] is not None))
+        self.privacy_stop: dict | None = None
+        if self.accountant is not None:
+            log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
+                     "epsilon after %d rounds %.4g at delta %g", cfg.dp_mode, cfg.dp_clip_norm,
+                     self.accountant.noise_multiplier, self.accountant.rate, cfg.num_rounds,
+                     self.accountant.epsilon(cfg.num_rounds), cfg.dp_delta)
         log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
                  num_parameters(student), cfg.num_rounds)
         t_rounds, cum_bytes = time.perf_counter(), 0
@@ -160,6 +171,8 @@ class FedKDServer:
         extra_tests: dict[int, dict] = {}
         for r in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
+            if self._privacy_refuses(r):
+                break
             row = self._train_round(grid, nodes, r)
             cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["cum_bytes"] = cum_bytes
@@ -184,8 +197,14 @@ class FedKDServer:
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"],
                      row["participants"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["round_s"])
         bar.close()
+        if self.privacy_stop and self.privacy_stop["rounds_trained"] > best[1]:  # the last model allowed
+            last = self.privacy_stop["rounds_trained"]
+            ev = self._validate(grid, nodes, last)
+            log.info("privacy stop: model of round %d, val NDCG@%d %.4f", last, cfg.eval_k, ev["ndcg"])
+            if ev["ndcg"] > best[0]:
+                best = (ev["ndcg"], last, self.state)
         test = self._test(grid, nodes, best, "test_per_client.csv")
-        rows = read_metrics(self.out / "metrics.csv")
+        rows = read_metrics(self.out / "metrics.csv") if (self.out / "metrics.csv").exists() else []
         fleet = self._fleet_summary(grid, nodes, best, test, rows)
         summary = {
             "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(nodes),
@@ -198,7 +217,7 @@ class FedKDServer:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
-            "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet,
+            "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet, **self._privacy_summary(),
             "wall_seconds": time.perf_counter() - t_start,
         }
         if cfg.teacher_refine_steps:
@@ -265,9 +284,15 @@ class FedKDServer:
         online_nodes = [n for n in nodes if self.width_of[n.partition_id] is not None
                         and online(self.profiles[n.partition_id], cfg.seed, r, n.partition_id)]
         plans = {n.partition_id: self._plan(n, by_width) for n in online_nodes}
-        chosen = set(select([n.partition_id for n in online_nodes], cfg.clients_per_round,
-                            rng=np.random.default_rng([cfg.seed, 8, r]), policy=cfg.selection,
-                            tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
+        if self.accountant is not None and cfg.dp_mode == "local":  # devices out of budget sit out
+            online_nodes = [n for n in online_nodes if not self.accountant.exhausted(n.partition_id)]
+        if self.accountant is not None and cfg.dp_mode == "central":  # what the amplification bound assumes
+            chosen = set(poisson_sample([n.partition_id for n in online_nodes], self.accountant.rate,
+                                        np.random.default_rng([cfg.seed, 8, r])))
+        else:
+            chosen = set(select([n.partition_id for n in online_nodes], cfg.clients_per_round,
+                                rng=np.random.default_rng([cfg.seed, 8, r]), policy=cfg.selection,
+                                tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
         selected = [n for n in online_nodes if n.partition_id in chosen]
         sent = [n for n in selected if plans[n.partition_id].used]
         items = [(n, self._with_steps(by_width[self.width_of[n.partition_id]], plans[n.partition_id].steps))
@@ -275,6 +300,7 @@ class FedKDServer:
         replies, down, up, sizes = self._exchange(grid, items, "train", r)
         down += sum(self._nbytes(by_width[self.width_of[n.partition_id]]) for n in selected if n not in sent)
         timings, late = self._clock(selected, plans, sizes, replies)
+        released = [n.partition_id for n, _ in replies]  # local DP: every noisy update sent counts
         replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
         accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
                                           allowed={n.partition_id: plans[n.partition_id].steps for n in sent})
@@ -291,8 +317,14 @@ class FedKDServer:
                 if models:
                     fleet_view = (batch, ensemble_of_states(self.student, models, batch,
                                                             temperature=cfg.kd_temperature))
-            update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
-            self.state = apply_update(self.state, update, cfg.server_lr)
+            if cfg.dp_mode == "local":  # noisy on the device already; equal weights (example counts are private)
+                weights = [1.0] * len(payloads)
+            if cfg.dp_mode != "central":  # central DP aggregates in _private_release
+                update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
+                self.state = apply_update(self.state, update, cfg.server_lr)
+        dp_row = {}
+        if self.accountant is not None and cfg.protocol == "params":
+            dp_row = self._private_release(accepted, payloads, released, r)
         if accepted and cfg.protocol == "logits":
             self.fleet = (r + 1, average([densify(p, self.num_items) for p in payloads]))
             fleet_view = (nxt, self.fleet[1])
@@ -311,9 +343,64 @@ class FedKDServer:
                "sim_round_s": round_s, "sim_time_s": self.sim_time}
         if cfg.teacher_refine_steps:
             row["teacher_refine_loss"] = refine_loss
+        row.update(dp_row)
         per_tier = {"participants": [n.partition_id for n in selected], "stragglers": sorted(stragglers),
                     "aggregated": [n.partition_id for n, _, _ in accepted]}
         return {**row, **self._tier_steps(steps, per_tier)}
+
+    # ------------------------------------------------------------------ differential privacy
+    def _privacy_refuses(self, r: int) -> bool:
+        """Central DP with a budget: refuse round ``r`` if its release would take epsilon past
+        the target, and say so in the log and the summary (training stops; the run goes on to
+        test the model chosen so far)."""
+        acc = self.accountant
+        if acc is None or not acc.target_epsilon:
+            return False
+        if acc.mode == "local":  # devices out of budget sit out; stop when none is left
+            pids = [p for p, w in self.width_of.items() if w is not None]
+            if not all(acc.exhausted(p) for p in pids):
+                return False
+            eps = acc.would_exceed(pids)[1]
+        else:
+            over, eps = acc.would_exceed()
+            if not over:
+                return False
+        self.privacy_stop = {"round_refused": r, "rounds_trained": r - 1, "epsilon_spent": acc.epsilon(),
+                             "epsilon_next": eps, "target_epsilon": acc.target_epsilon, "delta": acc.delta,
+                             "reason": f"round {r} would raise epsilon from {acc.epsilon():.4g} to {eps:.4g}, over "
+                                       f"the target {acc.target_epsilon:g} at delta {acc.delta:g}; training "
+                                       f"stopped after round {r - 1}"}
+        log.warning("privacy budget: %s", self.privacy_stop["reason"])
+        return True
+
+    def _private_release(self, accepted, payloads, released: list[int], r: int) -> dict:
+        """Central DP: clip each decoded update (embedded at full width), add noise to the sum,
+        divide by the expected number of participants. Local DP: the updates came noisy; only
+        count who released one. Either way, record the release and write the accountant."""
+        cfg, acc = self.cfg, self.accountant
+        norms: list[float] = []
+        if acc.mode == "central":
+            full = [embed(u, self.full_model, self.width_of[n.partition_id])[0] if
+                    self.width_of[n.partition_id] != cfg.student_dim else u for (n, _, _), u in zip(accepted, payloads)]
+            total, norms = private_sum(full, cfg.dp_clip_norm)
+            eligible = sum(1 for w in self.width_of.values() if w is not None)
+            update = noisy_mean(total, std=acc.noise_multiplier * cfg.dp_clip_norm, denominator=acc.rate * eligible,
+                                rng=np.random.default_rng([cfg.seed, 11, r]), template=self.state)
+            self.state = apply_update(self.state, update, cfg.server_lr)
+            acc.record()
+        else:
+            acc.record(released)
+        write_json(self.out / "privacy.json", acc.report())
+        eps = acc.epsilon()
+        return {"dp_epsilon": eps, "dp_clipped": sum(1 for x in norms if x > cfg.dp_clip_norm) if norms else "",
+                "dp_norm_median": float(np.median(norms)) if norms else ""}
+
+    def _privacy_summary(self) -> dict:
+        if self.accountant is None:
+            return {}
+        eps = self.accountant.epsilon()
+        return {"dp_epsilon": eps if np.isfinite(eps) else "inf",
+                "privacy": {**self.accountant.report(), "stopped": self.privacy_stop}}
 
     def _tier_steps(self, steps: dict[int, list[int]], per_tier: dict[str, list[int]] | None = None) -> dict:
         out = {}
@@ -467,31 +554,44 @@ class FedKDServer:
             rd = packed.setdefault(id(c), pack(c))
             msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
         for (n, _), m in zip(items, msgs):
-            sizes[n.partition_id] = (message_nbytes(m), 0)
+            sizes[n.partition_id] = (self._audit("down", m, r, n.partition_id), 0)
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
-        up, out, up_arrays = 0, [], set()
+        up, out = 0, []
         for rep in grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
+            nbytes = self._audit("up", rep, r, node.partition_id)
             if rep.has_error():
                 self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
                                         "reason": f"client error ({kind}): {rep.error.reason}"})
                 log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
                 continue
-            nbytes = message_nbytes(rep)
             up += nbytes
             sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
-            up_arrays.update(rep.content.array_records.keys())
             out.append((node, rep))
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
-        self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
-                              "replies": len(out), "bytes_up": up,
-                              "arrays_down": sorted({k for _, c in items for k in c.arrays}),
-                              "arrays_up": sorted(up_arrays)})
         return out, down, up, sizes
+
+    def _audit(self, direction: str, msg: Message, r: int, partition_id: int | None) -> int:
+        """One wire.jsonl line per message, in both directions (docs/privacy.md), and with
+        ``wire-payloads`` every value it carries; returns its serialised size in bytes."""
+        nbytes = 0 if msg.has_error() else message_nbytes(msg)
+        seq = self.wire_seq = getattr(self, "wire_seq", 0) + 1
+        node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
+        line = {"seq": seq, "round": r, "direction": direction, "node_id": node, "partition_id": partition_id,
+                "bytes": nbytes}
+        if msg.has_error():
+            line.update(type=msg.metadata.message_type, error=msg.error.reason)
+        else:
+            line.update(describe_message(msg))
+            if self.cfg.wire_payloads:
+                (self.out / "wire").mkdir(exist_ok=True)
+                np.savez(self.out / "wire" / f"{seq:07d}.npz", **message_payload(msg))
+        self.wire_log.append(line)
+        return nbytes
 
     # ------------------------------------------------------------------ evaluation
     def _validate(self, grid: Grid, nodes: list[Node], r: int) -> dict:
