@@ -90,7 +90,8 @@ def format_summary(rows: Sequence[Mapping], *, max_shapes: int = 3) -> str:
 # ----------------------------------------------------------------------------- private histories
 def id_streams(a: np.ndarray, num_items: int) -> list[np.ndarray]:
     """The ways an array could carry item ids: its integer values (integers, or floats that are
-    whole numbers), and, for bytes, the ids bit-packed at ``id_bits(num_items)`` bits from every
+    whole numbers); its bytes read as little-endian 2-, 4- and 8-byte integers at every
+    alignment; and its bits read as ids bit-packed at ``id_bits(num_items)`` bits from every
     bit offset. Values outside 0..num_items are cut out (they end a run)."""
     a = np.asarray(a)
     streams = []
@@ -100,6 +101,11 @@ def id_streams(a: np.ndarray, num_items: int) -> list[np.ndarray]:
         streams.append(flat.astype(np.int64))
     if flat.dtype.kind in "iub" or flat.dtype == np.uint8:
         raw = np.ascontiguousarray(flat).view(np.uint8)
+        for width in (2, 4, 8):  # raw bytes of wider little-endian integers, at every alignment
+            for off in range(width):
+                n = (raw.size - off) // width
+                if n > 0:
+                    streams.append(raw[off:off + n * width].view(f"<u{width}").astype(np.int64))
         bits = np.unpackbits(raw)
         b = id_bits(num_items)
         weights = (1 << np.arange(b - 1, -1, -1)).astype(np.int64)
