@@ -144,6 +144,10 @@ class ExperimentConfig:
     dp_target_epsilon: float = _opt(0.0, "Privacy budget at dp-delta: a round that would exceed it is refused "
                                          "and training stops there (0 = no budget).")
     dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
+    secure_aggregation: bool = _opt(False, "protocol params: devices upload their updates under pairwise masks "
+                                           "(X25519 + ChaCha20, fedkd.secagg) so that the server learns only the "
+                                           "sum; costs a key exchange per round and 4 bytes per parameter up; a "
+                                           "device that drops out after the key exchange voids the round.")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
 
@@ -383,6 +387,11 @@ def _validate(c: ExperimentConfig) -> None:
                "0 with dp-mode on (refinement reads single clients' models, which DP does not cover)")
         _check(c.dp_mode != "central" or c.selection == "uniform", "selection", c.selection,
                "uniform with dp-mode = central (clients are Poisson-sampled)")
+    if c.secure_aggregation:
+        _check(c.protocol == "params", "secure-aggregation", c.secure_aggregation,
+               f"false with protocol = {c.protocol} (it sums parameter updates)")
+        _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
+               "0 with secure-aggregation (refinement needs single clients' models)")
     widths = _split(c.student_widths)
     _check(all(w.isdigit() and 1 <= int(w) <= c.student_dim and int(w) % c.student_heads == 0 for w in widths)
            and (not widths or int(widths[-1]) == c.student_dim) and widths == sorted(widths, key=int),

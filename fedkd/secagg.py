@@ -132,3 +132,38 @@ def secure_sum(updates: Mapping[int, np.ndarray], round_idx: int, *, frac_bits: 
     pubs = {i: k.public_bytes for i, k in keys.items()}
     masked = {i: mask(encode(u, frac_bits), keys[i], i, pubs, round_idx) for i, u in updates.items()}
     return decode(unmask_sum(masked, list(keys)), frac_bits)
+
+
+# ----------------------------------------------------------------------------- fedkd's rounds
+FRAC_BITS = 16  # resolution 1.5e-5; sums up to +-32767 (150 clients x |value| <= 218)
+
+
+def flatten(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """One float64 vector in ``layout`` order (both ends use the full student's layout)."""
+    return np.concatenate([np.asarray(state[k], np.float64).reshape(-1) for k in layout]) if layout else np.zeros(0)
+
+
+def unflatten(vec: np.ndarray, layout: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for k, shape in layout.items():
+        n = int(np.prod(shape, dtype=np.int64))
+        out[k] = vec[start:start + n].reshape(shape)
+        start += n
+    if start != vec.size:
+        raise ValueError(f"vector of {vec.size} values for a layout of {start}")
+    return out
+
+
+def masked_upload(update_full: Mapping[str, np.ndarray], layout: Mapping[str, tuple[int, ...]], mine: KeyPair,
+                  my_id: int, peer_ids: Sequence[int], peer_keys: np.ndarray, round_idx: int) -> np.ndarray:
+    """What a device sends: its full-width update in fixed point under its pairwise masks.
+    ``peer_ids`` / ``peer_keys`` (m, 32) list every participant of the round, itself included."""
+    ids = [int(i) for i in peer_ids]
+    if my_id not in ids:
+        raise ValueError(f"device {my_id} is not among this round's key holders {ids}")
+    if ids != sorted(set(ids)) or peer_keys.shape != (len(ids), 32) or peer_keys.dtype != np.uint8:
+        raise ValueError("malformed peer list: expected sorted unique ids and a (m, 32) uint8 key array")
+    if bytes(peer_keys[ids.index(my_id)]) != mine.public_bytes:
+        raise ValueError("the server listed a public key for this device that is not its own")
+    peers = {i: bytes(k) for i, k in zip(ids, peer_keys)}
+    return mask(encode(flatten(update_full, layout), FRAC_BITS), mine, my_id, peers, round_idx)

@@ -41,6 +41,7 @@ from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
 from fedkd.nested import embed, nested_mean, slice_state, sub_layout
 from fedkd.privacy import accountant_for, noisy_mean, poisson_sample, private_sum
+from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.schedule import fleet_profiles, select, tier_index, width_for
 from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
 from fedkd.devices import online
@@ -295,9 +296,13 @@ class FedKDServer:
                                 tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
         selected = [n for n in online_nodes if n.partition_id in chosen]
         sent = [n for n in selected if plans[n.partition_id].used]
+        key_set, key_bytes = None, (0, 0)
+        if cfg.secure_aggregation:  # step 1: this round's key holders; who fails here is not sent work
+            sent, key_set, key_bytes = self._secagg_keys(grid, sent, by_width, r)
         items = [(n, self._with_steps(by_width[self.width_of[n.partition_id]], plans[n.partition_id].steps))
                  for n in sent]
         replies, down, up, sizes = self._exchange(grid, items, "train", r)
+        down, up = down + key_bytes[0], up + key_bytes[1]
         down += sum(self._nbytes(by_width[self.width_of[n.partition_id]]) for n in selected if n not in sent)
         timings, late = self._clock(selected, plans, sizes, replies)
         released = [n.partition_id for n, _ in replies]  # local DP: every noisy update sent counts
@@ -319,12 +324,18 @@ class FedKDServer:
                                                             temperature=cfg.kd_temperature))
             if cfg.dp_mode == "local":  # noisy on the device already; equal weights (example counts are private)
                 weights = [1.0] * len(payloads)
-            if cfg.dp_mode != "central":  # central DP aggregates in _private_release
+            if cfg.dp_mode != "central" and not cfg.secure_aggregation:  # those aggregate below
                 update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
                 self.state = apply_update(self.state, update, cfg.server_lr)
+        secure_total = None
+        if cfg.secure_aggregation and cfg.protocol == "params":
+            secure_total = self._secure_sum(accepted, payloads, key_set, r)
+            if secure_total is not None and accepted and cfg.dp_mode != "central":  # the plain mean of the sum
+                self.state = apply_update(self.state, {k: (v / len(accepted)).astype(np.float32)
+                                                       for k, v in secure_total.items()}, cfg.server_lr)
         dp_row = {}
         if self.accountant is not None and cfg.protocol == "params":
-            dp_row = self._private_release(accepted, payloads, released, r)
+            dp_row = self._private_release(accepted, payloads, released, r, secure_total)
         if accepted and cfg.protocol == "logits":
             self.fleet = (r + 1, average([densify(p, self.num_items) for p in payloads]))
             fleet_view = (nxt, self.fleet[1])
@@ -373,16 +384,20 @@ class FedKDServer:
         log.warning("privacy budget: %s", self.privacy_stop["reason"])
         return True
 
-    def _private_release(self, accepted, payloads, released: list[int], r: int) -> dict:
+    def _private_release(self, accepted, payloads, released: list[int], r: int, secure_total=None) -> dict:
         """Central DP: clip each decoded update (embedded at full width), add noise to the sum,
         divide by the expected number of participants. Local DP: the updates came noisy; only
-        count who released one. Either way, record the release and write the accountant."""
+        count who released one. Either way, record the release and write the accountant.
+        With secure aggregation the devices clipped and the server only has the sum; a round
+        whose sum was void releases nothing and costs nothing."""
         cfg, acc = self.cfg, self.accountant
         norms: list[float] = []
+        if acc.mode == "central" and cfg.secure_aggregation and secure_total is None:
+            return {"dp_epsilon": acc.epsilon(), "dp_clipped": "", "dp_norm_median": ""}
         if acc.mode == "central":
             full = [embed(u, self.full_model, self.width_of[n.partition_id])[0] if
                     self.width_of[n.partition_id] != cfg.student_dim else u for (n, _, _), u in zip(accepted, payloads)]
-            total, norms = private_sum(full, cfg.dp_clip_norm)
+            total, norms = (secure_total, []) if cfg.secure_aggregation else private_sum(full, cfg.dp_clip_norm)
             eligible = sum(1 for w in self.width_of.values() if w is not None)
             update = noisy_mean(total, std=acc.noise_multiplier * cfg.dp_clip_norm, denominator=acc.rate * eligible,
                                 rng=np.random.default_rng([cfg.seed, 11, r]), template=self.state)
@@ -394,6 +409,42 @@ class FedKDServer:
         eps = acc.epsilon()
         return {"dp_epsilon": eps, "dp_clipped": sum(1 for x in norms if x > cfg.dp_clip_norm) if norms else "",
                 "dp_norm_median": float(np.median(norms)) if norms else ""}
+
+    def _secagg_keys(self, grid: Grid, sent: list[Node], by_width: dict, r: int):
+        """Secure aggregation, step 1: every node about to train makes a key pair and sends its
+        public key; the sorted (partition id, key) list goes into the round's train messages.
+        Returns the nodes that answered, their partition ids, and the step's (down, up) bytes."""
+        ask = Content(configs={"config": {"round": r}})
+        replies, down, up, _ = self._exchange(grid, [(n, ask) for n in sent], "query.secagg_keys", r)
+        keys = {}
+        for node, rep in replies:
+            pub = unpack(rep.content).arrays.get("secagg", {}).get("public")
+            if pub is not None and pub.dtype == np.uint8 and pub.shape == (32,):
+                keys[node.partition_id] = pub
+            else:
+                self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
+                                        "reason": "secure aggregation: no valid 32-byte public key"})
+        ids = sorted(keys)
+        peers = {"ids": np.asarray(ids, np.int64), "keys": np.stack([keys[i] for i in ids]) if ids
+                 else np.zeros((0, 32), np.uint8)}
+        for c in by_width.values():
+            c.arrays["peers"] = peers
+        return [n for n in sent if n.partition_id in keys], ids, (down, up)
+
+    def _secure_sum(self, accepted, payloads, key_set: list[int], r: int) -> dict | None:
+        """Secure aggregation, step 2: the sum of the masked uploads, unmasked by cancellation
+        and decoded to the full student's shapes; None (round void, logged) if a key holder's
+        upload is missing: without secret sharing its masks cannot be removed."""
+        masked = {n.partition_id: p for (n, _, _), p in zip(accepted, payloads)}
+        if not key_set:
+            return {k: np.zeros(v.shape, np.float64) for k, v in self.state.items()}
+        try:
+            total = decode_fixed(unmask_sum(masked, key_set), FRAC_BITS)
+        except ValueError as exc:
+            self.rejections.append({"round": r, "partition_id": None, "node_id": None, "reason": str(exc)})
+            log.warning("round %d: %s; the round's update is void", r, exc)
+            return None
+        return unflatten(total, sub_layout(self.full_model, self.cfg.student_dim))
 
     def _privacy_summary(self) -> dict:
         if self.accountant is None:
@@ -508,6 +559,12 @@ class FedKDServer:
 
     def _payload(self, got: Content, rows: int, width: int):
         cfg = self.cfg
+        if cfg.protocol == "params" and cfg.secure_aggregation:
+            masked = got.arrays.get("masked", {}).get("values")
+            size = sum(int(np.prod(s)) for s in sub_layout(self.full_model, cfg.student_dim).values())
+            if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint32 or masked.shape != (size,):
+                raise PayloadError(f"secure aggregation expects only masked/values, uint32 ({size},)")
+            return masked
         if cfg.protocol == "params":
             return decode_state(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits)
         if cfg.protocol == "logits":
