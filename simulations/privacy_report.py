@@ -45,8 +45,9 @@ def table(folder: Path) -> tuple[str, list[dict]]:
     for row in rows:
         eps = _epsilon([r for r in col.runs if r.config == row.config])
         z = row.stats.get("privacy.noise_multiplier")
-        eps_text = "off (no DP)" if eps is None else "inf" if math.isinf(eps) else f"{eps:.3g}"
-        lines.append(f"| {row.config} | {row.done}/{row.total} | {eps_text} | {format_stat(z) if z else '-'} | "
+        eps_text = ("-" if not row.done else "off (no DP)" if eps is None else "inf" if math.isinf(eps)
+                    else f"{eps:.3g}")
+        lines.append(f"| {row.config} | {row.done}/{row.expected} | {eps_text} | {format_stat(z) if z else '-'} | "
                      f"{format_stat(row.stats['test_ndcg@10'])} | {format_stat(row.stats['test_hr@10'])} | "
                      f"{format_stat(row.stats['mia_auc'])} |")
         if row.done:
@@ -79,7 +80,7 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
             ax.axhline(0.5, ls=":", color="black", lw=0.8)
         ax.set_xscale("log")
         ticks = sorted(set(finite)) + ([inf_x] if any(math.isinf(p["epsilon"]) for p in dp) else [])
-        ax.set_xticks(ticks, [f"{t:g}" for t in sorted(set(finite))] + (["inf"] if len(ticks) > len(set(finite)) else []))
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in sorted(set(finite))] + (["inf"] if len(ticks) > len(set(finite)) else []))
         ax.minorticks_off()
         ax.set_xlabel("epsilon at delta = 1e-5")
         ax.set_ylabel(label)
