@@ -40,17 +40,23 @@ def summarise(lines: Iterable[Mapping]) -> list[dict]:
     """Per (direction, message type): message count, bytes (total, min, max) and the union of
     the array keys with dtypes and shapes, config keys and metric keys seen."""
     groups: dict[tuple[str, str], dict] = {}
-    for ln in lines:
+    for ln in _per_message(lines):
         g = groups.setdefault((ln["direction"], ln["type"]), {
             "direction": ln["direction"], "type": ln["type"], "messages": 0, "errors": 0, "bytes": 0,
             "bytes_min": None, "bytes_max": 0, "arrays": defaultdict(set), "configs": set(), "metrics": set()})
-        g["messages"] += 1
+        count = int(ln.get("count", 1))
+        g["messages"] += count
         g["errors"] += 1 if ln.get("error") else 0
         b = int(ln.get("bytes", 0))
         g["bytes"] += b
-        g["bytes_min"] = b if g["bytes_min"] is None else min(g["bytes_min"], b)
-        g["bytes_max"] = max(g["bytes_max"], b)
+        if ln.get("per_exchange"):  # an old log: sizes of single messages are unknown
+            g["bytes_min"], g["bytes_max"] = "n/a", "n/a"
+        elif g["bytes_min"] != "n/a":
+            g["bytes_min"] = b if g["bytes_min"] is None else min(g["bytes_min"], b)
+            g["bytes_max"] = max(g["bytes_max"], b)
         for rec, keys in ln.get("arrays", {}).items():
+            if not keys:
+                g["arrays"].setdefault(f"{rec}/*", set()).add("(keys not logged)")
             for k, (dtype, shape) in keys.items():
                 g["arrays"][f"{rec}/{k}"].add(f"{dtype}{list(shape)}")
         for rec, keys in ln.get("configs", {}).items():
@@ -64,6 +70,20 @@ def summarise(lines: Iterable[Mapping]) -> list[dict]:
         g["configs"], g["metrics"] = sorted(g["configs"]), sorted(g["metrics"])
         out.append(g)
     return out
+
+
+def _per_message(lines: Iterable[Mapping]) -> Iterable[Mapping]:
+    """Lines as written since issue 6 (one per message) pass through; a results folder from an
+    older fedkd has one line per exchange (``messages_down``, ``bytes_down``, ``arrays_down``,
+    ``replies``, ``bytes_up``, ``arrays_up``), which becomes two aggregate lines with counts."""
+    for ln in lines:
+        if "direction" in ln:
+            yield ln
+            continue
+        for d, n, b, arrays in (("down", "messages_down", "bytes_down", "arrays_down"),
+                                ("up", "replies", "bytes_up", "arrays_up")):
+            yield {"direction": d, "type": ln["type"], "count": int(ln.get(n, 0)), "bytes": int(ln.get(b, 0)),
+                   "arrays": {name: {} for name in ln.get(arrays, [])}, "per_exchange": True}
 
 
 def format_summary(rows: Sequence[Mapping], *, max_shapes: int = 3) -> str:

@@ -59,3 +59,12 @@ def test_summary_per_direction_and_type():
     assert rows[1]["metrics"] == ["metrics/loss", "metrics/steps"]
     text = format_summary(rows)
     assert "| down | train | 2 | 0 | 0.000 | 100 | 120 |" in text and "`update/codes`" in text
+
+
+def test_summary_reads_an_old_per_exchange_log():
+    old = [{"round": 1, "type": "train", "messages_down": 40, "bytes_down": 4000, "replies": 39, "bytes_up": 900,
+            "arrays_down": ["proxy", "student"], "arrays_up": ["update"]}]
+    rows = summarise(old)
+    assert [(r["direction"], r["messages"], r["bytes"], r["bytes_max"]) for r in rows] == [
+        ("down", 40, 4000, "n/a"), ("up", 39, 900, "n/a")]
+    assert "update/*" in rows[1]["arrays"]
