@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path, help="The sweep folder (outputs/sweeps/privacy) or any folder of runs.")
     p.add_argument("--out", type=Path, default=None,
                    help=f"Markdown file whose {START} ... {END} block gets the table (default: print it).")
-    p.add_argument("--img", type=Path, default=None, help="Where the plot goes (default: the sweep folder).")
+    p.add_argument("--img", type=Path, default=None,
+                   help="The plot's file (default: FOLDER/privacy_vs_epsilon.png).")
     args = p.parse_args(argv)
     text, points = table(args.folder)
-    img = plot(points, (args.img or args.folder) / "privacy_vs_epsilon.png", f"privacy sweep: {args.folder.name}")
+    img = plot(points, args.img or args.folder / "privacy_vs_epsilon.png", f"privacy sweep: {args.folder.name}")
     print(text)
     print(f"plot: {img}")
     if args.out:
@@ -110,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         if START not in doc or END not in doc:
             print(f"{args.out} has no {START} ... {END} block; table not written", file=sys.stderr)
             return 1
-        block = f"{START}\n{text}\n![NDCG@10 and attack AUC vs epsilon]({img.name if args.img is None else img})\n{END}"
+        link = os.path.relpath(img.resolve(), args.out.resolve().parent)
+        block = (f"{START}\nCommand: `python -m simulations.privacy_report {args.folder} --out {args.out}`\n\n{text}\n"
+                 f"![NDCG@10 and attack AUC vs epsilon]({link})\n{END}")
         args.out.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S))
     return 0
 
