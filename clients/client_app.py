@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
@@ -30,8 +30,10 @@ from fedkd.feedback import DeviceStore, device_folder, encode_with_feedback
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
-from fedkd.nested import sub_config
+from fedkd.nested import embed, sub_config, sub_layout
+from fedkd.privacy import clip_update, local_dp
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
+from fedkd.secagg import KeyPair, masked_upload
 from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
@@ -146,7 +148,12 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {}
     if start is not None:
         update = {k: trained[k] - start[k] for k in start}
-        arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
+        if cfg.dp_mode == "local":  # clip and noise the real update, before quantisation (docs/privacy.md)
+            update = local_dp(update, cfg, np.random.default_rng([cfg.seed, 12, round_idx, data.partition_id]))
+        if cfg.secure_aggregation:
+            arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx)}
+        else:
+            arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
     else:
         context.state["student"] = to_record(trained)
     if "next" in content.arrays:  # logit protocol: predictions on the next public batch
@@ -177,6 +184,36 @@ def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator
                                        density=cfg.update_density))
     store.save("ef-residual", residual)
     return arrays
+
+
+@app.query("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1: a fresh X25519 key pair for this round; the private half
+    stays in this node's state, the public half goes to the server to be handed to the peers."""
+    _, data = _setup(context)
+    round_idx = int(config_of(unpack(msg.content), "config", "round", int))
+    keys = KeyPair.generate()
+    context.state["secagg"] = ConfigRecord({"round": round_idx, "private": keys.private_bytes()})
+    return Message(pack(Content(arrays={"secagg": {"public": np.frombuffer(keys.public_bytes, np.uint8).copy()}},
+                                metrics={"metrics": metric_dict({"partition-id": data.partition_id})})),
+                   reply_to=msg)
+
+
+def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context, update: dict,
+            round_idx: int) -> np.ndarray:
+    """Secure aggregation, step 2: the update (clipped here if central DP is on: the server
+    cannot clip what it cannot see), at full width, in fixed point under pairwise masks."""
+    rec = context.state.config_records.get("secagg")
+    if rec is None or int(rec["round"]) != round_idx:
+        raise ValueError(f"secure aggregation: no key pair of round {round_idx} on this device")
+    if cfg.dp_mode == "central":
+        update, _ = clip_update(update, cfg.dp_clip_norm)
+    full = cfg.student_model(data.num_items)
+    width = int(config_of(content, "config", "width", int))
+    padded = embed(update, full, width)[0] if width != cfg.student_dim else update
+    peers = content.arrays["peers"]
+    return masked_upload(padded, sub_layout(full, cfg.student_dim), KeyPair.from_private_bytes(rec["private"]),
+                         data.partition_id, peers["ids"].tolist(), peers["keys"], round_idx)
 
 
 @app.evaluate()

@@ -145,6 +145,26 @@ class ExperimentConfig:
                                           "full: float32 distribution over every item (the naive baseline).")
     kd_cache: bool = _opt(False, "Clients keep the proxy histories and soft labels they received; the "
                                  "server resends only rows a client lacks or whose labels changed.")
+    wire_payloads: bool = _opt(False, "Also save every message's arrays and scalars under wire/ in the results "
+                                      "folder, beside wire.jsonl (for audits; large).")
+    # --- privacy (docs/privacy.md) ----------------------------------------------------
+    dp_mode: str = _opt("off", "Client-level differential privacy (protocol params). central: the server clips "
+                               "each decoded update to dp-clip-norm and adds Gaussian noise to their sum, clients "
+                               "are Poisson-sampled at rate clients-per-round / clients; local: each device clips "
+                               "and noises its own update before quantisation; off: neither.")
+    dp_clip_norm: float = _opt(1.0, "L2 norm C every client update is clipped to (dp-mode central or local).")
+    dp_noise_multiplier: float = _opt(0.0, "Noise standard deviation as a multiple of dp-clip-norm. 0 with "
+                                           "dp-target-epsilon > 0: calibrated so that num-rounds rounds end at "
+                                           "the target; 0 without a target: clipping only (epsilon = inf).")
+    dp_target_epsilon: float = _opt(0.0, "Privacy budget at dp-delta: a round that would exceed it is refused "
+                                         "and training stops there (0 = no budget).")
+    dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
+    secure_aggregation: bool = _opt(False, "protocol params: devices upload their updates under pairwise masks "
+                                           "(X25519 + ChaCha20, fedkd.secagg) so that the server learns only the "
+                                           "sum; costs a key exchange per round and 4 bytes per parameter up; a "
+                                           "device that drops out after the key exchange voids the round.")
+    membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
+                                         "chosen global student; its AUC goes into summary.json.")
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -390,6 +410,25 @@ def _validate(c: ExperimentConfig) -> None:
     _check(c.straggler_policy in {"drop", "partial"}, "straggler-policy", c.straggler_policy, "drop or partial")
     _check(c.min_steps >= 1, "min-steps", c.min_steps, "an integer >= 1")
     _check(c.selection in {"uniform", "budget"}, "selection", c.selection, "uniform or budget")
+    _check(c.dp_mode in {"off", "central", "local"}, "dp-mode", c.dp_mode, "off, central or local")
+    _check(math.isfinite(c.dp_clip_norm) and c.dp_clip_norm > 0, "dp-clip-norm", c.dp_clip_norm,
+           "a finite number > 0")
+    for name in ("dp_noise_multiplier", "dp_target_epsilon"):
+        v = getattr(c, name)
+        _check(math.isfinite(v) and v >= 0, name.replace("_", "-"), v, "a finite number >= 0")
+    _check(0 < c.dp_delta < 1, "dp-delta", c.dp_delta, "a number in (0, 1)")
+    if c.dp_mode != "off":
+        _check(c.protocol == "params", "dp-mode", c.dp_mode,
+               f"off with protocol = {c.protocol} (DP acts on parameter updates)")
+        _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
+               "0 with dp-mode on (refinement reads single clients' models, which DP does not cover)")
+        _check(c.dp_mode != "central" or c.selection == "uniform", "selection", c.selection,
+               "uniform with dp-mode = central (clients are Poisson-sampled)")
+    if c.secure_aggregation:
+        _check(c.protocol == "params", "secure-aggregation", c.secure_aggregation,
+               f"false with protocol = {c.protocol} (it sums parameter updates)")
+        _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
+               "0 with secure-aggregation (refinement needs single clients' models)")
     widths = _split(c.student_widths)
     _check(all(w.isdigit() and 1 <= int(w) <= c.student_dim and int(w) % c.student_heads == 0 for w in widths)
            and (not widths or int(widths[-1]) == c.student_dim) and widths == sorted(widths, key=int),

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 #: Columns, in the order they appear. ``envelope`` is Flower's own framing of a message (its
-#: metadata and the names of its records); ``config`` and ``metrics`` the scalar records.
-DOWN_PARTS = ("student", "proxy_inputs", "soft_labels", "config", "envelope")
-UP_PARTS = ("update", "soft_labels", "metrics", "envelope")
+#: metadata and the names of its records); ``config`` and ``metrics`` the scalar records;
+#: ``keys`` the public keys of secure aggregation (docs/privacy.md), 0 without it.
+DOWN_PARTS = ("student", "proxy_inputs", "soft_labels", "config", "keys", "envelope")
+UP_PARTS = ("update", "soft_labels", "metrics", "keys", "envelope")
 
 _RECORD_PART = {"student": "student", "next": "proxy_inputs", "config": "config", "update": "update",
-                "preds": "soft_labels", "metrics": "metrics"}
+                "preds": "soft_labels", "metrics": "metrics", "masked": "update", "peers": "keys",
+                "secagg": "keys"}
 _PROXY_INPUTS = {"histories", "rows", "hist-mask"}  # the rest of a "proxy" record is soft labels
 
 

@@ -120,3 +120,31 @@ def config_of(content: Content, name: str, key: str, kinds: type | tuple[type, .
 
 def metric_dict(values: Mapping[str, float | int]) -> dict[str, float | int]:
     return {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in values.items()}
+
+
+def describe_message(msg: Message) -> dict:
+    """What an audit needs of one message, values left out: its type, and per record the array
+    keys with dtype and shape, the config keys with their Python type, the metric keys."""
+    rd = msg.content
+    return {
+        "type": msg.metadata.message_type,
+        "arrays": {name: {k: [str(a.dtype), list(a.shape)] for k, a in rec.items()}
+                   for name, rec in rd.array_records.items()},
+        "configs": {name: {k: type(v).__name__ for k, v in rec.items()} for name, rec in rd.config_records.items()},
+        "metrics": {name: sorted(rec.keys()) for name, rec in rd.metric_records.items()},
+    }
+
+
+def message_payload(msg: Message) -> dict[str, np.ndarray]:
+    """Every value a message carries, as arrays named ``array:<record>/<key>``,
+    ``config:<record>/<key>`` and ``metric:<record>/<key>`` (scalars as 0-d arrays), for
+    saving with ``np.savez`` and auditing what actually crossed."""
+    rd, out = msg.content, {}
+    for name, rec in rd.array_records.items():
+        for k, a in rec.items():
+            out[f"array:{name}/{k}"] = a.numpy()
+    for kind, records in (("config", rd.config_records), ("metric", rd.metric_records)):
+        for name, rec in records.items():
+            for k, v in rec.items():
+                out[f"{kind}:{name}/{k}"] = np.asarray(v)
+    return out

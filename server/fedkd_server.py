@@ -39,7 +39,9 @@ from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_d
 from fedkd.local import ProxyBatch, get_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
-from fedkd.nested import nested_mean, slice_state, sub_layout
+from fedkd.nested import embed, nested_mean, slice_state, sub_layout
+from fedkd.privacy import accountant_for, noisy_mean, poisson_sample, private_sum
+from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.schedule import fleet_profiles, select, tier_index, width_for
 from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
 from fedkd.devices import online
@@ -51,9 +53,12 @@ from fedkd.results import CsvLog, JsonLines, read_metrics, save_student, state_d
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
 from fedkd.traffic import TrafficMeter, part_of
-from fedkd.wire import Content, message_nbytes_by_part, pack, unpack
+from fedkd.wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
 
 log = logging.getLogger("fedkd")
+# Messages whose bytes are the round's training traffic (metrics.csv bytes_*): the train
+# message and, with secure aggregation, its key exchange; evaluation is counted apart.
+TRAINING_KINDS = ("train", "query.secagg_keys")
 # Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
 CALIBRATION = Path(__file__).resolve().parents[1] / "fedkd" / "reference_calibration.json"
 
@@ -133,8 +138,11 @@ class FedKDServer:
     def _handshake(self, grid: Grid) -> list[Node]:
         node_ids = list(grid.get_node_ids())
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in node_ids]
+        for m in msgs:
+            self._audit("down", m, 0, None)
         nodes = []
         for rep in grid.send_and_receive(msgs):
+            self._audit("up", rep, 0, None)
             if rep.has_error():
                 log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
                 continue
@@ -156,6 +164,13 @@ class FedKDServer:
         if not nodes:
             raise RuntimeError("no client answered the handshake; nothing to train")
         self._setup_fleet(nodes)
+        self.accountant = accountant_for(cfg, sum(1 for n in nodes if self.width_of[n.partition_id] is not None))
+        self.privacy_stop: dict | None = None
+        if self.accountant is not None:
+            log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
+                     "epsilon after %d rounds %.4g at delta %g", cfg.dp_mode, cfg.dp_clip_norm,
+                     self.accountant.noise_multiplier, self.accountant.rate, cfg.num_rounds,
+                     self.accountant.epsilon(cfg.num_rounds), cfg.dp_delta)
         log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
                  num_parameters(student), cfg.num_rounds)
         t_rounds, cum_bytes = time.perf_counter(), 0
@@ -164,6 +179,8 @@ class FedKDServer:
         extra_tests: dict[int, dict] = {}
         for r in range(1, cfg.num_rounds + 1):
             t0 = time.perf_counter()
+            if self._privacy_refuses(r):
+                break
             row = self._train_round(grid, nodes, r)
             cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["cum_bytes"] = cum_bytes
@@ -189,8 +206,14 @@ class FedKDServer:
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"],
                      row["participants"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["round_s"])
         bar.close()
+        if self.privacy_stop and self.privacy_stop["rounds_trained"] > best[1]:  # the last model allowed
+            last = self.privacy_stop["rounds_trained"]
+            ev = self._validate(grid, nodes, last)
+            log.info("privacy stop: model of round %d, val NDCG@%d %.4f", last, cfg.eval_k, ev["ndcg"])
+            if ev["ndcg"] > best[0]:
+                best = (ev["ndcg"], last, self.state)
         test = self._test(grid, nodes, best, "test_per_client.csv")
-        rows = read_metrics(self.out / "metrics.csv")
+        rows = read_metrics(self.out / "metrics.csv") if (self.out / "metrics.csv").exists() else []
         fleet = self._fleet_summary(grid, nodes, best, test, rows)
         summary = {
             "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(nodes),
@@ -203,7 +226,7 @@ class FedKDServer:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
-            "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet,
+            "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet, **self._privacy_summary(),
             "wall_seconds": time.perf_counter() - t_start,
         }
         if cfg.teacher_refine_steps:
@@ -279,14 +302,24 @@ class FedKDServer:
         online_nodes = [n for n in nodes if self.width_of[n.partition_id] is not None
                         and online(self.profiles[n.partition_id], cfg.seed, r, n.partition_id)]
         plans = {n.partition_id: self._plan(n, by_width) for n in online_nodes}
-        chosen = set(select([n.partition_id for n in online_nodes], cfg.clients_per_round,
-                            rng=np.random.default_rng([cfg.seed, 8, r]), policy=cfg.selection,
-                            tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
+        if self.accountant is not None and cfg.dp_mode == "local":  # devices out of budget sit out
+            online_nodes = [n for n in online_nodes if not self.accountant.exhausted(n.partition_id)]
+        if self.accountant is not None and cfg.dp_mode == "central":  # what the amplification bound assumes
+            chosen = set(poisson_sample([n.partition_id for n in online_nodes], self.accountant.rate,
+                                        np.random.default_rng([cfg.seed, 8, r])))
+        else:
+            chosen = set(select([n.partition_id for n in online_nodes], cfg.clients_per_round,
+                                rng=np.random.default_rng([cfg.seed, 8, r]), policy=cfg.selection,
+                                tier_of=self.tier_of, finishes={p: not t.straggler for p, t in plans.items()}))
         selected = [n for n in online_nodes if n.partition_id in chosen]
         sent = [n for n in selected if plans[n.partition_id].used]
+        key_set, key_bytes = None, (0, 0)
+        if cfg.secure_aggregation:  # step 1: this round's key holders; who fails here is not sent work
+            sent, key_set, key_bytes = self._secagg_keys(grid, sent, by_width, r)
         items = [(n, self._with_steps(self._cached(n, by_width[self.width_of[n.partition_id]], cache),
                                       plans[n.partition_id].steps)) for n in sent]
         replies, down, up, sizes = self._exchange(grid, items, "train", r)
+        down, up = down + key_bytes[0], up + key_bytes[1]
         down += sum(self._nbytes(self._cached(n, by_width[self.width_of[n.partition_id]], cache), count=True)
                     for n in selected if n not in sent)
         if cache is not None:  # a reply means the device stored the rows before it trained
@@ -297,6 +330,7 @@ class FedKDServer:
                 else:
                     self.mirror.forget(n.partition_id)
         timings, late = self._clock(selected, plans, sizes, replies)
+        released = [n.partition_id for n, _ in replies]  # local DP: every noisy update sent counts
         replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
         accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
                                           allowed={n.partition_id: plans[n.partition_id].steps for n in sent})
@@ -314,8 +348,20 @@ class FedKDServer:
                 if models:
                     fleet_view = (batch, ensemble_of_states(self.student, models, batch,
                                                             temperature=cfg.kd_temperature))
-            update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
-            self.state = apply_update(self.state, update, cfg.server_lr)
+            if cfg.dp_mode == "local":  # noisy on the device already; equal weights (example counts are private)
+                weights = [1.0] * len(payloads)
+            if cfg.dp_mode != "central" and not cfg.secure_aggregation:  # those aggregate below
+                update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
+                self.state = apply_update(self.state, update, cfg.server_lr)
+        secure_total = None
+        if cfg.secure_aggregation and cfg.protocol == "params":
+            secure_total = self._secure_sum(accepted, payloads, key_set, r)
+            if secure_total is not None and accepted and cfg.dp_mode != "central":  # the plain mean of the sum
+                self.state = apply_update(self.state, {k: (v / len(accepted)).astype(np.float32)
+                                                       for k, v in secure_total.items()}, cfg.server_lr)
+        dp_row = {}
+        if self.accountant is not None and cfg.protocol == "params":
+            dp_row = self._private_release(accepted, payloads, released, r, secure_total)
         if accepted and cfg.protocol == "logits":
             self.fleet = (r + 1, average([densify(p, self.num_items) for p in payloads]))
             fleet_view = (nxt, self.fleet[1])
@@ -334,9 +380,104 @@ class FedKDServer:
                "sim_round_s": round_s, "sim_time_s": self.sim_time}
         if cfg.teacher_refine_steps:
             row["teacher_refine_loss"] = refine_loss
+        row.update(dp_row)
         per_tier = {"participants": [n.partition_id for n in selected], "stragglers": sorted(stragglers),
                     "aggregated": [n.partition_id for n, _, _ in accepted]}
         return {**row, **self._tier_steps(steps, per_tier)}
+
+    # ------------------------------------------------------------------ differential privacy
+    def _privacy_refuses(self, r: int) -> bool:
+        """Central DP with a budget: refuse round ``r`` if its release would take epsilon past
+        the target, and say so in the log and the summary (training stops; the run goes on to
+        test the model chosen so far)."""
+        acc = self.accountant
+        if acc is None or not acc.target_epsilon:
+            return False
+        if acc.mode == "local":  # devices out of budget sit out; stop when none is left
+            pids = [p for p, w in self.width_of.items() if w is not None]
+            if not all(acc.exhausted(p) for p in pids):
+                return False
+            eps = acc.would_exceed(pids)[1]
+        else:
+            over, eps = acc.would_exceed()
+            if not over:
+                return False
+        self.privacy_stop = {"round_refused": r, "rounds_trained": r - 1, "epsilon_spent": acc.epsilon(),
+                             "epsilon_next": eps, "target_epsilon": acc.target_epsilon, "delta": acc.delta,
+                             "reason": f"round {r} would raise epsilon from {acc.epsilon():.4g} to {eps:.4g}, over "
+                                       f"the target {acc.target_epsilon:g} at delta {acc.delta:g}; training "
+                                       f"stopped after round {r - 1}"}
+        log.warning("privacy budget: %s", self.privacy_stop["reason"])
+        return True
+
+    def _private_release(self, accepted, payloads, released: list[int], r: int, secure_total=None) -> dict:
+        """Central DP: clip each decoded update (embedded at full width), add noise to the sum,
+        divide by the expected number of participants. Local DP: the updates came noisy; only
+        count who released one. Either way, record the release and write the accountant.
+        With secure aggregation the devices clipped and the server only has the sum; a round
+        whose sum was void releases nothing and costs nothing."""
+        cfg, acc = self.cfg, self.accountant
+        norms: list[float] = []
+        if acc.mode == "central" and cfg.secure_aggregation and secure_total is None:
+            return {"dp_epsilon": acc.epsilon(), "dp_clipped": "", "dp_norm_median": ""}
+        if acc.mode == "central":
+            full = [embed(u, self.full_model, self.width_of[n.partition_id])[0] if
+                    self.width_of[n.partition_id] != cfg.student_dim else u for (n, _, _), u in zip(accepted, payloads)]
+            total, norms = (secure_total, []) if cfg.secure_aggregation else private_sum(full, cfg.dp_clip_norm)
+            eligible = sum(1 for w in self.width_of.values() if w is not None)
+            update = noisy_mean(total, std=acc.noise_multiplier * cfg.dp_clip_norm, denominator=acc.rate * eligible,
+                                rng=np.random.default_rng([cfg.seed, 11, r]), template=self.state)
+            self.state = apply_update(self.state, update, cfg.server_lr)
+            acc.record()
+        else:
+            acc.record(released)
+        write_json(self.out / "privacy.json", acc.report())
+        eps = acc.epsilon()
+        return {"dp_epsilon": eps, "dp_clipped": sum(1 for x in norms if x > cfg.dp_clip_norm) if norms else "",
+                "dp_norm_median": float(np.median(norms)) if norms else ""}
+
+    def _secagg_keys(self, grid: Grid, sent: list[Node], by_width: dict, r: int):
+        """Secure aggregation, step 1: every node about to train makes a key pair and sends its
+        public key; the sorted (partition id, key) list goes into the round's train messages.
+        Returns the nodes that answered, their partition ids, and the step's (down, up) bytes."""
+        ask = Content(configs={"config": {"round": r}})
+        replies, down, up, _ = self._exchange(grid, [(n, ask) for n in sent], "query.secagg_keys", r)
+        keys = {}
+        for node, rep in replies:
+            pub = unpack(rep.content).arrays.get("secagg", {}).get("public")
+            if pub is not None and pub.dtype == np.uint8 and pub.shape == (32,):
+                keys[node.partition_id] = pub
+            else:
+                self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
+                                        "reason": "secure aggregation: no valid 32-byte public key"})
+        ids = sorted(keys)
+        peers = {"ids": np.asarray(ids, np.int64), "keys": np.stack([keys[i] for i in ids]) if ids
+                 else np.zeros((0, 32), np.uint8)}
+        for c in by_width.values():
+            c.arrays["peers"] = peers
+        return [n for n in sent if n.partition_id in keys], ids, (down, up)
+
+    def _secure_sum(self, accepted, payloads, key_set: list[int], r: int) -> dict | None:
+        """Secure aggregation, step 2: the sum of the masked uploads, unmasked by cancellation
+        and decoded to the full student's shapes; None (round void, logged) if a key holder's
+        upload is missing: without secret sharing its masks cannot be removed."""
+        masked = {n.partition_id: p for (n, _, _), p in zip(accepted, payloads)}
+        if not key_set:
+            return {k: np.zeros(v.shape, np.float64) for k, v in self.state.items()}
+        try:
+            total = decode_fixed(unmask_sum(masked, key_set), FRAC_BITS)
+        except ValueError as exc:
+            self.rejections.append({"round": r, "partition_id": None, "node_id": None, "reason": str(exc)})
+            log.warning("round %d: %s; the round's update is void", r, exc)
+            return None
+        return unflatten(total, sub_layout(self.full_model, self.cfg.student_dim))
+
+    def _privacy_summary(self) -> dict:
+        if self.accountant is None:
+            return {}
+        eps = self.accountant.epsilon()
+        return {"dp_epsilon": eps if np.isfinite(eps) else "inf",
+                "privacy": {**self.accountant.report(), "stopped": self.privacy_stop}}
 
     def _tier_steps(self, steps: dict[int, list[int]], per_tier: dict[str, list[int]] | None = None) -> dict:
         out = {}
@@ -462,6 +603,12 @@ class FedKDServer:
 
     def _payload(self, got: Content, rows: int, width: int):
         cfg = self.cfg
+        if cfg.protocol == "params" and cfg.secure_aggregation:
+            masked = got.arrays.get("masked", {}).get("values")
+            size = sum(int(np.prod(s)) for s in sub_layout(self.full_model, cfg.student_dim).values())
+            if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint32 or masked.shape != (size,):
+                raise PayloadError(f"secure aggregation expects only masked/values, uint32 ({size},)")
+            return masked
         if cfg.protocol == "params":
             return decode_update(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits,
                                  per_row=cfg.per_row, density=cfg.update_density)
@@ -509,37 +656,52 @@ class FedKDServer:
             rd = packed.setdefault(id(c), pack(c))
             msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
         for (n, _), m in zip(items, msgs):
-            parts = message_nbytes_by_part(m, part_of)
-            if kind == "train":
+            parts = self._audit("down", m, r, n.partition_id)
+            if kind in TRAINING_KINDS:
                 self.traffic.add("down", parts)
             sizes[n.partition_id] = (sum(parts.values()), 0)
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
-        up, out, up_arrays = 0, [], set()
+        up, out = 0, []
         for rep in grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
+            parts = self._audit("up", rep, r, node.partition_id)
             if rep.has_error():
                 self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
                                         "reason": f"client error ({kind}): {rep.error.reason}"})
                 log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
                 continue
-            parts = message_nbytes_by_part(rep, part_of)
-            if kind == "train":
+            if kind in TRAINING_KINDS:
                 self.traffic.add("up", parts)
             nbytes = sum(parts.values())
             up += nbytes
             sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
-            up_arrays.update(rep.content.array_records.keys())
             out.append((node, rep))
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
-        self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
-                              "replies": len(out), "bytes_up": up,
-                              "arrays_down": sorted({k for _, c in items for k in c.arrays}),
-                              "arrays_up": sorted(up_arrays)})
         return out, down, up, sizes
+
+    def _audit(self, direction: str, msg: Message, r: int, partition_id: int | None) -> dict[str, int]:
+        """One wire.jsonl line per message, in both directions (docs/privacy.md), and with
+        ``wire-payloads`` every value it carries; returns its serialised size in bytes split by
+        content (docs/communication.md), which sums to the message's size."""
+        parts = {} if msg.has_error() else message_nbytes_by_part(msg, part_of)
+        nbytes = sum(parts.values())
+        seq = self.wire_seq = getattr(self, "wire_seq", 0) + 1
+        node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
+        line = {"seq": seq, "round": r, "direction": direction, "node_id": node, "partition_id": partition_id,
+                "bytes": nbytes}
+        if msg.has_error():
+            line.update(type=msg.metadata.message_type, error=msg.error.reason)
+        else:
+            line.update(describe_message(msg))
+            if self.cfg.wire_payloads:
+                (self.out / "wire").mkdir(exist_ok=True)
+                np.savez(self.out / "wire" / f"{seq:07d}.npz", **message_payload(msg))
+        self.wire_log.append(line)
+        return parts
 
     # ------------------------------------------------------------------ evaluation
     def _validate(self, grid: Grid, nodes: list[Node], r: int) -> dict:

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
-from simulations import deploy, export_cmd, report, sweep
+from simulations import audit_cmd, deploy, export_cmd, report, sweep
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_parser(sub)
     deploy.add_parser(sub)
     export_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
     sub.add_parser("calibrate", add_help=False,
                    help="Measure this machine's step and top-10 times per student width "
                         "(writes a calibration profile; `fedkd calibrate --help`).")
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return deploy.main(args)
         elif args.command == "export":
             return export_cmd.main(args)
+        elif args.command == "audit":
+            return audit_cmd.main(args)
     except ValueError as exc:
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2

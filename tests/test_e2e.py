@@ -64,12 +64,14 @@ def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(tmp_path
     # Evaluation messages carry no model: if node state were lost between rounds every client
     # would score the same seeded initial model each time and validation could never change.
     assert len({r["val_ndcg"] for r in rows}) > 1
-    wire = [json.loads(line) for line in (out / "wire.jsonl").open()]
+    wire = [json.loads(line) for line in (out / "wire.jsonl").open()]  # one line per message
     evals = [w for w in wire if w["type"] == "evaluate"]
     trains = [w for w in wire if w["type"] == "train"]
-    assert all(w["arrays_down"] == [] and w["arrays_up"] == [] for w in evals)
-    assert all(w["arrays_down"] == ["next", "proxy"] and w["arrays_up"] == ["preds"] for w in trains)
-    assert all(w["bytes_down"] / w["messages_down"] < 1000 for w in evals)  # a config, no model
+    assert evals and trains
+    assert all(w["arrays"] == {} for w in evals)
+    assert all(sorted(w["arrays"]) == (["next", "proxy"] if w["direction"] == "down" else ["preds"])
+               for w in trains)
+    assert all(w["bytes"] < 1000 for w in evals if w["direction"] == "down")  # a config, no model
     # the refined teacher changes: its cloud validation score is not frozen at the cached teacher's
     assert all(r["teacher_refine_loss"] != "" for r in rows)
     assert summary["teacher_cloud_val_ndcg_final"] != pytest.approx(summary["teacher"]["best_valid_ndcg"], abs=1e-9)

@@ -1,0 +1,154 @@
+"""Real Flower simulations (ServerApp + ClientApps on the Ray engine) of the privacy features:
+the wire audit that proves no private history crosses, DP with a budget stop, local DP."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedkd.privacy import epsilon_for
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> Path:
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
+           "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+           "--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2",
+           "--teacher-epochs", "2", "--progress", "false", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp_path / "out" / name
+
+
+def _audit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "audit", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+# What may cross, by direction and message type: record -> array keys. Anything else fails.
+ALLOWED_ARRAYS = {("down", "query"): {}, ("up", "query"): {},
+                  ("down", "train"): {"student": {"codes", "scale", "offset"}, "proxy": {"histories", "sl.ids", "sl.probs.data", "sl.probs.scale", "sl.probs.offset"}},
+                  ("up", "train"): {"update": {"codes", "scale", "offset"}},
+                  ("down", "evaluate"): {"student": {"codes", "scale", "offset"}}, ("up", "evaluate"): {}}
+
+
+def test_no_private_history_crosses_the_wire(tmp_path):
+    out = _run(tmp_path, "audit", "--wire-payloads", "true")
+    lines = [json.loads(x) for x in (out / "wire.jsonl").open()]
+    # every message in both directions: each message sent has its reply, none failed
+    assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
+    for kind in ("query", "train", "evaluate"):
+        down = [ln for ln in lines if ln["type"] == kind and ln["direction"] == "down"]
+        up = [ln for ln in lines if ln["type"] == kind and ln["direction"] == "up"]
+        assert len(down) == len(up) > 0 and not any("error" in ln for ln in up)
+    assert all(ln["bytes"] > 0 for ln in lines)
+    # the log: only the allowed records and keys, and metrics without anything history-like
+    for ln in lines:
+        allowed = ALLOWED_ARRAYS[(ln["direction"], ln["type"])]
+        assert set(ln["arrays"]) <= set(allowed), ln
+        for rec, keys in ln["arrays"].items():
+            assert set(keys) <= allowed[rec], ln
+            assert all(dtype in ("uint8", "float32") for dtype, _ in keys.values()), ln
+    up_metrics = {k for ln in lines if ln["direction"] == "up" for keys in ln["metrics"].values() for k in keys}
+    assert up_metrics <= {"partition-id", "tier", "num-examples", "steps", "step-limit", "loss", "train-seconds",
+                          "valid-hr-sum", "valid-ndcg-sum", "valid-count", "test-hr-sum", "test-ndcg-sum",
+                          "test-count"}
+    # the payloads themselves: every value of every message, searched for the edge users' histories
+    from simulations.audit_cmd import history_findings
+
+    findings, searched = history_findings(out)
+    assert searched == len(lines) and findings == []
+
+    # ... and the checker can fail: an upload that smuggles one edge user's history is caught
+    from fedkd.audit import find_history
+    from fedkd.codec import pack_ids
+    from fedkd.config import ExperimentConfig
+    from fedkd.population import population
+
+    cfg = ExperimentConfig.from_flat(json.loads((out / "config.json").read_text())["config"])
+    pop = population(cfg)
+    user = int(pop.clients[5][0])
+    history = pop.dataset.sequences[user]
+    upload = next(ln for ln in lines if ln["direction"] == "up" and ln["type"] == "train")
+    with np.load(out / "wire" / f"{upload['seq']:07d}.npz") as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    packed = pack_ids(history[:20], pop.dataset.num_items)
+    arrays["array:update/codes"][100:100 + packed.size] = packed  # hidden inside the quantised codes
+    private = {int(u): pop.dataset.sequences[u] for c in pop.clients for u in c}
+    public = [pop.dataset.sequences[u][:-2] for u in pop.cloud_users]
+    hits = find_history(arrays, private, num_items=pop.dataset.num_items, public=public)
+    assert hits and {h["user"] for h in hits} == {user}
+
+    # the command: on the run, with the payload check, and on a folder of runs
+    proc = _audit(str(out), "--history")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| up | train |" in proc.stdout and "no private history found" in proc.stdout
+    assert _audit(str(tmp_path / "out"), "--json").returncode == 0
+
+
+def test_central_dp_stops_at_the_budget_with_a_clear_message(tmp_path):
+    rate = 10 / 40
+    target = (epsilon_for(1.0, rate, 2, 1e-5) + epsilon_for(1.0, rate, 3, 1e-5)) / 2  # 2 rounds fit, 3 do not
+    out = _run(tmp_path, "dp", "--num-rounds", "4", "--clients-per-round", "10", "--dp-mode", "central",
+               "--dp-noise-multiplier", "1.0", "--dp-clip-norm", "0.5", "--dp-target-epsilon", str(target))
+    summary = json.loads((out / "summary.json").read_text())
+    stop = summary["privacy"]["stopped"]
+    assert stop["round_refused"] == 3 and stop["rounds_trained"] == 2 and "over the target" in stop["reason"]
+    assert summary["dp_epsilon"] == pytest.approx(epsilon_for(1.0, rate, 2, 1e-5)) and summary["dp_epsilon"] <= target
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert float(rows[0]["dp_epsilon"]) < float(rows[1]["dp_epsilon"])
+    assert all(0 <= int(r["dp_clipped"]) <= int(r["aggregated"]) for r in rows)
+    acc = json.loads((out / "privacy.json").read_text())  # the accountant's state, written each round
+    assert acc["rounds"] == 2 and acc["mode"] == "central" and acc["noise_multiplier"] == 1.0
+    assert "privacy budget: round 3 would raise epsilon" in (out / "run.log").read_text()
+    assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40
+    assert summary["best_round"] in (1, 2)
+
+
+def test_local_dp_noises_every_update_on_the_device(tmp_path):
+    out = _run(tmp_path, "ldp", "--dp-mode", "local", "--dp-noise-multiplier", "0.5", "--dp-clip-norm", "0.5")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["mode"] == "local" and summary["privacy"]["releases"] == 2  # every client, 2 rounds
+    assert summary["dp_epsilon"] == pytest.approx(epsilon_for(0.5, 1.0, 2, 1e-5))
+    assert summary["rejected_total"] == 0 and summary["privacy"]["stopped"] is None
+
+
+def test_secure_aggregation_in_real_rounds(tmp_path):
+    """Pairwise masks in fedkd's own rounds, with central DP: a key exchange per round, uploads
+    that are uniform-looking uint32 vectors, and a sum that the server can decode."""
+    out = _run(tmp_path, "sa", "--secure-aggregation", "true", "--dp-mode", "central", "--dp-clip-norm", "0.5",
+               "--dp-noise-multiplier", "0.3", "--clients-per-round", "10", "--wire-payloads", "true")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rejected_total"] == 0 and summary["privacy"]["rounds"] == 2
+    lines = [json.loads(x) for x in (out / "wire.jsonl").open()]
+    keys_up = [ln for ln in lines if ln["type"] == "query.secagg_keys" and ln["direction"] == "up"]
+    assert keys_up and all(ln["arrays"] == {"secagg": {"public": ["uint8", [32]]}} for ln in keys_up)
+    for r in (1, 2):
+        uploads = [ln for ln in lines if ln["round"] == r and ln["type"] == "train" and ln["direction"] == "up"]
+        downs = [ln for ln in lines if ln["round"] == r and ln["type"] == "train" and ln["direction"] == "down"]
+        holders = [ln for ln in keys_up if ln["round"] == r]
+        assert len(uploads) == len(downs) == len(holders) > 1
+        assert all(set(ln["arrays"]) == {"masked"} and ln["arrays"]["masked"]["values"][0] == "uint32" for ln in uploads)
+        assert all(ln["arrays"]["peers"]["keys"] == ["uint8", [len(holders), 32]] for ln in downs)
+        # from the payloads: the masks cancel in the sum (a clipped-size vector), each upload alone is noise
+        from fedkd.secagg import FRAC_BITS, decode
+
+        vecs = []
+        for ln in uploads:
+            with np.load(out / "wire" / f"{ln['seq']:07d}.npz") as z:
+                vecs.append(z["array:masked/values"])
+        total = np.zeros_like(vecs[0])
+        for v in vecs:
+            total = total + v
+        assert np.linalg.norm(decode(total, FRAC_BITS)) <= len(vecs) * 0.5 + 1e-2  # each clipped to 0.5
+        assert all(np.linalg.norm(decode(v, FRAC_BITS)) > 1e4 for v in vecs)
+    from simulations.audit_cmd import history_findings
+
+    assert history_findings(out)[0] == []
