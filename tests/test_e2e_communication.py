@@ -28,14 +28,17 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 
 def _check_columns(out: Path) -> list[dict]:
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    wire = [json.loads(line) for line in (out / "wire.jsonl").open()]
-    trains = [w for w in wire if w["type"] == "train"]
+    wire = [json.loads(line) for line in (out / "wire.jsonl").open()]  # one line per message
     cum = 0
-    for r, w in zip(rows, trains):
+    for r in rows:
         down = sum(int(r[f"bytes_down_{p}"]) for p in DOWN_PARTS)
         up = sum(int(r[f"bytes_up_{p}"]) for p in UP_PARTS)
-        assert down == int(r["bytes_down"]) == w["bytes_down"]  # every device was sent its message
-        assert up == int(r["bytes_up"]) == w["bytes_up"]
+        sent = [w["bytes"] for w in wire if w["round"] == int(r["round"]) and w.get("type") == "train"
+                and w["direction"] == "down"]
+        got = [w["bytes"] for w in wire if w["round"] == int(r["round"]) and w.get("type") == "train"
+               and w["direction"] == "up"]
+        assert sent and down == int(r["bytes_down"]) == sum(sent)  # every device was sent its message
+        assert up == int(r["bytes_up"]) == sum(got)
         cum += down + up
         assert int(r["cum_bytes"]) == cum
     for p in DOWN_PARTS:
