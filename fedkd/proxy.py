@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedkd.codec import pack_ids, unpack_ids
+from fedkd.codec import PayloadError, pack_ids, unpack_ids
 from fedkd.distill import SoftLabels, decode_soft_labels, encode_soft_labels, teacher_soft_labels
 from fedkd.local import ProxyBatch
 from fedkd.samples import train_samples
@@ -60,7 +60,7 @@ def decode_labels(arrays: dict[str, np.ndarray], *, rows: int, top_k: int, num_i
     """Inverse of :func:`encode_labels`; raises ValueError (or PayloadError) on a mismatch."""
     shape = (rows, top_k)
     if "ids" not in arrays:
-        raise ValueError("labels lack their 'ids' array")
+        raise PayloadError("missing-key", "labels lack their 'ids' array")
     return decode_soft_labels({**arrays, "ids": unpack_ids(arrays["ids"], shape, num_items).astype(np.uint32),
                                "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(bits, np.int64)})
 

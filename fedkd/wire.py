@@ -16,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedkd.codec import PayloadError
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -48,7 +50,7 @@ def pack(content: Content) -> RecordDict:
 
 
 def unpack(rd: RecordDict) -> Content:
-    """Decode a RecordDict; an undecodable array raises ValueError with the key."""
+    """Decode a RecordDict; an undecodable array raises PayloadError ('undecodable') with the key."""
     out = Content()
     for name, rec in rd.array_records.items():
         arrays = {}
@@ -56,11 +58,23 @@ def unpack(rd: RecordDict) -> Content:
             try:
                 arrays[key] = arr.numpy()
             except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's fault
-                raise ValueError(f"array '{name}/{key}' cannot be decoded: {exc}") from None
+                raise PayloadError("undecodable", f"array '{name}/{key}' cannot be decoded: {exc}") from None
         out.arrays[name] = arrays
     out.configs = {name: dict(rec) for name, rec in rd.config_records.items()}
     out.metrics = {name: dict(rec) for name, rec in rd.metric_records.items()}
     return out
+
+
+def garble(rd: RecordDict, name: str) -> RecordDict:
+    """Replace the bytes of every array in record ``name`` with bytes that are no ``.npy`` file,
+    keeping its declared dtype and shape: the 'undecodable' fault a flaky radio or a buggy
+    client produces, injected where it really happens, below the numpy level."""
+    rec = rd[name]
+    for key in list(rec.keys()):
+        arr = rec[key]
+        rec[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype,
+                         data=b"\x93NUMPY-garbled" + bytes(len(arr.data)))
+    return rd
 
 
 def message_nbytes(msg: Message) -> int:
