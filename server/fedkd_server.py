@@ -604,7 +604,8 @@ class FedKDServer:
         self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
                               "replies": len(out), "bytes_up": up,
                               "arrays_down": sorted({k for _, c in items for k in c.arrays}),
-                              "arrays_up": sorted(up_arrays)})
+                              "arrays_up": sorted(up_arrays),
+                              "partitions": sorted(n.partition_id for n, _ in items)})  # for fault audits
         self.failed = failed  # partition id -> reason code of the nodes that sent no usable reply
         return out, down, up, sizes
 

@@ -84,6 +84,9 @@ def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(
     assert all(int(rows[r - 1]["norm_bounded"]) >= 1 for r in honest_malicious)
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["rejected_total"] == len(expected) and 0 < summary["test_ndcg@10"] <= 1
+    from simulations.fault_audit import audit  # the audit tool agrees
+    res = audit(reference)
+    assert res["messages"] == 160 and not res["missing"] and not res["unplanned"]
 
 
 def test_the_same_seed_gives_an_identical_metrics_csv(reference, tmp_path, cache):

@@ -1,0 +1,57 @@
+"""Audit a faulty run: every fault the seed planned against what the server logged.
+
+    python -m simulations.fault_audit outputs/<experiment>
+
+Recomputes, for every train message the server sent (``wire.jsonl`` lists the partitions),
+the fault that client drew (:func:`fedkd.faults.draw_fault`) and the reason the server should
+have logged, and compares with ``rejections.jsonl``. Prints one table row per reason:
+planned, logged, and how many logged rejections match a planned fault exactly (same round,
+client and reason); rejections nobody planned (e.g. ``norm``, or an honest client that timed
+out) are listed as unplanned. Exit status 1 if a planned fault went unlogged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from fedkd.config import ExperimentConfig
+from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
+
+
+def audit(out: Path) -> dict:
+    cfg = ExperimentConfig.from_flat(json.loads((out / "config.json").read_text())["config"])
+    sent = [(w["round"], p) for w in map(json.loads, (out / "wire.jsonl").read_text().splitlines())
+            if w["type"] == "train" for p in w.get("partitions", [])]
+    planned = {(r, p): EXPECTED_REASON[f] for r, p in sent if (f := draw_fault(cfg, r, p)) is not None}
+    logged = {(x["round"], x["partition_id"]): x["reason"]
+              for x in map(json.loads, (out / "rejections.jsonl").read_text().splitlines()) if x["type"] == "train"}
+    bad = malicious_ids(cfg)
+    return {"messages": len(sent), "planned": Counter(planned.values()), "logged": Counter(logged.values()),
+            "matched": Counter(c for k, c in logged.items() if planned.get(k) == c),
+            "missing": sorted(k for k in planned if logged.get(k) != planned[k]),
+            "unplanned": sorted((k, c) for k, c in logged.items() if k not in planned),
+            "malicious_sent_clean": sum(1 for r, p in sent if p in bad and (r, p) not in planned)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.fault_audit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="a results folder")
+    res = audit(ap.parse_args(argv).out)
+    print(f"train messages: {res['messages']}\n\n| reason | planned | logged | matched |\n|---|---|---|---|")
+    for code in sorted(set(res["planned"]) | set(res["logged"])):
+        print(f"| `{code}` | {res['planned'][code]} | {res['logged'][code]} | {res['matched'][code]} |")
+    print(f"| total | {sum(res['planned'].values())} | {sum(res['logged'].values())} | "
+          f"{sum(res['matched'].values())} |")
+    print(f"\nmalicious client's well-formed updates sent: {res['malicious_sent_clean']}")
+    print(f"planned but not logged: {res['missing'] or 'none'}")
+    print(f"logged but not planned: {res['unplanned'] or 'none'}")
+    return 1 if res["missing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
