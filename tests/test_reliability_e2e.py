@@ -22,9 +22,9 @@ from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-# 40 clients, 4 rounds; 20% crash, 15% corrupt replies (seed 0 draws every kind), one malicious client,
+# 40 clients, 3 rounds; 20% crash, 15% corrupt replies (seed 0 draws every kind), one malicious client,
 # robust aggregation on.
-FAULTY = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 4, "teacher-epochs": 2,
+FAULTY = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 3, "teacher-epochs": 2,
           "fault-crash": 0.2, "fault-corrupt": 0.15, "fault-malicious": "3", "aggregation": "trimmed-mean",
           "norm-bound": 3.0, "progress": False}
 
@@ -38,9 +38,15 @@ def _cmd(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> list[str
 
 
 def _run(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> Path:
-    proc = subprocess.run(_cmd(out, cache, name, flat, *extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.Popen(_cmd(out, cache, name, flat, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:  # minutes on a busy 2-core machine, well under one when idle
+        _, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # with its Ray processes (a Ray that fails to start hangs)
+        _, err = proc.communicate()
+        pytest.fail(f"run {name} timed out: {err[-3000:]}")
+    assert proc.returncode == 0, err[-4000:]
     return out / name
 
 
@@ -65,7 +71,7 @@ def _reasons(out: Path) -> list[tuple]:
 
 def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(reference):
     cfg = ExperimentConfig.from_flat(FAULTY)
-    expected = {(r, p): EXPECTED_REASON[f] for r in range(1, 5) for p in range(40)
+    expected = {(r, p): EXPECTED_REASON[f] for r in range(1, 4) for p in range(40)
                 if (f := draw_fault(cfg, r, p)) is not None}
     assert {"crashed", "non-finite", "shape", "dtype", "missing-key", "oversized", "undecodable",
             "steps"} <= set(expected.values())  # the plan exercises every kind at least once
@@ -79,14 +85,14 @@ def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(
         assert int(row["rejected_crashed"]) == mine.count("crashed")
         assert int(row["stragglers"]) == 0 and row["skipped"] == "0"
     # the malicious client was aggregated (well-formed) and its update bounded by norm
-    honest_malicious = [r for r in range(1, 5) if (r, 3) not in expected]
+    honest_malicious = [r for r in range(1, 4) if (r, 3) not in expected]
     assert malicious_ids(cfg) == {3} and honest_malicious
     assert all(int(rows[r - 1]["norm_bounded"]) >= 1 for r in honest_malicious)
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["rejected_total"] == len(expected) and 0 < summary["test_ndcg@10"] <= 1
     from simulations.fault_audit import audit  # the audit tool agrees
     res = audit(reference)
-    assert res["messages"] == 160 and not res["missing"] and not res["unplanned"]
+    assert res["messages"] == 120 and not res["missing"] and not res["unplanned"]
 
 
 def test_the_same_seed_gives_an_identical_metrics_csv(reference, tmp_path, cache):
@@ -102,7 +108,7 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, 
     proc = subprocess.Popen(_cmd(tmp_path, cache, name, FAULTY), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     timing = tmp_path / name / "timing.csv"
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:  # wait for round 2 to be written, then kill
             if timing.exists() and timing.read_text().count("\n") >= 3:  # header + 2 rounds
@@ -113,7 +119,7 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, 
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray processes and its ClientApp workers
         proc.wait()
     killed_rows = (tmp_path / name / "metrics.csv").read_text().count("\n") - 1
-    assert 2 <= killed_rows < 4 and not (tmp_path / name / "summary.json").exists()
+    assert 2 <= killed_rows <= 3 and not (tmp_path / name / "summary.json").exists()
     out = _run(tmp_path, cache, name, FAULTY, "--resume")
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert _reasons(out) == _reasons(reference)  # each rejection once, none lost or repeated
