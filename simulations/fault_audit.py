@@ -1,6 +1,7 @@
 """Audit a faulty run: every fault the seed planned against what the server logged.
 
     python -m simulations.fault_audit outputs/<experiment>
+    python -m simulations.fault_audit --table outputs/clean outputs/faulty ...   # compare runs
 
 Recomputes, for every train message the server sent (``wire.jsonl`` lists the partitions),
 the fault that client drew (:func:`fedkd.faults.draw_fault`) and the reason the server should
@@ -37,11 +38,45 @@ def audit(out: Path) -> dict:
             "malicious_sent_clean": sum(1 for r, p in sent if p in bad and (r, p) not in planned)}
 
 
+def table(dirs: list[Path]) -> str:
+    """Faults, defences and test scores of finished runs; NDCG relative to the first folder."""
+    rows = []
+    for d in dirs:
+        s = json.loads((d / "summary.json").read_text())
+        c = json.loads((d / "config.json").read_text())["config"]
+        k = c["eval-k"]
+        faults = (f"crash {c.get('fault-crash', 0):g}, corrupt {c.get('fault-corrupt', 0):g}, "
+                  f"malicious [{c.get('fault-malicious', '')}] x{c.get('fault-malicious-scale', 100):g}")
+        agg = c.get("aggregation", "mean") + (f" (trim {c['trim-fraction']:g})" if c.get("aggregation") ==
+                                              "trimmed-mean" else "")
+        if c.get("norm-bound", 0):
+            agg += f", norm-bound {c['norm-bound']:g}"
+        aggregated = sum(int(float(r["aggregated"])) for r in _csv(d / "metrics.csv")) / s["rounds"]
+        rows.append((d.name, faults, agg, s["rejected_total"], aggregated, s[f"test_hr@{k}"], s[f"test_ndcg@{k}"]))
+    base = rows[0][6]
+    out = ["| run | faults | aggregation | rejected | aggregated / round | test HR@10 | test NDCG@10 | "
+           "NDCG vs first |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.4f} | {r[6]:.5f} | "
+            f"{(r[6] - base) / base:+.1%} |" for r in rows]
+    return "\n".join(out)
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m simulations.fault_audit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="a results folder")
-    res = audit(ap.parse_args(argv).out)
+    ap.add_argument("out", type=Path, nargs="+", help="a results folder (several with --table)")
+    ap.add_argument("--table", action="store_true", help="compare finished runs instead of auditing one")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out))
+        return 0
+    res = audit(args.out[0])
     print(f"train messages: {res['messages']}\n\n| reason | planned | logged | matched |\n|---|---|---|---|")
     for code in sorted(set(res["planned"]) | set(res["logged"])):
         print(f"| `{code}` | {res['planned'][code]} | {res['logged'][code]} | {res['matched'][code]} |")
