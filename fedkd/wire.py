@@ -77,9 +77,38 @@ def garble(rd: RecordDict, name: str) -> RecordDict:
     return rd
 
 
+# Integer ids (run, source and destination node, tasks) are random per run and serialise as
+# varints of 1-10 bytes; a message is counted with each at its full 10-byte width.
+_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")
+
+
 def message_nbytes(msg: Message) -> int:
-    """Serialised size of a message: every object Flower would push, summed."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    """Serialised size of a message: every object Flower would push, summed.
+
+    The message object itself (its metadata) is counted with every random integer id at
+    full width and a non-zero timestamp, so the count depends on the content only: the same
+    seed gives the same byte counts, and byte-driven decisions (how many local steps fit a
+    deadline) cannot differ between two runs because Flower drew other node ids.
+    """
+    total = 0
+    for obj in get_all_nested_objects(msg).values():
+        total += _canonical_nbytes(obj) if isinstance(obj, Message) else len(obj.deflate())
+    return total
+
+
+def _canonical_nbytes(msg: Message) -> int:
+    from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: N811 - Flower's own name
+    from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body
+
+    md = metadata_to_proto(msg.metadata)
+    md.message_id = ""  # as in Message.deflate
+    for name in _ID_FIELDS:
+        setattr(md, name, 2**64 - 1)
+    md.created_at = 1.0
+    body = ProtoMessage(metadata=md, content=None, error=error_to_proto(msg.error) if msg.has_error() else None
+                        ).SerializeToString(deterministic=True)
+    return len(add_header_to_object_body(object_body=body, obj=msg))
 
 
 def describe(content: Content) -> dict[str, list]:
