@@ -580,26 +580,25 @@ class FedKDServer:
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
-        up, out, up_arrays, failed, answered = 0, [], set(), {}, set()
+        up, out, up_arrays, failed, answered, errors = 0, [], set(), {}, set(), []
         for rep in grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
             answered.add(node.partition_id)
             if rep.has_error():  # the ClientApp raised (or the engine lost it): Flower's error reply
-                failed[node.partition_id] = self._reject(
-                    r, node, kind, PayloadError("crashed", f"error code {rep.error.code}: {rep.error.reason[-300:]}"))
+                errors.append((node, PayloadError("crashed", f"error code {rep.error.code}: "
+                                                             f"{rep.error.reason[-300:]}")))
                 continue
             nbytes = message_nbytes(rep)
             up += nbytes
             sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
             up_arrays.update(rep.content.array_records.keys())
             out.append((node, rep))
-        for n, _ in sorted(items, key=lambda p: p[0].partition_id):
-            if n.partition_id not in answered:
-                failed[n.partition_id] = self._reject(
-                    r, n, kind, PayloadError("timeout", f"no {kind} reply within round-timeout "
-                                                        f"({self.cfg.round_timeout:g} s)"))
+        errors += [(n, PayloadError("timeout", f"no {kind} reply within round-timeout ({self.cfg.round_timeout:g} s)"))
+                   for n, _ in items if n.partition_id not in answered]
+        for n, err in sorted(errors, key=lambda e: e[0].partition_id):  # logged in partition order, not arrival
+            failed[n.partition_id] = self._reject(r, n, kind, err)
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
         self.wire_log.append({"round": r, "type": kind, "messages_down": len(msgs), "bytes_down": down,
                               "replies": len(out), "bytes_up": up,
