@@ -15,6 +15,7 @@ with every message in simulation.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ from flwr.clientapp import ClientApp
 
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
-from fedkd.config import ExperimentConfig
+from fedkd.config import FAULT_KINDS, ExperimentConfig
 from fedkd.edge import ClientData, client_data
+from fedkd.faults import HANG_MARGIN_S, corrupt, draw_fault, malicious_ids
 from fedkd.feedback import DeviceStore, device_folder, encode_with_feedback
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
@@ -34,7 +36,7 @@ from fedkd.nested import embed, sub_config, sub_layout
 from fedkd.privacy import clip_update, local_dp
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
 from fedkd.secagg import KeyPair, masked_upload
-from fedkd.wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
+from fedkd.wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
 
@@ -130,6 +132,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg, data = _setup(context)
     content = unpack(msg.content)
     round_idx = int(config_of(content, "config", "round", int))
+    fault = draw_fault(cfg, round_idx, data.partition_id)  # injected faults (docs/reliability.md)
+    if fault == "crash":
+        raise RuntimeError(f"injected fault: client {data.partition_id} crashes in round {round_idx} (fault-crash)")
+    if fault == "hang":  # the server stops waiting at round-timeout; this reply arrives too late
+        time.sleep(cfg.round_timeout + HANG_MARGIN_S)
     if cfg.stateful_clients:
         model, start = _own_model(cfg, data, context), None
     else:
@@ -150,6 +157,8 @@ def train(msg: Message, context: Context) -> Message:
         update = {k: trained[k] - start[k] for k in start}
         if cfg.dp_mode == "local":  # clip and noise the real update, before quantisation (docs/privacy.md)
             update = local_dp(update, cfg, np.random.default_rng([cfg.seed, 12, round_idx, data.partition_id]))
+        if data.partition_id in malicious_ids(cfg):  # a well-formed lie: the update, boosted (after any clipping)
+            update = {k: (v * cfg.fault_malicious_scale).astype(np.float32) for k, v in update.items()}
         if cfg.secure_aggregation:
             arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx)}
         else:
@@ -161,10 +170,17 @@ def train(msg: Message, context: Context) -> Message:
         hist = unpack_ids(content.arrays["next"]["histories"], (rows, cfg.max_len), data.num_items)
         preds = soft_labels(model, hist, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
         arrays["preds"] = encode_labels(preds, num_items=data.num_items, bits=cfg.soft_label_bits)
-    return Message(pack(Content(arrays=arrays, metrics={"metrics": metric_dict({
-        "num-examples": result.examples, "steps": result.steps, "step-limit": budget.limit,
+    uploaded = sorted(arrays)[:1]  # the record a corruption hits: 'update' or 'preds'
+    if fault in FAULT_KINDS and uploaded:
+        arrays[uploaded[0]] = corrupt(arrays[uploaded[0]], fault)
+    steps = result.steps + (budget.limit + 1 - result.steps if fault == "steps" else 0)  # a lie about work done
+    rd = pack(Content(arrays=arrays, metrics={"metrics": metric_dict({
+        "num-examples": result.examples, "steps": steps, "step-limit": budget.limit,
         "tier": data.tier, "partition-id": data.partition_id, "loss": result.mean_loss,
-        "train-seconds": result.seconds})})), reply_to=msg)
+        "train-seconds": result.seconds})}))
+    if fault == "undecodable" and uploaded:
+        garble(rd, uploaded[0])
+    return Message(rd, reply_to=msg)
 
 
 def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator, context: Context,

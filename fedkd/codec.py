@@ -21,8 +21,35 @@ from fedkd.quantize import QuantizedTensor, dequantize, quantize
 Layout = Mapping[str, tuple[int, ...]]
 
 
+# Why the server refused a reply: one named code per check, so rejections can be counted by
+# cause (``metrics.csv`` has a ``rejected_<code>`` column per code) and every check is one
+# mechanism: raise ``PayloadError(code, detail)``. docs/reliability.md explains each code.
+REASONS: dict[str, str] = {
+    "crashed": "the client raised an error instead of replying (Flower error reply)",
+    "timeout": "no reply before round-timeout",
+    "oversized": "the serialised reply is larger than max-reply-bytes allows",
+    "undecodable": "an array's bytes cannot be decoded",
+    "missing-key": "an expected array, metric or config entry is absent",
+    "unexpected-key": "an array the protocol does not upload",
+    "dtype": "an array has the wrong dtype",
+    "shape": "an array has the wrong size or number of dimensions",
+    "non-finite": "NaN or inf in a scale, offset, decoded value or reported loss",
+    "malformed": "values that break the payload's invariants (negative scale, ids out of range, "
+                 "probabilities outside [0, 1], a metric of the wrong type)",
+    "steps": "the client reports more local steps than it was allowed (or fewer than 0)",
+    "norm": "the update's L2 norm exceeds norm-reject times the round's median norm",
+}
+
+
 class PayloadError(ValueError):
-    """A received state payload does not match the expected layout; the text says how."""
+    """A received payload is unusable. ``code`` names the check that failed (a key of
+    :data:`REASONS`); the message says how, for the log and ``rejections.jsonl``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        if code not in REASONS:
+            raise ValueError(f"unknown rejection reason {code!r}; known: {', '.join(REASONS)}")
+        super().__init__(detail)
+        self.code, self.detail = code, detail
 
 
 def layout_of(state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -79,12 +106,14 @@ def decode_state(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int,
     _expect_finite(scale, "scale")
     _expect_finite(offset, "offset")
     if (scale < 0).any():
-        raise PayloadError("negative quantisation scale")
+        raise PayloadError("malformed", "negative quantisation scale")
     out, start, g0 = {}, 0, 0
     for (name, shape), nbytes, g in zip(layout.items(), packed, groups):
         q = QuantizedTensor(bits=bits, shape=tuple(shape), data=codes[start:start + nbytes],
                             scale=scale[g0:g0 + g], offset=offset[g0:g0 + g])
-        out[name] = dequantize(q)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught just below
+            out[name] = dequantize(q)
+        _expect_finite(out[name], name)  # a finite but huge scale can still overflow float32
         start, g0 = start + nbytes, g0 + g
     return out
 
@@ -129,7 +158,7 @@ def decode_update(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int
     _expect_keys(arrays, {"index", "values"} if bits == 32 else {"index", "codes", "scale", "offset"})
     index = unpack_ids(arrays["index"], (k,), n - 1)
     if k > 1 and not (np.diff(index) > 0).all():
-        raise PayloadError("sparse update positions must be strictly increasing")
+        raise PayloadError("malformed", "sparse update positions must be strictly increasing")
     if bits == 32:
         values = _expect(arrays, "values", np.float32, k)
     else:
@@ -139,7 +168,7 @@ def decode_update(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int
         _expect_finite(scale, "scale")
         _expect_finite(offset, "offset")
         if (scale < 0).any():
-            raise PayloadError("negative quantisation scale")
+            raise PayloadError("malformed", "negative quantisation scale")
         values = dequantize(QuantizedTensor(bits=bits, shape=(k,), data=codes, scale=scale, offset=offset))
     _expect_finite(values, "values")
     flat = np.zeros(n, np.float32)
@@ -152,23 +181,25 @@ def decode_update(arrays: Mapping[str, np.ndarray], layout: Layout, *, bits: int
 
 
 def _expect_keys(arrays: Mapping[str, np.ndarray], keys: set[str]) -> None:
-    if set(arrays) != keys:
-        missing, extra = keys - set(arrays), set(arrays) - keys
-        raise PayloadError(f"wrong keys: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    missing, extra = keys - set(arrays), set(arrays) - keys
+    if missing:
+        raise PayloadError("missing-key", f"wrong keys: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    if extra:
+        raise PayloadError("unexpected-key", f"wrong keys: unexpected {sorted(extra)}")
 
 
 def _expect(arrays: Mapping[str, np.ndarray], key: str, dtype: type, size: int) -> np.ndarray:
     a = arrays[key]
     if a.dtype != np.dtype(dtype):
-        raise PayloadError(f"'{key}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
+        raise PayloadError("dtype", f"'{key}' has dtype {a.dtype}, expected {np.dtype(dtype)}")
     if a.ndim != 1 or a.size != size:
-        raise PayloadError(f"'{key}' has shape {a.shape}, expected ({size},)")
+        raise PayloadError("shape", f"'{key}' has shape {a.shape}, expected ({size},)")
     return a
 
 
 def _expect_finite(a: np.ndarray, key: str) -> None:
     if not np.isfinite(a).all():
-        raise PayloadError(f"'{key}' holds non-finite values (NaN or inf)")
+        raise PayloadError("non-finite", f"'{key}' holds non-finite values (NaN or inf)")
 
 
 def id_bits(num_items: int) -> int:
@@ -191,13 +222,15 @@ def pack_ids(ids: np.ndarray, num_items: int) -> np.ndarray:
 def unpack_ids(packed: np.ndarray, shape: tuple[int, ...], num_items: int) -> np.ndarray:
     """Inverse of :func:`pack_ids`; raises :class:`PayloadError` on a size mismatch."""
     b, n = id_bits(num_items), int(np.prod(shape, dtype=np.int64))
-    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != -(-n * b // 8):
-        raise PayloadError(f"packed ids have dtype {packed.dtype} and shape {packed.shape}, expected "
+    if packed.dtype != np.uint8:
+        raise PayloadError("dtype", f"packed ids have dtype {packed.dtype}, expected uint8")
+    if packed.ndim != 1 or packed.size != -(-n * b // 8):
+        raise PayloadError("shape", f"packed ids have dtype {packed.dtype} and shape {packed.shape}, expected "
                            f"uint8 ({-(-n * b // 8)},) for {n} ids of {b} bits")
     bits = np.unpackbits(packed)[: n * b].reshape(n, b)
     full = np.zeros((n, 32), np.uint8)
     full[:, 32 - b:] = bits
     ids = np.packbits(full, axis=1).view(">u4").ravel().astype(np.int64)
     if ids.size and ids.max() > num_items:
-        raise PayloadError(f"packed ids exceed the catalogue size {num_items}")
+        raise PayloadError("malformed", f"packed ids exceed the catalogue size {num_items}")
     return ids.reshape(shape)

@@ -166,6 +166,37 @@ class ExperimentConfig:
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
 
+    # --- reliability: faults injected by the ClientApp (docs/reliability.md) ------------
+    fault_crash: float = _opt(0.0, "Probability that a selected client crashes (raises) instead of replying to a "
+                                   "train message; drawn per client per round from the seed.")
+    fault_hang: float = _opt(0.0, "Probability that a selected client hangs (sleeps round-timeout + 2 s) before "
+                                  "replying to a train message, so the server stops waiting; needs round-timeout > 0.")
+    fault_corrupt: float = _opt(0.0, "Probability that a selected client sends a corrupt train reply, of a kind "
+                                     "drawn from fault-corrupt-kinds.")
+    fault_corrupt_kinds: str = _opt(",".join(("nan", "inf", "shape", "dtype", "missing-key", "oversized",
+                                              "undecodable", "steps")),
+                                    "Corruptions a corrupt reply draws from: nan, inf, shape, dtype, missing-key, "
+                                    "oversized, undecodable, steps.")
+    fault_malicious: str = _opt("", "Comma-separated partition ids of malicious clients: each sends its update "
+                                    "multiplied by fault-malicious-scale (a well-formed lie; params protocol).")
+    fault_malicious_scale: float = _opt(100.0, "Factor a malicious client scales its update by (100: a boosted "
+                                               "update, as in model-replacement attacks).")
+    # --- reliability: defences ---------------------------------------------------------
+    max_reply_bytes: int = _opt(0, "Largest serialised train reply accepted, in bytes (0 = twice the train "
+                                   "message it answers plus 64 kB).")
+    min_replies: int = _opt(1, "Fewest valid train replies a round needs to change the model; with fewer the "
+                               "round is skipped (model unchanged, `skipped` = 1 in metrics.csv).")
+    aggregation: str = _opt("mean", "mean: example-weighted mean (FedAvg); trimmed-mean: per coordinate, drop "
+                                    "the trim-fraction lowest and highest client values, weighted mean of the rest.")
+    trim_fraction: float = _opt(0.1, "trimmed-mean: share of the round's clients dropped at each end, per "
+                                     "coordinate, in [0, 0.5).")
+    norm_bound: float = _opt(0.0, "Scale each update down to at most this multiple of the round's median "
+                                  "update L2 norm before aggregating (norm bounding; 0 = off, else >= 1).")
+    norm_reject: float = _opt(0.0, "Reject (reason 'norm') an update whose L2 norm exceeds this multiple of the "
+                                   "round's median update norm (0 = off, else >= 1).")
+    resume: bool = _opt(False, "Continue the run in <output-dir>/<experiment-name> after its last complete "
+                               "round, from the checkpoint written every round (`fedkd run --resume`).")
+
     def __post_init__(self) -> None:
         _validate(self)
 
@@ -429,8 +460,56 @@ def _validate(c: ExperimentConfig) -> None:
                f"false with protocol = {c.protocol} (it sums parameter updates)")
         _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
                "0 with secure-aggregation (refinement needs single clients' models)")
+    if c.dp_mode == "central" or c.secure_aggregation:  # those paths sum updates their own way
+        _check(c.aggregation == "mean" and c.norm_bound == 0, "aggregation", c.aggregation,
+               "mean with norm-bound 0 under dp-mode = central or secure-aggregation (clipping is the bound)")
+    _validate_reliability(c)
     widths = _split(c.student_widths)
     _check(all(w.isdigit() and 1 <= int(w) <= c.student_dim and int(w) % c.student_heads == 0 for w in widths)
            and (not widths or int(widths[-1]) == c.student_dim) and widths == sorted(widths, key=int),
            "student-widths", c.student_widths,
            f"increasing widths that divide by student-heads and end at student-dim ({c.student_dim})")
+
+
+FAULT_KINDS = ("nan", "inf", "shape", "dtype", "missing-key", "oversized", "undecodable", "steps")
+SERVER_PROTOCOLS = ("params", "proxy")  # the model lives on the server: a checkpoint holds all of it
+
+
+def _validate_reliability(c: ExperimentConfig) -> None:
+    """Faults, defences and resume: each value alone, then the combinations that cannot work."""
+    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
+    for name in ("fault_crash", "fault_hang", "fault_corrupt"):
+        v = getattr(c, name)
+        _check(0 <= v <= 1, name.replace("_", "-"), v, "a probability in [0, 1]")
+    total = c.fault_crash + c.fault_hang + c.fault_corrupt
+    _check(total <= 1 + 1e-12, "fault-corrupt", c.fault_corrupt,
+           f"at most 1 - fault-crash - fault-hang = {1 - c.fault_crash - c.fault_hang:g} (one fault per reply)")
+    _check(c.fault_hang == 0 or c.round_timeout > 0, "fault-hang", c.fault_hang,
+           "0 unless round-timeout > 0 (a hang is noticed only by a server that stops waiting)")
+    kinds = _split(c.fault_corrupt_kinds)
+    _check(bool(kinds) and set(kinds) <= set(FAULT_KINDS) and len(set(kinds)) == len(kinds),
+           "fault-corrupt-kinds", c.fault_corrupt_kinds, "distinct comma-separated names from " + ", ".join(FAULT_KINDS))
+    _check(c.fault_corrupt == 0 or c.protocol in {"params", "logits"}, "fault-corrupt", c.fault_corrupt,
+           f"0 with protocol = {c.protocol} (its replies carry no arrays to corrupt)")
+    ids = _split(c.fault_malicious)
+    _check(all(i.isdigit() for i in ids) and len(set(ids)) == len(ids), "fault-malicious", c.fault_malicious,
+           "distinct comma-separated partition ids (integers >= 0)")
+    _check(not ids or c.protocol == "params", "fault-malicious", c.fault_malicious,
+           f"empty with protocol = {c.protocol} (a malicious client scales a model update)")
+    _check(math.isfinite(c.fault_malicious_scale), "fault-malicious-scale", c.fault_malicious_scale,
+           "a finite number")
+    _check(c.max_reply_bytes >= 0, "max-reply-bytes", c.max_reply_bytes, "an integer >= 0 (0 = automatic)")
+    _check(c.min_replies >= 1, "min-replies", c.min_replies, "an integer >= 1")
+    _check(c.aggregation in {"mean", "trimmed-mean"}, "aggregation", c.aggregation, "mean or trimmed-mean")
+    _check(0 <= c.trim_fraction < 0.5, "trim-fraction", c.trim_fraction, "a number in [0, 0.5)")
+    for name in ("norm_bound", "norm_reject"):
+        v = getattr(c, name)
+        _check(math.isfinite(v) and (v == 0 or v >= 1), name.replace("_", "-"), v,
+               "0 (off) or a finite multiple of the median norm >= 1")
+    robust = {"aggregation": c.aggregation != "mean", "norm-bound": c.norm_bound > 0, "norm-reject": c.norm_reject > 0}
+    for key, on in robust.items():
+        _check(not on or c.protocol == "params", key, getattr(c, key.replace("-", "_")),
+               f"its default with protocol = {c.protocol} (robust aggregation combines model updates)")
+    _check(not c.resume or c.protocol in SERVER_PROTOCOLS, "resume", c.resume,
+           f"false with protocol = {c.protocol}: its models live in Flower's node state on the devices, "
+           "which a killed simulation loses; resume works with " + " and ".join(SERVER_PROTOCOLS))

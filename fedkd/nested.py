@@ -222,7 +222,7 @@ def embed(sub_state: Mapping[str, np.ndarray], full_cfg: ModelConfig,
 
 
 def nested_mean(updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], weights: Sequence[float],
-                full_cfg: ModelConfig) -> dict[str, np.ndarray]:
+                full_cfg: ModelConfig, *, reduce=None) -> dict[str, np.ndarray]:
     """HeteroFL aggregation of updates from mixed tiers into one full-shape update.
 
     ``updates`` holds ``(width, update)`` pairs, each update shaped like its tier's state.
@@ -240,6 +240,10 @@ def nested_mean(updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], weights
     float64 rounding, which survives the float32 cast in a few entries by one float32 ulp
     (measured: 51 of 235,200 entries over 20 shuffles of 40 clients). For bit-identical
     runs pass the clients in a canonical order (the server sorts replies by partition id).
+
+    ``reduce(updates, weights)`` combines one ring (default
+    :func:`fedkd.aggregate.weighted_mean`; :func:`fedkd.aggregate.trimmed_mean` for robust
+    aggregation), so every combination rule handles mixed widths the same way.
     """
     if not updates:
         raise ValueError("no updates to aggregate")
@@ -256,7 +260,7 @@ def nested_mean(updates: Sequence[tuple[int, Mapping[str, np.ndarray]]], weights
         ring_clients = np.flatnonzero(widths >= t)
         cov = coverage(full_cfg, int(t))
         if w[ring_clients].sum() > 0:
-            mean = weighted_mean([embedded[i] for i in ring_clients], w[ring_clients])
+            mean = (reduce or weighted_mean)([embedded[i] for i in ring_clients], w[ring_clients])
             for name in out:
                 ring = cov[name] if inner is None else cov[name] & ~inner[name]
                 out[name][ring] = mean[name][ring]

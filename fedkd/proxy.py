@@ -59,7 +59,7 @@ def decode_labels(arrays: dict[str, np.ndarray], *, rows: int, top_k: int, num_i
     """Inverse of :func:`encode_labels`; raises ValueError (or PayloadError) on a mismatch."""
     shape = (rows, top_k)
     if "ids" not in arrays:
-        raise ValueError("labels lack their 'ids' array")
+        raise PayloadError("missing-key", "labels lack their 'ids' array")
     return decode_soft_labels({**arrays, "ids": unpack_ids(arrays["ids"], shape, num_items).astype(np.uint32),
                                "probs.shape": np.array(shape, np.int64), "probs.bits": np.array(bits, np.int64)})
 
@@ -99,13 +99,13 @@ def encode_full_proxy(histories: np.ndarray, probs: np.ndarray, *, num_items: in
 def decode_full_proxy(arrays: dict[str, np.ndarray], *, rows: int, max_len: int, num_items: int) -> ProxyBatch:
     """Inverse of :func:`encode_full_proxy`: every item is a label (k = N, no rest bin)."""
     if set(arrays) != {"histories", "sl.probs"}:
-        raise PayloadError(f"full soft labels need arrays histories and sl.probs, got {sorted(arrays)}")
+        raise PayloadError("missing-key", f"full soft labels need arrays histories and sl.probs, got {sorted(arrays)}")
     probs = arrays["sl.probs"]
     if probs.dtype != np.float32 or probs.shape != (rows, num_items):
-        raise PayloadError(f"'sl.probs' has dtype {probs.dtype} and shape {probs.shape}, expected float32 "
+        raise PayloadError("dtype" if probs.dtype != np.float32 else "shape", f"'sl.probs' has dtype {probs.dtype} and shape {probs.shape}, expected float32 "
                            f"{(rows, num_items)}")
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1 + 1e-5:
-        raise PayloadError("'sl.probs' must be finite and in [0, 1]")
+        raise PayloadError("malformed", "'sl.probs' must be finite and in [0, 1]")
     ids = np.broadcast_to(np.arange(1, num_items + 1, dtype=np.int64), (rows, num_items)).copy()
     return ProxyBatch(histories=unpack_ids(arrays["histories"], (rows, max_len), num_items), ids=ids,
                       probs=probs.copy())
@@ -180,13 +180,13 @@ def decode_cached_proxy(arrays: dict[str, np.ndarray], cache: dict[str, np.ndarr
     """
     for key in ("rows", "hist-mask", "label-mask"):
         if key not in arrays:
-            raise PayloadError(f"cached proxy batch lacks '{key}'")
+            raise PayloadError("missing-key", f"cached proxy batch lacks '{key}'")
     idx = unpack_ids(arrays["rows"], (rows,), proxy_len - 1)
     masks = []
     for key in ("hist-mask", "label-mask"):
         m = arrays[key]
         if m.dtype != np.uint8 or m.shape != (-(-rows // 8),):
-            raise PayloadError(f"'{key}' has dtype {m.dtype} and shape {m.shape}, expected uint8 ({-(-rows // 8)},)")
+            raise PayloadError("dtype" if m.dtype != np.uint8 else "shape", f"'{key}' has dtype {m.dtype} and shape {m.shape}, expected uint8 ({-(-rows // 8)},)")
         masks.append(np.unpackbits(m)[:rows].astype(bool))
     need_hist, need_label = masks
     cached = {int(r): i for i, r in enumerate(cache["rows"])} if cache else {}

@@ -47,11 +47,15 @@ def _jsonable(o: object) -> object:
 
 
 class CsvLog:
-    """Append-only CSV whose columns are fixed by the first row."""
+    """Append-only CSV whose columns are fixed by the first row (or, when the file already
+    has rows, as after a resume, by its header)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fields: list[str] | None = None
+        if path.exists() and path.stat().st_size:
+            with path.open(newline="") as f:
+                self.fields = next(csv.reader(f))
 
     def append(self, row: Mapping[str, object]) -> None:
         new = self.fields is None

@@ -16,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from fedkd.codec import PayloadError
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -48,7 +50,7 @@ def pack(content: Content) -> RecordDict:
 
 
 def unpack(rd: RecordDict) -> Content:
-    """Decode a RecordDict; an undecodable array raises ValueError with the key."""
+    """Decode a RecordDict; an undecodable array raises PayloadError ('undecodable') with the key."""
     out = Content()
     for name, rec in rd.array_records.items():
         arrays = {}
@@ -56,16 +58,58 @@ def unpack(rd: RecordDict) -> Content:
             try:
                 arrays[key] = arr.numpy()
             except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's fault
-                raise ValueError(f"array '{name}/{key}' cannot be decoded: {exc}") from None
+                raise PayloadError("undecodable", f"array '{name}/{key}' cannot be decoded: {exc}") from None
         out.arrays[name] = arrays
     out.configs = {name: dict(rec) for name, rec in rd.config_records.items()}
     out.metrics = {name: dict(rec) for name, rec in rd.metric_records.items()}
     return out
 
 
+def garble(rd: RecordDict, name: str) -> RecordDict:
+    """Replace the bytes of every array in record ``name`` with bytes that are no ``.npy`` file,
+    keeping its declared dtype and shape: the 'undecodable' fault a flaky radio or a buggy
+    client produces, injected where it really happens, below the numpy level."""
+    rec = rd[name]
+    for key in list(rec.keys()):
+        arr = rec[key]
+        rec[key] = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype,
+                         data=b"\x93NUMPY-garbled" + bytes(len(arr.data)))
+    return rd
+
+
+# Integer ids (run, source and destination node, tasks) are random per run and serialise as
+# varints of 1-10 bytes; a message is counted with each at its full 10-byte width.
+_ID_FIELDS = ("run_id", "src_node_id", "dst_node_id", "src_task_id", "dst_task_id")
+
+
 def message_nbytes(msg: Message) -> int:
-    """Serialised size of a message: every object Flower would push, summed."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    """Serialised size of a message: every object Flower would push, summed.
+
+    The message object itself (its metadata) is counted with every random integer id at
+    full width and a non-zero timestamp, so the count depends on the content only: the same
+    seed gives the same byte counts, and byte-driven decisions (how many local steps fit a
+    deadline) cannot differ between two runs because Flower drew other node ids.
+    """
+    total = 0
+    for obj in get_all_nested_objects(msg).values():
+        total += _canonical_nbytes(obj) if isinstance(obj, Message) else len(obj.deflate())
+    return total
+
+
+def _canonical_nbytes(msg: Message) -> int:
+    from flwr.common.serde_utils import error_to_proto, metadata_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # noqa: N811 - Flower's own name
+    from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body
+
+    md = metadata_to_proto(msg.metadata)
+    md.message_id = ""  # as in Message.deflate
+    for name in _ID_FIELDS:
+        if getattr(md, name):  # an id that is set, whatever Flower drew; an unset one stays absent
+            setattr(md, name, 2**64 - 1)
+    md.created_at = 1.0
+    body = ProtoMessage(metadata=md, content=None, error=error_to_proto(msg.error) if msg.has_error() else None
+                        ).SerializeToString(deterministic=True)
+    return len(add_header_to_object_body(object_body=body, obj=msg))
 
 
 def message_nbytes_by_part(msg: Message, part_of: Callable[[str, str | None], str]) -> dict[str, int]:
@@ -78,7 +122,8 @@ def message_nbytes_by_part(msg: Message, part_of: Callable[[str, str | None], st
     ``part_of(record, array key)``, a record's own object (its key -> id map, or a config or
     metric record's values) to ``part_of(record, None)``, and the Message (metadata) and
     RecordDict (record names) objects to ``"envelope"``. An object that occurs twice is
-    charged where it occurs first, in Flower's own (post-order) traversal.
+    charged where it occurs first, in Flower's own (post-order) traversal. The Message object
+    is counted as :func:`message_nbytes` counts it (random ids at full width).
     """
     out: dict[str, int] = {}
     seen: set[str] = set()
@@ -88,7 +133,7 @@ def message_nbytes_by_part(msg: Message, part_of: Callable[[str, str | None], st
         for oid, o in objs.items():
             if oid not in seen:
                 seen.add(oid)
-                out[part] = out.get(part, 0) + len(o.deflate())
+                out[part] = out.get(part, 0) + (_canonical_nbytes(o) if isinstance(o, Message) else len(o.deflate()))
 
     if msg.has_content():
         for name, rec in msg.content.items():

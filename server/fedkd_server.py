@@ -32,11 +32,12 @@ import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedkd.aggregate import apply_update
-from fedkd.codec import PayloadError, decode_state, decode_update, encode_state, layout_of, pack_ids
+from fedkd import checkpoint
+from fedkd.aggregate import apply_update, combine, norm_outliers, update_norm
+from fedkd.codec import REASONS, PayloadError, decode_state, decode_update, encode_state, layout_of, pack_ids
 from fedkd.config import ExperimentConfig
 from fedkd.fleet import average, densify, distill, ensemble_of_states, predict_dense, top_k
-from fedkd.local import ProxyBatch, get_state
+from fedkd.local import ProxyBatch, get_state, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
 from fedkd.nested import embed, nested_mean, slice_state, sub_layout
@@ -59,6 +60,11 @@ log = logging.getLogger("fedkd")
 # Messages whose bytes are the round's training traffic (metrics.csv bytes_*): the train
 # message and, with secure aggregation, its key exchange; evaluation is counted apart.
 TRAINING_KINDS = ("train", "query.secagg_keys")
+# Results files the round loop appends to; a checkpoint records their lengths, and a resume
+# cuts them back to those lengths. The files the end of a run writes are rewritten.
+APPENDED = ("metrics.csv", "timing.csv", "rejections.jsonl", "wire.jsonl")
+REWRITTEN = ("test_per_client*.csv", "summary.json", "student.pt", "student.json", "*.png")
+REPLY_SLACK = 64 * 1024  # bytes a reply may carry beyond twice its train message (metrics, framing)
 # Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
 CALIBRATION = Path(__file__).resolve().parents[1] / "fedkd" / "reference_calibration.json"
 
@@ -77,6 +83,7 @@ class FedKDServer:
     def __init__(self, cfg: ExperimentConfig, out_dir: Path) -> None:
         self.cfg, self.out = cfg, out_dir
         self.metrics = CsvLog(out_dir / "metrics.csv")
+        self.timing = CsvLog(out_dir / "timing.csv")  # wall-clock seconds per round: not reproducible
         self.rejections = JsonLines(out_dir / "rejections.jsonl")
         self.wire_log = JsonLines(out_dir / "wire.jsonl")
         (out_dir / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
@@ -153,6 +160,7 @@ class FedKDServer:
 
     # ------------------------------------------------------------------ rounds
     def run(self, grid: Grid) -> dict:
+        """Run every round (after the checkpointed ones with ``resume``), test, write the summary."""
         cfg, t_start = self.cfg, time.perf_counter()
         self._setup_cloud()
         student = build_model(cfg.student_model(self.num_items), seed=cfg.seed)
@@ -175,9 +183,14 @@ class FedKDServer:
                  num_parameters(student), cfg.num_rounds)
         t_rounds, cum_bytes = time.perf_counter(), 0
         best = (-1.0, 0, self.state)
-        bar = _progress(cfg)
         extra_tests: dict[int, dict] = {}
-        for r in range(1, cfg.num_rounds + 1):
+        first = 1
+        if cfg.resume:
+            first, best, cum_bytes, extra_tests, wall_before = self._restore()
+            t_rounds -= wall_before
+        bar = _progress(cfg)
+        bar.update(first - 1)
+        for r in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             if self._privacy_refuses(r):
                 break
@@ -198,13 +211,16 @@ class FedKDServer:
             if r in cfg.extra_test_rounds and r != cfg.num_rounds:
                 t = self._test(grid, nodes, best, f"test_per_client_r{r}.csv")
                 extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"], "train_bytes": cum_bytes}
-            row.update({"round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds,
-                        "model_digest": state_digest(self.state)})
-            self.metrics.append(row)
+            row["model_digest"] = state_digest(self.state)
+            self.metrics.append(row)  # a pure function of config and seed; wall times go to timing.csv
+            timing = {"round": r, "round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds}
+            self.timing.append(timing)
+            self._checkpoint(r, best, cum_bytes, extra_tests, timing["wall_s"])
             bar.update(1)
-            log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %.0f kB down %.0f kB up, %.1fs",
+            log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %d rejected, %.0f kB down %.0f kB up, %.1fs",
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"],
-                     row["participants"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, row["round_s"])
+                     row["participants"], row["rejected"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3,
+                     timing["round_s"])
         bar.close()
         if self.privacy_stop and self.privacy_stop["rounds_trained"] > best[1]:  # the last model allowed
             last = self.privacy_stop["rounds_trained"]
@@ -239,6 +255,43 @@ class FedKDServer:
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", cfg.eval_k,
                  test["hr"], cfg.eval_k, test["ndcg"], best[1], self.out)
         return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, r: int, best: tuple, cum_bytes: int, extra_tests: dict, wall_s: float) -> None:
+        """Everything the next round needs, written atomically once round ``r`` is in the results."""
+        opt = getattr(self, "student_opt", None)
+        checkpoint.save(self.out, {
+            "round": r, "config": self.cfg.to_flat(), "state": self.state, "best": best, "cum_bytes": cum_bytes,
+            "extra_tests": extra_tests, "wall_s": wall_s, "trained": sorted(self.trained),
+            "sim_time": self.sim_time, "up_estimate": dict(self.up_estimate), "fleet": self.fleet,
+            "tests": self.tests, "teacher_info": self.teacher_info,
+            "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+            "teacher_opt": self.teacher_opt.state_dict() if hasattr(self, "teacher_opt") else None,
+            "student_opt": opt.state_dict() if opt is not None else None,
+            "files": checkpoint.file_sizes(self.out, APPENDED + tuple(
+                p.name for p in sorted(self.out.glob("test_per_client_r*.csv"))))})
+
+    def _restore(self) -> tuple[int, tuple, int, dict, float]:
+        """Load the last checkpoint into this server and cut the results files back to it."""
+        ck = checkpoint.load(self.out, self.cfg.to_flat())
+        checkpoint.truncate(self.out, ck["files"], REWRITTEN)
+        self.metrics, self.timing = CsvLog(self.out / "metrics.csv"), CsvLog(self.out / "timing.csv")
+        self.state, self.trained, self.sim_time = ck["state"], set(ck["trained"]), ck["sim_time"]
+        self.up_estimate, self.fleet, self.tests = dict(ck["up_estimate"]), ck["fleet"], ck["tests"]
+        self.teacher_info = ck["teacher_info"]
+        if ck["teacher"] is not None:
+            self.teacher.load_state_dict(ck["teacher"])
+        if ck["teacher_opt"] is not None:
+            self.teacher_opt.load_state_dict(ck["teacher_opt"])
+        if self.cfg.protocol == "proxy":  # the server's student is the live model only here
+            set_state(self.student, self.state)
+        if ck["student_opt"] is not None:  # proxy protocol: the server's own optimiser
+            self._server_distill_setup()
+            self.student_opt.load_state_dict(ck["student_opt"])
+        checkpoint.set_rng_states(ck["rng"])
+        log.info("resumed after round %d of %d from %s", ck["round"], self.cfg.num_rounds,
+                 self.out / checkpoint.NAME)
+        return ck["round"] + 1, ck["best"], ck["cum_bytes"], ck["extra_tests"], ck["wall_s"]
 
     def _fleet_summary(self, grid: Grid, nodes: list[Node], best: tuple, test: dict, rows: list[dict]) -> dict:
         """Per tier: test NDCG of the model each device runs, participation, stragglers; the
@@ -275,8 +328,9 @@ class FedKDServer:
         if cfg.protocol == "proxy":
             loss = self._server_distill(r)
             row = {"round": r, "online": 0, "participants": 0, "replied": 0, "stragglers": 0, "rejected": 0,
-                   "aggregated": 0, "train_loss": loss, "bytes_down": 0, "bytes_up": 0,
-                   "sim_round_s": 0.0, "sim_time_s": self.sim_time}
+                   "aggregated": 0, "skipped": 0, "norm_bounded": 0, "train_loss": loss, "bytes_down": 0,
+                   "bytes_up": 0, "sim_round_s": 0.0, "sim_time_s": self.sim_time,
+                   **{f"rejected_{code}": 0 for code in REASONS}}
             return {**row, **self._tier_steps({})}
         content = Content(configs={"config": {"round": r}})
         targets = self._targets(batch, r)
@@ -332,8 +386,18 @@ class FedKDServer:
         timings, late = self._clock(selected, plans, sizes, replies)
         released = [n.partition_id for n, _ in replies]  # local DP: every noisy update sent counts
         replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
+        failed = dict(self.failed)  # crashed or timed out: no usable reply
         accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
-                                          allowed={n.partition_id: plans[n.partition_id].steps for n in sent})
+                                          allowed={n.partition_id: plans[n.partition_id].steps for n in sent},
+                                          sizes=sizes)
+        rejected.update(failed)
+        skipped = len(accepted) < cfg.min_replies
+        if skipped:
+            log.warning("round %d skipped: %d valid train replies, min-replies is %d; the model is unchanged "
+                        "(%d rejected: %s)", r, len(accepted), cfg.min_replies, len(rejected),
+                        ", ".join(f"{c} x{list(rejected.values()).count(c)}" for c in sorted(set(rejected.values())))
+                        or "none")
+            accepted = []
         payloads = [p for _, _, p in accepted]
         fleet_view = None  # (proxy histories, the fleet's averaged predictions on them)
         if accepted and cfg.protocol == "params":
@@ -350,8 +414,13 @@ class FedKDServer:
                                                             temperature=cfg.kd_temperature))
             if cfg.dp_mode == "local":  # noisy on the device already; equal weights (example counts are private)
                 weights = [1.0] * len(payloads)
+            bounded = 0
             if cfg.dp_mode != "central" and not cfg.secure_aggregation:  # those aggregate below
-                update = nested_mean(list(zip(widths, payloads)), weights, self.full_model)
+                update, factors = combine([(n.partition_id, w, p, wt) for (n, _, _), w, p, wt
+                                           in zip(accepted, widths, payloads, weights)], self.full_model,
+                                          aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                                          norm_bound=cfg.norm_bound)
+                bounded = sum(f < 1 for f in factors)
                 self.state = apply_update(self.state, update, cfg.server_lr)
         secure_total = None
         if cfg.secure_aggregation and cfg.protocol == "params":
@@ -372,12 +441,14 @@ class FedKDServer:
             steps.setdefault(self.tier_of[node.partition_id], []).append(int(m["steps"]))
         round_s = round_wall_seconds(timings.values(), cfg.round_deadline)
         self.sim_time += round_s
-        stragglers = {n.partition_id for n in selected} - {n.partition_id for n, _, _ in accepted} - {
-            n.partition_id for n, _ in replies}  # dropped by the deadline, late, or no reply
+        stragglers = ({n.partition_id for n in selected} - {n.partition_id for n, _, _ in accepted}
+                      - {n.partition_id for n, _ in replies} - set(failed))  # dropped by the deadline, or late
         row = {"round": r, "online": len(online_nodes), "participants": len(selected), "replied": len(replies),
-               "stragglers": len(stragglers), "rejected": rejected, "aggregated": len(accepted),
+               "stragglers": len(stragglers), "rejected": len(rejected), "aggregated": len(accepted),
+               "skipped": int(skipped), "norm_bounded": bounded if accepted and cfg.protocol == "params" else 0,
                "train_loss": _mean(float(m["loss"]) for _, m, _ in accepted), "bytes_down": down, "bytes_up": up,
-               "sim_round_s": round_s, "sim_time_s": self.sim_time}
+               "sim_round_s": round_s, "sim_time_s": self.sim_time,
+               **{f"rejected_{code}": list(rejected.values()).count(code) for code in REASONS}}
         if cfg.teacher_refine_steps:
             row["teacher_refine_loss"] = refine_loss
         row.update(dp_row)
@@ -581,44 +652,79 @@ class FedKDServer:
             fleet = w * predict_dense(self.teacher, batch, temperature=cfg.kd_temperature) + (1 - w) * fleet
         return top_k(fleet, cfg.kd_top_k)
 
-    def _accept(self, replies, r: int, *, rows: int, allowed: dict[int, int]) -> tuple[list, int]:
-        """Validate and decode replies; a bad one is logged with its reason and left out.
+    def _accept(self, replies, r: int, *, rows: int, allowed: dict[int, int],
+                sizes: dict[int, tuple[int, int]]) -> tuple[list, dict[int, str]]:
+        """Validate and decode replies; a bad one is logged with its reason code and left out.
 
-        Steps are checked against the allowance this server sent, not the limit the client
-        reports, so a device cannot grant itself more work than it was given."""
-        accepted, rejected = [], 0
+        Every check raises :class:`PayloadError` with a code from ``fedkd.codec.REASONS``, in
+        the order a careful server would run them: size before decoding, metrics, the step
+        count, then the payload against this server's own layout. Steps are checked against
+        the allowance this server sent, not the limit the client reports, so a device cannot
+        grant itself more work than it was given. Last, with ``norm-reject``, updates far
+        above the round's median norm are refused (a comparison across replies, so it runs
+        after all of them are decoded). Returns the accepted ``(node, metrics, payload)``
+        triples and the reason code of every rejected partition."""
+        cfg = self.cfg
+        accepted, rejected = [], {}
         for node, rep in replies:
+            pid = node.partition_id
             try:
+                down, up = sizes[pid]
+                limit = cfg.max_reply_bytes or 2 * down + REPLY_SLACK
+                if up > limit:
+                    raise PayloadError("oversized", f"reply of {up} bytes exceeds the limit of {limit} bytes")
                 got = unpack(rep.content)
-                m = got.metrics["metrics"]
-                if not 0 <= int(m["steps"]) <= allowed[node.partition_id]:
-                    raise PayloadError(f"reports {m['steps']} steps; it was allowed {allowed[node.partition_id]}")
-                accepted.append((node, m, self._payload(got, rows, self.width_of[node.partition_id])))
-            except (PayloadError, ValueError, KeyError) as exc:
-                rejected += 1
-                self.rejections.append({"round": r, "partition_id": node.partition_id,
-                                        "node_id": node.node_id, "reason": str(exc)})
-                log.warning("round %d: rejected update of client %d: %s", r, node.partition_id, exc)
+                m = _reply_metrics(got)
+                if not 0 <= m["steps"] <= allowed[pid]:
+                    raise PayloadError("steps", f"reports {m['steps']} steps; it was allowed {allowed[pid]}")
+                accepted.append((node, m, self._payload(got, rows, self.width_of[pid])))
+            except PayloadError as exc:
+                rejected[pid] = self._reject(r, node, "train", exc)
+        if cfg.norm_reject and cfg.protocol == "params" and accepted:
+            norms = [update_norm(p) for _, _, p in accepted]
+            median = float(np.median(norms))
+            keep = []
+            for (node, m, p), n, out in zip(accepted, norms, norm_outliers(norms, cfg.norm_reject)):
+                if out:
+                    rejected[node.partition_id] = self._reject(r, node, "train", PayloadError(
+                        "norm", f"update norm {n:.4g} exceeds norm-reject {cfg.norm_reject:g} x the round's "
+                                f"median {median:.4g}"))
+                else:
+                    keep.append((node, m, p))
+            accepted = keep
         return accepted, rejected
 
     def _payload(self, got: Content, rows: int, width: int):
         cfg = self.cfg
+        for name, arrays in got.arrays.items():  # one rule for every float the server will use
+            for key, a in arrays.items():
+                if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                    raise PayloadError("non-finite", f"'{name}/{key}' holds non-finite values (NaN or inf)")
         if cfg.protocol == "params" and cfg.secure_aggregation:
             masked = got.arrays.get("masked", {}).get("values")
             size = sum(int(np.prod(s)) for s in sub_layout(self.full_model, cfg.student_dim).values())
             if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint32 or masked.shape != (size,):
-                raise PayloadError(f"secure aggregation expects only masked/values, uint32 ({size},)")
+                raise PayloadError("malformed", f"secure aggregation expects only masked/values, uint32 ({size},)")
             return masked
         if cfg.protocol == "params":
-            return decode_update(got.arrays.get("update", {}), sub_layout(self.full_model, width), bits=cfg.quant_bits,
+            if set(got.arrays) - {"update"}:
+                raise PayloadError("unexpected-key", f"unexpected arrays {sorted(set(got.arrays) - {'update'})}")
+            if "update" not in got.arrays:
+                raise PayloadError("missing-key", "reply lacks its update ('update')")
+            return decode_update(got.arrays["update"], sub_layout(self.full_model, width), bits=cfg.quant_bits,
                                  per_row=cfg.per_row, density=cfg.update_density)
         if cfg.protocol == "logits":
             if "preds" not in got.arrays:
-                raise PayloadError("reply lacks its predictions ('preds')")
-            return decode_labels(got.arrays["preds"], rows=rows, top_k=cfg.kd_top_k, num_items=self.num_items,
-                                 bits=cfg.soft_label_bits)
+                raise PayloadError("missing-key", "reply lacks its predictions ('preds')")
+            try:
+                return decode_labels(got.arrays["preds"], rows=rows, top_k=cfg.kd_top_k, num_items=self.num_items,
+                                     bits=cfg.soft_label_bits)
+            except PayloadError:
+                raise
+            except ValueError as exc:  # the soft-label decoder's own invariants (ids, probabilities)
+                raise PayloadError("malformed", str(exc)) from None
         if got.arrays:
-            raise PayloadError(f"protocol {cfg.protocol} uploads no arrays, got {sorted(got.arrays)}")
+            raise PayloadError("unexpected-key", f"protocol {cfg.protocol} uploads no arrays, got {sorted(got.arrays)}")
         return None
 
     def _refine_teacher(self, histories: np.ndarray, fleet: np.ndarray, r: int) -> float:
@@ -632,13 +738,17 @@ class FedKDServer:
                            temperature=cfg.kd_temperature, rng=np.random.default_rng([cfg.seed, 9, r]),
                            private=self.cloud_train, batch_size=cfg.teacher_batch_size)
 
-    def _server_distill(self, r: int) -> float:
-        """Proxy-only baseline: the student learns the teacher's labels on the whole proxy set."""
-        cfg = self.cfg
+    def _server_distill_setup(self) -> None:
         if not hasattr(self, "proxy_labels"):
+            cfg = self.cfg
             sl = soft_labels(self.teacher, self.proxy, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
             self.proxy_labels = ProxyBatch(self.proxy, sl.ids, sl.probs)
             self.student_opt = torch.optim.Adam(self.student.parameters(), lr=cfg.server_distill_lr)
+
+    def _server_distill(self, r: int) -> float:
+        """Proxy-only baseline: the student learns the teacher's labels on the whole proxy set."""
+        cfg = self.cfg
+        self._server_distill_setup()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((cfg.seed, 10, r)) % 2**31)
             loss = distill(self.student, self.student_opt, self.proxy_labels, steps=cfg.server_distill_steps,
@@ -663,16 +773,16 @@ class FedKDServer:
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         timeout = self.cfg.round_timeout or None
-        up, out = 0, []
+        up, out, failed, answered, errors = 0, [], {}, set(), []
         for rep in grid.send_and_receive(msgs, timeout=timeout) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
             parts = self._audit("up", rep, r, node.partition_id)
-            if rep.has_error():
-                self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
-                                        "reason": f"client error ({kind}): {rep.error.reason}"})
-                log.warning("round %d: client %d failed in %s: %s", r, node.partition_id, kind, rep.error.reason)
+            answered.add(node.partition_id)
+            if rep.has_error():  # the ClientApp raised (or the engine lost it): Flower's error reply
+                errors.append((node, PayloadError("crashed", f"error code {rep.error.code}: "
+                                                             f"{rep.error.reason[-300:]}")))
                 continue
             if kind in TRAINING_KINDS:
                 self.traffic.add("up", parts)
@@ -680,7 +790,12 @@ class FedKDServer:
             up += nbytes
             sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
             out.append((node, rep))
+        errors += [(n, PayloadError("timeout", f"no {kind} reply within round-timeout ({self.cfg.round_timeout:g} s)"))
+                   for n, _ in items if n.partition_id not in answered]
+        for n, err in sorted(errors, key=lambda e: e[0].partition_id):  # logged in partition order, not arrival
+            failed[n.partition_id] = self._reject(r, n, kind, err)
         out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
+        self.failed = failed  # partition id -> reason code of the nodes that sent no usable reply
         return out, down, up, sizes
 
     def _audit(self, direction: str, msg: Message, r: int, partition_id: int | None) -> dict[str, int]:
@@ -702,6 +817,14 @@ class FedKDServer:
                 np.savez(self.out / "wire" / f"{seq:07d}.npz", **message_payload(msg))
         self.wire_log.append(line)
         return parts
+
+    def _reject(self, r: int, node: Node, kind: str, err: PayloadError) -> str:
+        """Log one refused or missing reply with its reason code; returns the code."""
+        self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
+                                "type": kind, "reason": err.code, "detail": err.detail})
+        log.warning("round %d: %s reply of client %d rejected (%s): %s", r, kind, node.partition_id, err.code,
+                    err.detail[:200])
+        return err.code
 
     # ------------------------------------------------------------------ evaluation
     def _validate(self, grid: Grid, nodes: list[Node], r: int) -> dict:
@@ -748,6 +871,28 @@ class FedKDServer:
             out[split] = {"hr": hr / max(n, 1), "ndcg": ndcg / max(n, 1), "n": int(n), "rows": rows,
                           "bytes": down + up}
         return out
+
+
+REQUIRED_METRICS = ("num-examples", "steps", "loss")
+
+
+def _reply_metrics(got: Content) -> dict:
+    """The metrics a train reply must carry, type- and range-checked (reason codes as for arrays)."""
+    m = got.metrics.get("metrics")
+    if m is None:
+        raise PayloadError("missing-key", "reply lacks its metrics record ('metrics')")
+    missing = [k for k in REQUIRED_METRICS if k not in m]
+    if missing:
+        raise PayloadError("missing-key", f"reply metrics lack {missing}")
+    for k in REQUIRED_METRICS:
+        if isinstance(m[k], bool) or not isinstance(m[k], (int, float)):
+            raise PayloadError("malformed", f"metric '{k}' is {m[k]!r}, not a number")
+    if not np.isfinite(m["loss"]) or not np.isfinite(m["num-examples"]):
+        raise PayloadError("non-finite", f"reported loss {m['loss']!r} / num-examples {m['num-examples']!r}")
+    if m["num-examples"] < 0 or float(m["steps"]) != int(m["steps"]):
+        raise PayloadError("malformed", f"num-examples {m['num-examples']!r} and steps {m['steps']!r} must be "
+                                        "counts >= 0")
+    return {**m, "steps": int(m["steps"])}
 
 
 def _mean(xs: Iterable[float]) -> float:

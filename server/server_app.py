@@ -1,4 +1,5 @@
-"""fedkd ServerApp: parse the run config once, prepare the results folder, run the rounds."""
+"""fedkd ServerApp: parse the run config once, prepare (or, with ``resume``, reopen) the results
+folder, run the rounds."""
 
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_flat(context.run_config)
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name
-    moved = prepare_dir(out)
-    _log_to(out / "run.log")
-    if moved:
-        logging.getLogger("fedkd").info("previous results moved to %s", moved)
-    write_json(out / "config.json", {"config": cfg.to_flat(), "python": sys.version.split()[0],
-                                     "platform": platform.platform(), "versions": _versions()})
+    if cfg.resume:  # continue in place from the last checkpoint (the server checks it matches)
+        if not out.is_dir():
+            raise ValueError(f"cannot resume: no results folder {out}")
+        _log_to(out / "run.log")
+        logging.getLogger("fedkd").info("resuming the run in %s", out)
+    else:
+        moved = prepare_dir(out)
+        _log_to(out / "run.log")
+        if moved:
+            logging.getLogger("fedkd").info("previous results moved to %s", moved)
+        write_json(out / "config.json", {"config": cfg.to_flat(), "python": sys.version.split()[0],
+                                         "platform": platform.platform(), "versions": _versions()})
     FedKDServer(cfg, out).run(grid)
 
 

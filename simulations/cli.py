@@ -18,7 +18,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
         "run", help="Run one experiment on Flower's simulation engine.",
         description="Run one fedkd experiment (Flower simulation engine, one client per edge "
                     "partition). With no options: synthetic data, a small fleet, a few minutes "
-                    "on 2 cores. Results go to <output-dir>/<experiment-name>/.",
+                    "on 2 cores. Results go to <output-dir>/<experiment-name>/. A checkpoint is "
+                    "written after every round; if the run is killed, the same command with "
+                    "--resume continues after the last complete round and ends with the results "
+                    "an uninterrupted run would have written.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides (flat kebab-case keys, as in simulations/*.toml); "
@@ -29,8 +32,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     group = p.add_argument_group("experiment settings (also in [tool.flwr.app.config])")
     for key, default, text in ExperimentConfig.help_table():
         kind = type(default)
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
-                           type=_parse_bool if kind is bool else kind, help=f"{text} (default: {default!r})")
+        if kind is bool:  # `--resume` alone means true; `--progress false` still works
+            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar="BOOL", nargs="?", const=True,
+                               type=_parse_bool, help=f"{text} (default: {default!r}; bare --{key} = true)")
+        else:
+            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
+                               type=kind, help=f"{text} (default: {default!r})")
 
 
 def _parse_bool(text: str) -> bool:

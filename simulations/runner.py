@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
+from fedkd.faults import malicious_ids
 from fedkd.population import population
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -60,6 +61,19 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     num_clients = population(cfg).num_clients  # loads and checks the data before Ray starts
     if num_clients < 1:
         raise ValueError("no edge clients: lower cloud-fraction or add users")
+    bad = sorted(i for i in malicious_ids(cfg) if i >= num_clients)
+    if bad:
+        raise ValueError(f"Config key 'fault-malicious' has invalid value {cfg.fault_malicious!r}: allowed "
+                         f"partition ids in 0..{num_clients - 1} (this fleet has {num_clients} clients)")
+    if cfg.device_trace or cfg.calibration:  # files the server reads: check them now, not inside Ray
+        from fedkd.schedule import fleet_profiles
+        from fedkd.simtime import load_calibration
+        fleet_profiles(cfg, num_clients)
+        if cfg.calibration:
+            load_calibration(cfg.calibration)
+    if cfg.resume:  # a missing or mismatched checkpoint fails here, before the engine starts
+        from fedkd import checkpoint
+        checkpoint.load(Path(cfg.output_dir) / cfg.experiment_name, cfg.to_flat())
 
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)

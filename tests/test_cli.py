@@ -39,3 +39,15 @@ def test_unknown_key_in_an_override_file(tmp_path):
     f.write_text("num-round = 3\n")
     proc = _fedkd("run", "--config", str(f))
     assert proc.returncode == 2 and "Unknown config key 'num-round'" in proc.stderr
+
+
+def test_resume_without_a_checkpoint_fails_before_the_engine_starts(tmp_path):
+    proc = _fedkd("run", "--resume", "--output-dir", str(tmp_path), "--experiment-name", "gone",
+                  "--synthetic-users", "50")
+    assert proc.returncode == 2
+    assert "cannot resume: no checkpoint" in proc.stderr and str(tmp_path / "gone") in proc.stderr
+
+
+def test_help_explains_resume():
+    out = _fedkd("run", "--help").stdout
+    assert "--resume [BOOL]" in out and "continues after the last complete round" in " ".join(out.split())

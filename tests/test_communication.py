@@ -229,7 +229,9 @@ def test_a_device_that_lost_its_cache_refuses_the_delta():
 # --- 4. reported byte counts equal the serialised messages -----------------------------------
 @pytest.fixture
 def _identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    # Ids at full width: fedkd counts every random id at full width so that byte counts do not
+    # depend on the ids Flower drew (docs/reliability.md); with such ids the count is exact.
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 2**64 - 1
 
 
 def _train_message(n_student: int) -> Message:
@@ -238,7 +240,7 @@ def _train_message(n_student: int) -> Message:
                                           "scale": np.ones(3, np.float32), "offset": np.zeros(3, np.float32)},
                               "proxy": proxy},
                       configs={"config": {"round": 3, "steps": 4, "proxy-rows": 10}})
-    return Message(pack(content), dst_node_id=2, message_type="train")
+    return Message(pack(content), dst_node_id=2**64 - 1, message_type="train")
 
 
 @pytest.mark.usefixtures("_identity")

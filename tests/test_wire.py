@@ -35,3 +35,17 @@ def test_message_bytes_grow_with_the_payload_byte_for_byte_plus_small_framing():
     big = message_nbytes(Message(pack(_content(101_000)), dst_node_id=2, message_type="train"))
     assert 100_000 <= big - small < 100_000 + 1_000  # chunk framing only
     assert small > 1_000
+
+
+def test_byte_counts_do_not_depend_on_flowers_random_ids():
+    """Node and run ids are random per run; counting them at full width keeps byte counts (and
+    the deadline plans made from them) identical for the same seed."""
+    sizes = set()
+    for node, run in ((1, 1), (2**63 + 12345, 2**62), (987654321, 2**64 - 1)):
+        TaskIdentity.run_id = run
+        sizes.add(message_nbytes(Message(pack(_content(1_000)), dst_node_id=node, message_type="train")))
+    assert len(sizes) == 1
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    raw = sum(len(o.deflate()) for o in get_all_nested_objects(
+        Message(pack(_content(1_000)), dst_node_id=2**64 - 1, message_type="train")).values())
+    assert 0 <= sizes.pop() - raw <= 5 * 9  # the real serialisation, the 5 ids at worst-case width

@@ -1,0 +1,144 @@
+"""Reliability in real Flower simulations: injected faults are rejected with their reasons,
+the same seed gives the same metrics.csv, and a run killed with SIGKILL resumes to the
+metrics.csv of an uninterrupted run.
+
+Each run goes through the CLI in a subprocess (its own Ray instance, in its own process
+group so that a SIGKILL takes Ray's processes down with it).
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedkd.config import ExperimentConfig
+from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+# 40 clients, 3 rounds; 20% crash, 15% corrupt replies (seed 0 draws every kind), one malicious client,
+# robust aggregation on.
+FAULTY = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 3, "teacher-epochs": 2,
+          "fault-crash": 0.2, "fault-corrupt": 0.15, "fault-malicious": "3", "aggregation": "trimmed-mean",
+          "norm-bound": 3.0, "progress": False}
+
+
+def _cmd(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name, "--output-dir", str(out),
+            "--cache-dir", str(cache)]
+    for k, v in flat.items():
+        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return args + list(extra)
+
+
+def _run(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> Path:
+    proc = subprocess.Popen(_cmd(out, cache, name, flat, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:  # minutes on a busy 2-core machine, well under one when idle
+        _, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # with its Ray processes (a Ray that fails to start hangs)
+        _, err = proc.communicate()
+        pytest.fail(f"run {name} timed out: {err[-3000:]}")
+    assert proc.returncode == 0, err[-4000:]
+    return out / name
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")  # the teacher is trained once for the module
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    return _run(tmp_path_factory.mktemp("ref"), cache, "faulty", FAULTY)
+
+
+def _rejections(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejections.jsonl").read_text().splitlines()]
+
+
+def _reasons(out: Path) -> list[tuple]:
+    """Rejections without Flower's node ids (random per run)."""
+    return [(x["round"], x["partition_id"], x["type"], x["reason"]) for x in _rejections(out)]
+
+
+def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(reference):
+    cfg = ExperimentConfig.from_flat(FAULTY)
+    expected = {(r, p): EXPECTED_REASON[f] for r in range(1, 4) for p in range(40)
+                if (f := draw_fault(cfg, r, p)) is not None}
+    assert {"crashed", "non-finite", "shape", "dtype", "missing-key", "oversized", "undecodable",
+            "steps"} <= set(expected.values())  # the plan exercises every kind at least once
+    got = {(x["round"], x["partition_id"]): x["reason"] for x in _rejections(reference) if x["type"] == "train"}
+    assert got == expected
+    rows = list(csv.DictReader((reference / "metrics.csv").open()))
+    for row in rows:
+        r = int(row["round"])
+        mine = [c for (rr, _), c in expected.items() if rr == r]
+        assert int(row["rejected"]) == len(mine) and int(row["aggregated"]) == 40 - len(mine)
+        assert int(row["rejected_crashed"]) == mine.count("crashed")
+        assert int(row["stragglers"]) == 0 and row["skipped"] == "0"
+    # the malicious client was aggregated (well-formed) and its update bounded by norm
+    honest_malicious = [r for r in range(1, 4) if (r, 3) not in expected]
+    assert malicious_ids(cfg) == {3} and honest_malicious
+    assert all(int(rows[r - 1]["norm_bounded"]) >= 1 for r in honest_malicious)
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["rejected_total"] == len(expected) and 0 < summary["test_ndcg@10"] <= 1
+    from simulations.fault_audit import audit  # the audit tool agrees
+    res = audit(reference)
+    assert res["messages"] == 120 and not res["missing"] and not res["unplanned"]
+
+
+def test_the_same_seed_gives_an_identical_metrics_csv(reference, tmp_path, cache):
+    again = _run(tmp_path, cache, "faulty", FAULTY)
+    assert (again / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert _reasons(again) == _reasons(reference)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, again))
+    assert a["test_ndcg@10"] == b["test_ndcg@10"]
+
+
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, tmp_path, cache):
+    name = "faulty"
+    proc = subprocess.Popen(_cmd(tmp_path, cache, name, FAULTY), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    timing = tmp_path / name / "timing.csv"
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:  # wait for round 2 to be written, then kill
+            if timing.exists() and timing.read_text().count("\n") >= 3:  # header + 2 rounds
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray processes and its ClientApp workers
+        proc.wait()
+    killed_rows = (tmp_path / name / "metrics.csv").read_text().count("\n") - 1
+    assert 2 <= killed_rows <= 3 and not (tmp_path / name / "summary.json").exists()
+    out = _run(tmp_path, cache, name, FAULTY, "--resume")
+    assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    assert _reasons(out) == _reasons(reference)  # each rejection once, none lost or repeated
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
+    assert (a["test_ndcg@10"], a["best_round"]) == (b["test_ndcg@10"], b["best_round"])
+    assert "resumed after round" in (out / "run.log").read_text()
+
+
+def test_a_hanging_client_times_out_and_too_few_replies_skip_the_round(tmp_path, cache):
+    """One client sleeps past round-timeout (reason 'timeout'); with min-replies above what is
+    left the round is skipped, the model kept, and the run still completes."""
+    flat = {"synthetic-users": 15, "synthetic-items": 80, "num-rounds": 1, "teacher-epochs": 2,
+            "fault-hang": 0.1, "round-timeout": 20.0, "min-replies": 12, "progress": False}
+    cfg = ExperimentConfig.from_flat(flat)
+    hangs = [p for p in range(12) if draw_fault(cfg, 1, p) == "hang"]
+    assert len(hangs) == 1  # the seed gives exactly one hang (two would block both workers of a 2-core machine)
+    out = _run(tmp_path, cache, "hang", flat)
+    rej = _rejections(out)
+    assert [(x["partition_id"], x["reason"]) for x in rej if x["type"] == "train"] == [(hangs[0], "timeout")]
+    row = next(csv.DictReader((out / "metrics.csv").open()))
+    assert (row["skipped"], row["aggregated"], row["rejected_timeout"]) == ("1", "0", "1")
+    assert "round 1 skipped: 11 valid train replies, min-replies is 12" in (out / "run.log").read_text()
