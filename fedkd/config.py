@@ -513,3 +513,6 @@ def _validate_reliability(c: ExperimentConfig) -> None:
     _check(not c.resume or c.protocol in SERVER_PROTOCOLS, "resume", c.resume,
            f"false with protocol = {c.protocol}: its models live in Flower's node state on the devices, "
            "which a killed simulation loses; resume works with " + " and ".join(SERVER_PROTOCOLS))
+    _check(not c.resume or not c.error_feedback, "resume", c.resume,
+           "false with error-feedback = true: the devices' residual files may already hold the killed "
+           "round's residuals, which a resume cannot roll back")

@@ -41,7 +41,7 @@ from fedkd.local import ProxyBatch, get_state, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model, num_parameters
 from fedkd.nested import embed, nested_mean, slice_state, sub_layout
-from fedkd.privacy import accountant_for, noisy_mean, poisson_sample, private_sum
+from fedkd.privacy import PrivacyAccountant, accountant_for, noisy_mean, poisson_sample, private_sum
 from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.schedule import fleet_profiles, select, tier_index, width_for
 from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
@@ -268,6 +268,8 @@ class FedKDServer:
             "teacher": self.teacher.state_dict() if self.teacher is not None else None,
             "teacher_opt": self.teacher_opt.state_dict() if hasattr(self, "teacher_opt") else None,
             "student_opt": opt.state_dict() if opt is not None else None,
+            "traffic_total": self.traffic.total, "mirror": self.mirror,
+            "accountant": self.accountant.to_dict() if self.accountant is not None else None,
             "files": checkpoint.file_sizes(self.out, APPENDED + tuple(
                 p.name for p in sorted(self.out.glob("test_per_client_r*.csv"))))})
 
@@ -288,6 +290,9 @@ class FedKDServer:
         if ck["student_opt"] is not None:  # proxy protocol: the server's own optimiser
             self._server_distill_setup()
             self.student_opt.load_state_dict(ck["student_opt"])
+        self.traffic.total, self.mirror = ck["traffic_total"], ck["mirror"]
+        if ck["accountant"] is not None:
+            self.accountant = PrivacyAccountant.from_dict(ck["accountant"])
         checkpoint.set_rng_states(ck["rng"])
         log.info("resumed after round %d of %d from %s", ck["round"], self.cfg.num_rounds,
                  self.out / checkpoint.NAME)

@@ -287,3 +287,8 @@ def test_malicious_id_beyond_the_fleet_fails_before_the_engine_starts(tmp_path):
     with pytest.raises(ValueError, match=r"'fault-malicious' has invalid value '99': allowed partition ids in "
                                          r"0\.\.39"):
         run_experiment({"fault-malicious": "99", "synthetic-users": 50, "output-dir": str(tmp_path)})
+
+
+def test_resume_is_refused_with_error_feedback_whose_device_files_cannot_roll_back():
+    with pytest.raises(ValueError, match="'resume'.*error-feedback"):
+        ExperimentConfig(resume=True, error_feedback=True)
