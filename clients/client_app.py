@@ -36,7 +36,7 @@ from fedkd.nested import embed, sub_config, sub_layout
 from fedkd.privacy import clip_update, local_dp
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
 from fedkd.secagg import KeyPair, masked_upload
-from fedkd.wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
+from clients.wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
 

@@ -12,7 +12,7 @@ other random draws of the run are untouched, and a test can list in advance ever
 run will meet. Faults apply to ``train`` messages only: evaluation stays the yardstick.
 
 Pure numpy; the one corruption below the numpy level (undecodable bytes) lives in
-:func:`fedkd.wire.garble`.
+:func:`clients.wire.garble`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def corrupt(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray
     drops the last element of the first array, ``dtype`` widens it to a dtype of another
     size, ``missing-key`` drops it, ``oversized`` adds a padding array of 1 MiB or four
     times the record, whichever is larger. ``undecodable`` and ``steps`` act elsewhere
-    (:func:`fedkd.wire.garble`, the reported step count) and return the record unchanged.
+    (:func:`clients.wire.garble`, the reported step count) and return the record unchanged.
     """
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +56,7 @@ from fedkd.results import CsvLog, JsonLines, read_metrics, save_student, state_d
 from fedkd.samples import eval_set, train_samples
 from fedkd.teacher import load_or_train
 from fedkd.traffic import TrafficMeter, part_of
-from fedkd.wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
+from clients.wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
 
 log = logging.getLogger("fedkd")
 # Messages whose bytes are the round's training traffic (metrics.csv bytes_*): the train
@@ -94,6 +96,16 @@ class FedKDServer:
         self.trained: set[int] = set()  # partitions whose work was aggregated at least once
         self.traffic = TrafficMeter()  # training bytes by content (docs/communication.md)
         self.mirror = CacheMirror()  # kd-cache: proxy rows and labels each device holds
+        self.spent: defaultdict[str, float] = defaultdict(float)  # wall seconds per section this round
+
+    @contextmanager
+    def _timed(self, section: str):
+        """Add the block's wall time to this round's profile (timing.csv; docs/performance.md)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[section] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ setup
     def _setup_cloud(self) -> None:
@@ -194,12 +206,14 @@ class FedKDServer:
             t0 = time.perf_counter()
             if self._privacy_refuses(r):
                 break
+            self.spent.clear()
             row = self._train_round(grid, nodes, r)
             cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["cum_bytes"] = cum_bytes
             row.update(self.traffic.close_round())
             if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
-                ev = self._validate(grid, nodes, r)
+                with self._timed("validate_s"):
+                    ev = self._validate(grid, nodes, r)
                 row.update({"val_hr": ev["hr"], "val_ndcg": ev["ndcg"], "eval_bytes": ev["bytes"]})
                 if ev["ndcg"] > best[0]:
                     best = (ev["ndcg"], r, self.state)
@@ -213,7 +227,8 @@ class FedKDServer:
                 extra_tests[r] = {"best_round": best[1], "hr": t["hr"], "ndcg": t["ndcg"], "train_bytes": cum_bytes}
             row["model_digest"] = state_digest(self.state)
             self.metrics.append(row)  # a pure function of config and seed; wall times go to timing.csv
-            timing = {"round": r, "round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds}
+            timing = {"round": r, "round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds,
+                      **{k: round(self.spent[k], 6) for k in PROFILE_SECTIONS}}
             self.timing.append(timing)
             self._checkpoint(r, best, cum_bytes, extra_tests, timing["wall_s"])
             bar.update(1)
@@ -337,8 +352,10 @@ class FedKDServer:
                    "bytes_up": 0, "sim_round_s": 0.0, "sim_time_s": self.sim_time,
                    **{f"rejected_{code}": 0 for code in REASONS}}
             return {**row, **self._tier_steps({})}
+        t_prepare = time.perf_counter()
         content = Content(configs={"config": {"round": r}})
-        targets = self._targets(batch, r)
+        with self._timed("targets_s"):
+            targets = self._targets(batch, r)
         cache = None  # kd-cache: (rows, histories, labels, label digests) of this round's batch
         if targets is not None and cfg.soft_label_format == "full":
             content.arrays["proxy"] = encode_full_proxy(batch, targets, num_items=self.num_items)
@@ -377,6 +394,7 @@ class FedKDServer:
             sent, key_set, key_bytes = self._secagg_keys(grid, sent, by_width, r)
         items = [(n, self._with_steps(self._cached(n, by_width[self.width_of[n.partition_id]], cache),
                                       plans[n.partition_id].steps)) for n in sent]
+        self.spent["prepare_s"] += time.perf_counter() - t_prepare
         replies, down, up, sizes = self._exchange(grid, items, "train", r)
         down, up = down + key_bytes[0], up + key_bytes[1]
         down += sum(self._nbytes(self._cached(n, by_width[self.width_of[n.partition_id]], cache), count=True)
@@ -392,9 +410,11 @@ class FedKDServer:
         released = [n.partition_id for n, _ in replies]  # local DP: every noisy update sent counts
         replies = [(n, rep) for n, rep in replies if n.partition_id not in late]
         failed = dict(self.failed)  # crashed or timed out: no usable reply
-        accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
-                                          allowed={n.partition_id: plans[n.partition_id].steps for n in sent},
-                                          sizes=sizes)
+        with self._timed("accept_s"):
+            accepted, rejected = self._accept(replies, r, rows=len(nxt) if nxt is not None else 0,
+                                              allowed={n.partition_id: plans[n.partition_id].steps for n in sent},
+                                              sizes=sizes)
+        self.spent["client_train_s"] += sum(float(m.get("train-seconds", 0.0)) for _, m, _ in accepted)
         rejected.update(failed)
         skipped = len(accepted) < cfg.min_replies
         if skipped:
@@ -421,12 +441,13 @@ class FedKDServer:
                 weights = [1.0] * len(payloads)
             bounded = 0
             if cfg.dp_mode != "central" and not cfg.secure_aggregation:  # those aggregate below
-                update, factors = combine([(n.partition_id, w, p, wt) for (n, _, _), w, p, wt
-                                           in zip(accepted, widths, payloads, weights)], self.full_model,
-                                          aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
-                                          norm_bound=cfg.norm_bound)
+                with self._timed("aggregate_s"):
+                    update, factors = combine([(n.partition_id, w, p, wt) for (n, _, _), w, p, wt
+                                               in zip(accepted, widths, payloads, weights)], self.full_model,
+                                              aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                                              norm_bound=cfg.norm_bound)
+                    self.state = apply_update(self.state, update, cfg.server_lr)
                 bounded = sum(f < 1 for f in factors)
-                self.state = apply_update(self.state, update, cfg.server_lr)
         secure_total = None
         if cfg.secure_aggregation and cfg.protocol == "params":
             secure_total = self._secure_sum(accepted, payloads, key_set, r)
@@ -765,6 +786,10 @@ class FedKDServer:
     def _exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int):
         """Send each node its content; return (node, reply) pairs without errors, the byte totals,
         and per partition id the (down, up) bytes of its messages."""
+        with self._timed("exchange_s"):
+            return self._exchange_timed(grid, items, kind, r)
+
+    def _exchange_timed(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int):
         packed: dict[int, object] = {}  # one RecordDict per distinct content
         msgs, sizes = [], {}
         for n, c in items:
@@ -807,6 +832,10 @@ class FedKDServer:
         """One wire.jsonl line per message, in both directions (docs/privacy.md), and with
         ``wire-payloads`` every value it carries; returns its serialised size in bytes split by
         content (docs/communication.md), which sums to the message's size."""
+        with self._timed("audit_s"):
+            return self._audit_timed(direction, msg, r, partition_id)
+
+    def _audit_timed(self, direction: str, msg: Message, r: int, partition_id: int | None) -> dict[str, int]:
         parts = {} if msg.has_error() else message_nbytes_by_part(msg, part_of)
         nbytes = sum(parts.values())
         seq = self.wire_seq = getattr(self, "wire_seq", 0) + 1
@@ -879,6 +908,12 @@ class FedKDServer:
 
 
 REQUIRED_METRICS = ("num-examples", "steps", "loss")
+# Where a round's wall time goes (timing.csv): preparing the train messages (soft labels,
+# encoding, planning), measuring and logging every message (audit, part of exchange), waiting
+# for the clients (exchange), validating and decoding replies, aggregating, validation rounds;
+# client_train_s sums the local training seconds the clients report (they run in parallel).
+PROFILE_SECTIONS = ("targets_s", "prepare_s", "exchange_s", "audit_s", "accept_s", "aggregate_s", "validate_s",
+                    "client_train_s")
 
 
 def _reply_metrics(got: Content) -> dict:

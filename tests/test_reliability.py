@@ -20,7 +20,7 @@ from fedkd.faults import EXPECTED_REASON, corrupt, draw_fault
 from fedkd.local import get_state
 from fedkd.models import build_model
 from fedkd.nested import nested_mean
-from fedkd.wire import Content, garble, message_nbytes, metric_dict, pack
+from clients.wire import Content, garble, message_nbytes, metric_dict, pack
 from server.fedkd_server import FedKDServer, Node
 
 NUM_ITEMS = 30

@@ -1,4 +1,4 @@
-"""The only fedkd module that knows Flower: numpy dicts <-> Flower records, and byte counts.
+"""The only module that knows Flower's message format: numpy dicts <-> Flower records, and byte counts.
 
 A message's content is a RecordDict of named ArrayRecords (numpy arrays under named
 keys), ConfigRecords (settings the receiver must follow) and MetricRecords (numbers it
