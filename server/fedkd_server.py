@@ -175,14 +175,19 @@ class FedKDServer:
         """Run every round (after the checkpointed ones with ``resume``), test, write the summary."""
         cfg, t_start = self.cfg, time.perf_counter()
         self._setup_cloud()
+        t_cloud = time.perf_counter()
         student = build_model(cfg.student_model(self.num_items), seed=cfg.seed)
         # Protocols whose models stay on the devices have no global state to send or select.
         self.state = None if cfg.stateful_clients else get_state(student)
         self.layout = layout_of(get_state(student))
         self.student = student
+        t_hello = time.perf_counter()
         nodes = self._handshake(grid)
         if not nodes:
             raise RuntimeError("no client answered the handshake; nothing to train")
+        self.startup = {"cloud_setup_s": t_cloud - t_start, "handshake_s": time.perf_counter() - t_hello}
+        log.info("start-up: teacher and proxy set %.1fs, handshake with %d nodes %.1fs",
+                 self.startup["cloud_setup_s"], len(nodes), self.startup["handshake_s"])
         self._setup_fleet(nodes)
         self.accountant = accountant_for(cfg, sum(1 for n in nodes if self.width_of[n.partition_id] is not None))
         self.privacy_stop: dict | None = None
@@ -258,7 +263,7 @@ class FedKDServer:
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
             "tests_at_rounds": extra_tests, "teacher": self.teacher_info, **fleet, **self._privacy_summary(),
-            "wall_seconds": time.perf_counter() - t_start,
+            "wall_seconds": time.perf_counter() - t_start, "startup": self.startup,
         }
         if cfg.teacher_refine_steps:
             summary["teacher_cloud_val_ndcg_final"] = evaluate_ranking(self.teacher, self.cloud_valid,

@@ -11,6 +11,10 @@
    polled every 0.1 s for the process tree's memory (PSS, so shared pages count once) and
    for the first row of ``timing.csv`` (time to the first round, from the child's start).
 
+Start-up (child start to round 1's start) is split into the engine's (Python imports, Ray,
+the simulated nodes), the teacher and proxy set (loaded from the cache), and the handshake
+in which every node reports its partition id.
+
 Steady-state throughput is client updates per second over rounds 2..R-1: round 1 warms the
 workers up and round R also validates. Both sides run the same rounds, so the ratio is
 measured in one run on the same machine (these machines are noisy; absolute figures are not
@@ -218,7 +222,7 @@ class BareLoop:
 def _base(args, name: str, extra: dict) -> dict:
     base = {"num-rounds": args.rounds, "eval-every": 10_000, "progress": False, "seed": args.seed,
             "output-dir": str(args.out / "runs"), "cache-dir": str(args.cache_dir), "experiment-name": name,
-            "teacher-max-seconds": args.teacher_max_seconds}
+            "teacher-max-seconds": args.teacher_max_seconds, "membership-attack": False}
     return {**base, **extra}
 
 
@@ -232,7 +236,7 @@ def bench_fleet(args, fleet: str) -> dict:
     overrides = _base(args, f"bench-{fleet}", extra)
     print(f"[{fleet}] {what}: bare loop ...", flush=True)
     bare = BareLoop(overrides, args.out)
-    bares = [bare.run(t) for t in sorted({1, os.cpu_count() or 1})]
+    bares = [bare.run(t) for t in args.bare_threads]
     best = max(bares, key=lambda b: b["updates_per_s"])
     print(f"[{fleet}] fedkd simulation ...", flush=True)
     sim = run_sim(overrides, args.out, timeout_s=args.timeout)
@@ -246,6 +250,7 @@ def bench_fleet(args, fleet: str) -> dict:
             "sim_updates_per_s": rate, "ratio": rate / best["updates_per_s"],
             "bare_total_steps": best["total_steps"], "sim_total_steps": round(sim_steps),
             "first_round_s": sim.first_round_s, "startup_s": sim.startup_s, "wall_s": sim.wall_s,
+            "cloud_setup_s": sim.summary["startup"]["cloud_setup_s"], "handshake_s": sim.summary["startup"]["handshake_s"],
             "peak_pss_mb": sim.peak_pss_mb, "peak_rss_mb": sim.peak_rss_mb, "bytes_per_round": bytes_round,
             "timing": sim.rounds}
 
@@ -295,13 +300,14 @@ def render(results: dict, args) -> str:
     fleets = results.get("fleets", [])
     if fleets:
         lines += ["| fleet | clients | per round | bare loop updates/s (threads) | fedkd updates/s | ratio | "
-                  "local steps bare / fedkd | time to first round s | start-up s | wall s | peak memory MB (PSS / RSS) | "
+                  "local steps bare / fedkd | time through round 1 s | start-up s (engine + teacher + handshake) | wall s | peak memory MB (PSS / RSS) | "
                   "bytes per round |", "|" + "---|" * 12]
         for f in fleets:
             lines.append(f"| {f['fleet']} | {f['clients']} | {f['clients_per_round']:.0f} | "
                          f"{f['bare_updates_per_s']:.1f} ({f['bare_best_threads']}) | {f['sim_updates_per_s']:.1f} | "
                          f"{f['ratio']:.2f} | {f['bare_total_steps']} / {f['sim_total_steps']} | "
-                         f"{f['first_round_s']:.1f} | {f['startup_s']:.1f} | {f['wall_s']:.0f} | "
+                         f"{f['first_round_s']:.1f} | {f['startup_s']:.1f} ({f['startup_s'] - f['cloud_setup_s'] - f['handshake_s']:.1f} + "
+                         f"{f['cloud_setup_s']:.1f} + {f['handshake_s']:.1f}) | {f['wall_s']:.0f} | "
                          f"{f['peak_pss_mb']:.0f} / {f['peak_rss_mb']:.0f} | {f['bytes_per_round'] / 1e3:.0f} kB |")
         lines += ["", "Bare loop, updates/s by torch threads: " + "; ".join(
             f"{f['fleet']}: " + ", ".join(f"{b['threads']}: {b['updates_per_s']:.1f}" for b in f["bare"])
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fleets", nargs="*", default=["small", "ml100k", "synthetic10k"], choices=list(FLEETS),
                    help="fleets to compare against the bare loop (none: only --scaling)")
     p.add_argument("--data-path", default="", help="MovieLens-100K u.data, for the ml100k fleet")
+    p.add_argument("--bare-threads", type=int, nargs="+", default=[1],
+                   help="torch thread counts to time the bare loop with; the fastest is the reference")
     p.add_argument("--rounds", type=int, default=5, help="rounds per run (at least 3: steady state is 2..R-1)")
     p.add_argument("--scaling", action="store_true", help="also measure cost per round vs clients per round, "
                                                           "fleet size and student width")
