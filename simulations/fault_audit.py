@@ -2,6 +2,7 @@
 
     python -m simulations.fault_audit outputs/<experiment>
     python -m simulations.fault_audit --table outputs/clean outputs/faulty ...   # compare runs
+    python -m simulations.fault_audit --paired clean-s0 faulty-s0 clean-s1 faulty-s1 ...  # paired per user
 
 Recomputes, for every train message the server sent (``wire.jsonl`` has a line per message),
 the fault that client drew (:func:`fedkd.faults.draw_fault`) and the reason the server should
@@ -73,6 +74,43 @@ def table(dirs: list[Path]) -> str:
     return "\n".join(out)
 
 
+def paired(dirs: list[Path]) -> str:
+    """Faulty vs clean test NDCG@10 per user, for (clean, faulty) pairs of folders (one pair
+    per seed), each pair alone and pooled, with a 95% bootstrap interval over users (stratified
+    by pair). Both runs of a pair score the same users on the same held-out items, so the
+    user-to-user variance cancels and a few seeds say more than their unpaired means."""
+    import numpy as np
+
+    from fedkd.stats import paired_bootstrap
+
+    if len(dirs) % 2:
+        raise SystemExit("--paired takes folders two by two: clean, faulty, clean, faulty, ...")
+
+    def per_user(d: Path) -> dict[int, float]:
+        return {int(r["partition_id"]): float(r["ndcg_sum"]) / max(float(r["count"]), 1.0)
+                for r in _csv(d / "test_per_client.csv")}
+
+    out = ["| clean | faulty | users | clean NDCG@10 | faulty NDCG@10 | difference, 95% CI | relative |",
+           "|---|---|---|---|---|---|---|"]
+    xs, ys, strata = [], [], []
+    for i in range(0, len(dirs), 2):
+        a, b = per_user(dirs[i]), per_user(dirs[i + 1])
+        users = sorted(set(a) & set(b))
+        x, y = np.array([b[u] for u in users]), np.array([a[u] for u in users])
+        m, lo, hi = paired_bootstrap(x, y)
+        out.append(f"| {dirs[i].name} | {dirs[i + 1].name} | {len(users)} | {y.mean():.5f} | {x.mean():.5f} | "
+                   f"{m:+.5f} [{lo:+.5f}, {hi:+.5f}] | {m / y.mean():+.1%} |")
+        xs.append(x)
+        ys.append(y)
+        strata += [i] * len(users)
+    if len(xs) > 1:
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        m, lo, hi = paired_bootstrap(x, y, strata=np.array(strata))
+        out.append(f"| pooled ({len(xs)} pairs) | | {len(x)} | {y.mean():.5f} | {x.mean():.5f} | "
+                   f"{m:+.5f} [{lo:+.5f}, {hi:+.5f}] | {m / y.mean():+.1%} |")
+    return "\n".join(out)
+
+
 def _csv(path: Path) -> list[dict]:
     import csv
     with path.open() as f:
@@ -84,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, nargs="+", help="a results folder (several with --table)")
     ap.add_argument("--table", action="store_true", help="compare finished runs instead of auditing one")
+    ap.add_argument("--paired", action="store_true",
+                    help="folders two by two (clean, faulty; one pair per seed): per-user paired test NDCG@10")
     args = ap.parse_args(argv)
+    if args.paired:
+        print(paired(args.out))
+        return 0
     if args.table:
         print(table(args.out))
         return 0

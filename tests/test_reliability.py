@@ -292,3 +292,23 @@ def test_malicious_id_beyond_the_fleet_fails_before_the_engine_starts(tmp_path):
 def test_resume_is_refused_with_error_feedback_whose_device_files_cannot_roll_back():
     with pytest.raises(ValueError, match="'resume'.*error-feedback"):
         ExperimentConfig(resume=True, error_feedback=True)
+
+
+def test_fault_audit_paired_pools_per_user_differences_over_seeds(tmp_path):
+    from simulations.fault_audit import paired
+
+    def folder(name, ndcgs):
+        d = tmp_path / name
+        d.mkdir()
+        rows = "\n".join(f"{i},0,16,1,0,{v}" for i, v in enumerate(ndcgs))
+        (d / "test_per_client.csv").write_text("partition_id,tier,width,count,hr_sum,ndcg_sum\n" + rows + "\n")
+        return d
+
+    dirs = [folder("c0", [0.2, 0.4]), folder("f0", [0.1, 0.4]), folder("c1", [0.5, 0.5]), folder("f1", [0.5, 0.7])]
+    text = paired(dirs)
+    lines = text.splitlines()
+    assert "| -0.05000 [" in lines[2] and "-16.7%" in lines[2]   # (0.1+0.4)/2 - (0.2+0.4)/2
+    assert "| +0.10000 [" in lines[3]
+    assert lines[4].startswith("| pooled (2 pairs)") and "| +0.02500 [" in lines[4]  # mean of -0.1, 0, 0, 0.2
+    with pytest.raises(SystemExit, match="two by two"):
+        paired(dirs[:3])
