@@ -87,6 +87,9 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR",
                              "log_to_driver": True}}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if os.environ.get("FEDKD_FLOWER_DISPATCH", "") != "1":  # =1 keeps Flower's own (for comparisons)
+        from simulations.fast_dispatch import install
+        install()
     logging.getLogger("fedkd").info("starting Flower simulation: %d clients on %d CPUs", num_clients, cpus)
     _run_simulation(
         num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
