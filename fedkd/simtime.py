@@ -46,6 +46,7 @@ from typing import Any
 from fedkd.devices import DeviceProfile
 
 __all__ = [
+    "CALIBRATION",
     "CALIBRATION_FORMAT",
     "POLICIES",
     "Calibration",
@@ -235,6 +236,8 @@ class SimClock:
 # --------------------------------------------------------------------------- calibration
 
 CALIBRATION_FORMAT = "fedkd-calibration/1"
+# The machine the shipped step times were measured on (docs/budgets.md); used when no calibration is set.
+CALIBRATION = Path(__file__).with_name("reference_calibration.json")
 _WIDTH_KEYS = ("params", "train_step_s", "train_step_p90_s", "infer_top10_s", "infer_top10_p99_s",
                "infer_batch64_s")
 

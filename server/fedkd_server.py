@@ -46,7 +46,8 @@ from fedkd.nested import embed, nested_mean, slice_state, sub_layout
 from fedkd.privacy import PrivacyAccountant, accountant_for, noisy_mean, poisson_sample, private_sum
 from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.schedule import fleet_profiles, select, tier_index, width_for
-from fedkd.simtime import ClientTiming, load_calibration, plan_client, round_seconds, round_wall_seconds, step_seconds
+from fedkd.simtime import (CALIBRATION, ClientTiming, load_calibration, plan_client, round_seconds,
+                           round_wall_seconds, step_seconds)
 from fedkd.devices import online
 from fedkd.plots import plot_run
 from fedkd.population import population
@@ -68,7 +69,6 @@ APPENDED = ("metrics.csv", "timing.csv", "rejections.jsonl", "wire.jsonl")
 REWRITTEN = ("test_per_client*.csv", "summary.json", "student.pt", "student.json", "*.png")
 REPLY_SLACK = 64 * 1024  # bytes a reply may carry beyond twice its train message (metrics, framing)
 # Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
-CALIBRATION = Path(__file__).resolve().parents[1] / "fedkd" / "reference_calibration.json"
 
 
 @dataclass(frozen=True)

@@ -256,8 +256,23 @@ def bench_fleet(args, fleet: str) -> dict:
 
 
 def bench_point(args, name: str, extra: dict) -> dict:
-    """One fedkd run for the scaling table: its steady-state seconds per round."""
-    sim = run_sim(_base(args, name, extra), args.out, timeout_s=args.timeout)
+    """One fedkd run for the scaling table: its steady-state seconds per round. A run that
+    fails is recorded with its error, and the table goes on without it. With ``--from-runs``
+    the finished run folder is read instead (what is measured from outside, time through
+    round 1 and memory, is then unknown)."""
+    out = args.out / "runs" / name
+    if args.from_runs:
+        if not (out / "summary.json").is_file():
+            return {"name": name, **extra, "error": f"no finished run in {out}"}
+        sim = SimResult(wall_s=float("nan"), first_round_s=float("nan"), startup_s=float("nan"),
+                        peak_pss_mb=float("nan"), peak_rss_mb=float("nan"), rounds=_csv(out / "timing.csv"),
+                        metrics=_csv(out / "metrics.csv"), summary=json.loads((out / "summary.json").read_text()))
+    else:
+        try:
+            sim = run_sim(_base(args, name, extra), args.out, timeout_s=args.timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"[scaling] {name} failed: {exc}", flush=True)
+            return {"name": name, **extra, "error": str(exc)}
     secs, ups, rate = steady(sim.rounds, sim.metrics)
     n = len(sim.rounds) - 2
     return {"name": name, **extra, "round_s": secs / n, "updates_per_round": ups / n, "updates_per_s": rate,
@@ -269,7 +284,7 @@ SCALING = {
     "clients per round (fleet 1,000)": ("clients-per-round", [25, 50, 100, 200],
                                         {"synthetic-users": 1250}),
     "fleet size (100 per round)": ("synthetic-users", [125, 1250, 12500], {"clients-per-round": 100}),
-    "student width (fleet 1,000, 100 per round)": ("student-dim", [16, 32, 64],
+    "student width (fleet 1,000, 100 per round)": ("student-dim", [8, 16, 32],  # the calibrated widths end at 32
                                                    {"synthetic-users": 1250, "clients-per-round": 100}),
 }
 
@@ -312,8 +327,14 @@ def render(results: dict, args) -> str:
         lines += ["", "Bare loop, updates/s by torch threads: " + "; ".join(
             f"{f['fleet']}: " + ", ".join(f"{b['threads']}: {b['updates_per_s']:.1f}" for b in f["bare"])
             for f in fleets), ""]
-    for title, pts in results.get("scaling", {}).items():
+    for title, all_pts in results.get("scaling", {}).items():
         key = SCALING[title][0]
+        pts = [p for p in all_pts if "error" not in p]
+        failed = [p for p in all_pts if "error" in p]
+        if len(pts) < 2:
+            lines += [f"**Cost per round vs {title}**: too few finished runs"] + \
+                [f"- {p[key]}: {p['error']}" for p in failed] + [""]
+            continue
         a, b, r2 = slope([p[key] for p in pts], [p["round_s"] for p in pts])
         lines += [f"**Cost per round vs {title}**: fit round_s = {a:.3f} + {b * 1e3:.3f} ms x {key} "
                   f"(r^2 {r2:.3f})", "",
@@ -323,6 +344,7 @@ def render(results: dict, args) -> str:
             lines.append(f"| {p[key]} | {p['clients']} | {p['updates_per_round']:.0f} | {p['round_s']:.2f} | "
                          f"{1e3 * p['round_s'] / p['updates_per_round']:.1f} | {p['updates_per_s']:.1f} | "
                          f"{p['first_round_s']:.1f} | {p['peak_pss_mb']:.0f} |")
+        lines += [f"| {p[key]} | failed: {p['error'][:120]} |" for p in failed]
         lines.append("")
     prof = results.get("profile", {})
     if prof:
@@ -354,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-max-seconds", type=float, default=120.0,
                    help="cap on teacher training (it is trained before anything is timed)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a simulation is killed")
+    p.add_argument("--from-runs", action="store_true",
+                   help="rebuild the scaling table and profile from the run folders under --out/runs instead of "
+                        "running (time through round 1 and memory, measured from outside, are then n/a)")
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
@@ -361,24 +386,32 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir = args.cache_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"fleets": [], "scaling": {}, "profile": {}}
-    for fleet in args.fleets:
+    name = "perf-from-runs" if args.from_runs else "perf"
+
+    def save() -> str:  # after every fleet and point: a later failure loses nothing measured
+        text = render(results, args)
+        (args.out / f"{name}.md").write_text(text + "\n")
+        (args.out / f"{name}.json").write_text(json.dumps(results, indent=1, default=float))
+        return text
+
+    for fleet in [] if args.from_runs else args.fleets:
         res = bench_fleet(args, fleet)
         results["fleets"].append(res)
         results["profile"][f"fleet {fleet}"] = profile_rows(res["timing"])
         print(render({"fleets": [res]}, args), flush=True)
-    if args.scaling:
+        save()
+    if args.scaling or args.from_runs:
         for title, (key, values, extra) in SCALING.items():
-            pts = []
+            pts = results["scaling"].setdefault(title, [])
             for v in values:
                 print(f"[scaling] {key} = {v} ...", flush=True)
                 pts.append(bench_point(args, f"scale-{key}-{v}", {**extra, key: v}))
-            results["scaling"][title] = pts
-            results["profile"].update({f"{key} {p[key]}": profile_rows(p["timing"]) for p in pts})
-    text = render(results, args)
-    (args.out / "perf.md").write_text(text + "\n")
-    (args.out / "perf.json").write_text(json.dumps(results, indent=1, default=float))
+                if "error" not in pts[-1]:
+                    results["profile"][f"{key} {v}"] = profile_rows(pts[-1]["timing"])
+                save()
+    text = save()
     print(text)
-    print(f"written: {args.out / 'perf.md'}, {args.out / 'perf.json'}")
+    print(f"written: {args.out / (name + '.md')}, {args.out / (name + '.json')}")
     return 0
 
 

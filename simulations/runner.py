@@ -65,12 +65,13 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     if bad:
         raise ValueError(f"Config key 'fault-malicious' has invalid value {cfg.fault_malicious!r}: allowed "
                          f"partition ids in 0..{num_clients - 1} (this fleet has {num_clients} clients)")
-    if cfg.device_trace or cfg.calibration:  # files the server reads: check them now, not inside Ray
-        from fedkd.schedule import fleet_profiles
-        from fedkd.simtime import load_calibration
+    from fedkd.schedule import fleet_profiles
+    from fedkd.simtime import CALIBRATION, load_calibration, step_seconds
+    if cfg.device_trace:  # files the server reads: check them now, not inside Ray
         fleet_profiles(cfg, num_clients)
-        if cfg.calibration:
-            load_calibration(cfg.calibration)
+    calibration = load_calibration(cfg.calibration or CALIBRATION)
+    for width in cfg.widths:  # the simulated clock needs every width in use (raises, naming it)
+        step_seconds(calibration, width)
     if cfg.resume:  # a missing or mismatched checkpoint fails here, before the engine starts
         from fedkd import checkpoint
         checkpoint.load(Path(cfg.output_dir) / cfg.experiment_name, cfg.to_flat())

@@ -51,3 +51,11 @@ def test_resume_without_a_checkpoint_fails_before_the_engine_starts(tmp_path):
 def test_help_explains_resume():
     out = _fedkd("run", "--help").stdout
     assert "--resume [BOOL]" in out and "continues after the last complete round" in " ".join(out.split())
+
+
+def test_student_width_outside_the_calibration_fails_before_the_engine_starts(tmp_path):
+    proc = _fedkd("run", "--student-dim", "64", "--output-dir", str(tmp_path), "--synthetic-users", "50")
+    assert proc.returncode == 2
+    assert "student width 64 is outside the calibrated widths" in proc.stderr
+    assert "starting Flower simulation" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "fedkd").exists()  # no results folder was started
