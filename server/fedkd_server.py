@@ -68,7 +68,6 @@ TRAINING_KINDS = ("train", "query.secagg_keys")
 APPENDED = ("metrics.csv", "timing.csv", "rejections.jsonl", "wire.jsonl")
 REWRITTEN = ("test_per_client*.csv", "summary.json", "student.pt", "student.json", "*.png")
 REPLY_SLACK = 64 * 1024  # bytes a reply may carry beyond twice its train message (metrics, framing)
-# Seconds per local step by width on the machine fedkd was calibrated on (docs/budgets.md).
 
 
 @dataclass(frozen=True)
