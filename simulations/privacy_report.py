@@ -74,9 +74,11 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
         if pts:
             ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.std or 0 for _, s in pts],
                         marker="o", capsize=3, label="DP (central)")
-        ref = [p for p in points if p["epsilon"] is None and p[key]]
-        if ref:
-            ax.axhline(ref[0][key].mean, ls="--", color="grey", label="no DP")
+        # Every configuration without DP is a reference line: no-dp (what DP costs) and, where the sweep
+        # has it, proxy-only (a student that never saw an edge user: the attack's "nothing revealed").
+        for p, style in zip((p for p in points if p["epsilon"] is None and p[key]),
+                            (("--", "grey"), ("-.", "tab:green"), (":", "tab:red"))):
+            ax.axhline(p[key].mean, ls=style[0], color=style[1], label=p["config"])
         if key == "auc":
             ax.axhline(0.5, ls=":", color="black", lw=0.8)
         ax.set_xscale("log")
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"plot: {img}")
     if args.out:
+        if not args.out.is_file():
+            print(f"{args.out}: no such file; give the Markdown page that holds the {START} ... {END} block",
+                  file=sys.stderr)
+            return 1
         doc = args.out.read_text()
         if START not in doc or END not in doc:
             print(f"{args.out} has no {START} ... {END} block; table not written", file=sys.stderr)

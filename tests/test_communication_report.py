@@ -51,3 +51,15 @@ def test_a_doc_without_the_section_is_refused(tmp_path):
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="section"):
         cr.write_section(doc, "x")
+
+
+def test_comparisons_pair_seeds():
+    """A config with seeds 0-1 against a reference with seed 0 alone compares seed 0 only."""
+    def run(test):
+        return {"summary": {"test_ndcg@10": test}, "rows": [{"val_ndcg": test}]}
+
+    base = {0: run(0.10)}
+    assert cr._paired({0: run(0.11), 1: run(0.50)}, base, cr._test) == "+10.0% (seed 0)"
+    both = cr._paired({0: run(0.11), 1: run(0.18)}, {0: run(0.10), 1: run(0.20)}, cr._val)
+    assert both == "-3.3% (+10, -10)"  # pooled 0.29 / 0.30, and each seed's own ratio
+    assert cr._paired({1: run(0.2)}, base, cr._test) == "–"
