@@ -161,8 +161,10 @@ class ExperimentConfig:
     dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
     secure_aggregation: bool = _opt(False, "protocol params: devices upload their updates under pairwise masks "
                                            "(X25519 + ChaCha20, fedkd.secagg) so that the server learns only the "
-                                           "sum; costs a key exchange per round and 4 bytes per parameter up; a "
-                                           "device that drops out after the key exchange voids the round.")
+                                           "sum; costs a key exchange per round and 4 bytes per parameter up "
+                                           "(quant-bits then sets the student sent down only; error-feedback and "
+                                           "update-density < 1 are refused); a device that drops out after the "
+                                           "key exchange voids the round.")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
 
@@ -460,6 +462,12 @@ def _validate(c: ExperimentConfig) -> None:
                f"false with protocol = {c.protocol} (it sums parameter updates)")
         _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
                "0 with secure-aggregation (refinement needs single clients' models)")
+        # Masked uploads are 32-bit fixed-point words mod 2^32 (the masks cancel only in exact
+        # modular arithmetic), so the upload codecs do not apply: refused, not silently ignored.
+        _check(not c.error_feedback, "error-feedback", c.error_feedback,
+               "false with secure-aggregation (masked updates go up as 32-bit fixed point: no residual to feed back)")
+        _check(c.update_density == 1, "update-density", c.update_density,
+               "1 with secure-aggregation (a masked update is dense: the masks cover every entry)")
     if c.dp_mode == "central" or c.secure_aggregation:  # those paths sum updates their own way
         _check(c.aggregation == "mean" and c.norm_bound == 0, "aggregation", c.aggregation,
                "mean with norm-bound 0 under dp-mode = central or secure-aggregation (clipping is the bound)")

@@ -66,6 +66,8 @@ def test_configuration_reference_is_current():
     ({"protocol": "logits", "cloud-fraction": 0.0, "kd-weight": 0.0}, "'cloud-fraction' has invalid value 0.0"),
     ({"cloud-fraction": 0.0}, "'cloud-fraction' has invalid value 0.0"),
     ({"fd-teacher-weight": 1.5}, "'fd-teacher-weight' has invalid value 1.5"),
+    ({"secure-aggregation": True, "error-feedback": True}, "'error-feedback' has invalid value True"),
+    ({"secure-aggregation": True, "update-density": 0.1}, "'update-density' has invalid value 0.1"),
 ])
 def test_protocol_settings_that_cannot_work_are_refused(flat, message):
     with pytest.raises(ValueError, match=message):
