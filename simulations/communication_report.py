@@ -52,8 +52,7 @@ def load(folder: Path) -> dict[str, dict[int, dict]]:
         runs.setdefault(m["config"], {})[int(m["seed"])] = {
             "summary": json.loads((d / "summary.json").read_text()),
             "config": json.loads((d / "config.json").read_text())["config"], "rows": rows}
-    order = list(json.loads((folder / "sweep.json").read_text()).get("configs", {})) if (
-        folder / "sweep.json").is_file() else []  # the spec's order, as the sweep recorded it
+    order = _spec_order(folder / "sweep.json")
     return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
@@ -62,6 +61,19 @@ def _num(v: str) -> float | str:
         return float(v)
     except ValueError:
         return v
+
+
+def _spec_order(sweep_json: Path) -> list[str]:
+    """Configs in the spec's order: that of the planned runs of the lowest seed. sweep.json's
+    ``configs`` table is sorted by name, and its ``runs`` put runs kept from earlier commands
+    (other seeds) first."""
+    if not sweep_json.is_file():
+        return []
+    spec = json.loads(sweep_json.read_text())
+    runs = spec.get("runs", [])
+    first = min((r.get("seed", 0) for r in runs), default=0)
+    planned = [r["config"] for r in runs if r.get("seed", 0) == first]
+    return list(dict.fromkeys(planned + list(spec.get("configs", {}))))
 
 
 def final_val(rows: Sequence[Mapping]) -> float:

@@ -26,8 +26,10 @@ def test_bytes_to_target_table_and_doc_section(tmp_path):
     _run(tmp_path, "fedavg-32-s0", ["", 0.10, "", 0.20], 1_000_000, test=0.2)
     _run(tmp_path, "fedkd-8-s0", [0.15, 0.21, 0.25, 0.26], 100_000, test=0.26, extra={"sl": 500})
     _run(tmp_path, "fedkd-8-naive-s0", [0.1, 0.1, 0.1, 0.1], 100_000, test=0.25, extra={"sl": 50_000})
-    (tmp_path / "sweep.json").write_text(json.dumps({"configs": {"fedavg-32": {}, "fedkd-8-naive": {},
-                                                                 "fedkd-8": {}}}))
+    (tmp_path / "sweep.json").write_text(json.dumps({  # configs sorted by name; runs as last planned
+        "configs": {"fedavg-32": {}, "fedkd-8": {}, "fedkd-8-naive": {}}, "seeds": [0, 1],
+        "runs": [{"config": "fedkd-8", "seed": 1}, {"config": "fedavg-32", "seed": 0},
+                 {"config": "fedkd-8-naive", "seed": 0}, {"config": "fedkd-8", "seed": 0}]}))
     runs = cr.load(tmp_path)
     assert list(runs) == ["fedavg-32", "fedkd-8-naive", "fedkd-8"]  # the spec's order
     assert cr.final_val(runs["fedavg-32"][0]["rows"]) == 0.20
