@@ -135,7 +135,6 @@ def _describe(c: Mapping) -> str:
 def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
     out = []
     ref = runs.get(REFERENCE, {})
-    k = "test_ndcg@10"
     # 1. bytes to the reference's final validation NDCG@10 ---------------------------------
     out.append("**Bytes to reach 32-bit FedAvg's final validation NDCG@10** (target per seed; "
                "MB = 10^6 bytes of training traffic, up + down)\n")
@@ -160,7 +159,7 @@ def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
                      if mbs else ("never" if n_ref else "no FedAvg-32 run of its seeds"))
         share = f"{_mean(shares):.1f}%" if shares else "–"
         out.append(f"| {name} | {_describe(first['config'])} | {len(seeds)} | "
-                   f"{_mean([r['summary'][k] for r in seeds.values()]):.4f} | {per_round:,.2f} | {to_target} | {share} |")
+                   f"{_mean([_test(r) for r in seeds.values()]):.4f} | {per_round:,.2f} | {to_target} | {share} |")
     # 2. error feedback --------------------------------------------------------------------
     out.append("\n**4-bit updates with and without error feedback**, final NDCG@10 relative to "
                f"`{FULL_PRECISION}` on the seeds both ran, per seed in brackets (goal: within 2% with error "
