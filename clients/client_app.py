@@ -23,6 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedkd import streams
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
 from fedkd.config import FAULT_KINDS, ExperimentConfig
@@ -36,7 +37,8 @@ from fedkd.nested import embed, sub_config, sub_layout
 from fedkd.privacy import clip_update, local_dp
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
 from fedkd.secagg import KeyPair, masked_upload
-from clients.wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
+from fedkd.streams import Stream
+from wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
 
@@ -142,8 +144,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         model, start = _student(cfg, data, content)
     proxy = _proxy(cfg, data, content, context) if "proxy" in content.arrays else None
-    torch.manual_seed(hash((cfg.seed, 7, round_idx, data.partition_id)) % 2**31)  # dropout masks
-    rng = np.random.default_rng([cfg.seed, 6, round_idx, data.partition_id])
+    torch.manual_seed(streams.torch_seed(cfg.seed, Stream.LOCAL_DROPOUT, round_idx, data.partition_id))
+    rng = streams.rng(cfg.seed, Stream.LOCAL_TRAIN, round_idx, data.partition_id)
     # The server plays the clock in simulation: it sends how many steps fit this device's
     # round (its tier's budget, cut by the deadline); the meter enforces exactly that.
     budget = StepBudget(int(config_of(content, "config", "steps", int)))
@@ -156,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
     if start is not None:
         update = {k: trained[k] - start[k] for k in start}
         if cfg.dp_mode == "local":  # clip and noise the real update, before quantisation (docs/privacy.md)
-            update = local_dp(update, cfg, np.random.default_rng([cfg.seed, 12, round_idx, data.partition_id]))
+            update = local_dp(update, cfg, streams.rng(cfg.seed, Stream.LOCAL_DP_NOISE, round_idx, data.partition_id))
         if data.partition_id in malicious_ids(cfg):  # a well-formed lie: the update, boosted (after any clipping)
             update = {k: (v * cfg.fault_malicious_scale).astype(np.float32) for k, v in update.items()}
         if cfg.secure_aggregation:

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedkd import streams
+from fedkd.streams import Stream
+
 
 class BudgetExceeded(RuntimeError):
     """Raised when code tries to spend a step the budget does not have."""
@@ -51,4 +54,4 @@ def assign_tiers(num_clients: int, shares: Sequence[float], seed: int) -> np.nda
     order = np.argsort(-(raw - counts), kind="stable")
     counts[order[: num_clients - counts.sum()]] += 1
     tiers = np.repeat(np.arange(len(shares)), counts)
-    return np.random.default_rng([seed, 3]).permutation(tiers)
+    return streams.rng(seed, Stream.TIERS).permutation(tiers)

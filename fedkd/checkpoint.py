@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 NAME = "checkpoint.pt"
-VERSION = 1
+VERSION = 2  # 2: {part name: part state} (server/experiment.py)
 # Keys a resume may change: how the run is shown and that it is a resume, not what it computes.
 MAY_DIFFER = ("resume", "progress")
 

@@ -19,7 +19,7 @@ Named tiers (:func:`tier_profiles`)
     (lognormal, so the tier value is the median and values stay positive) and the
     availability is moved in logit space, ``sigmoid(logit(p) + spread * z)`` (0 and 1
     stay exact). The five ``z`` are drawn, in that order, from
-    ``np.random.default_rng([seed, 11, partition_id])``: a client's variation depends on
+    the stream ``Stream.DEVICE_JITTER`` (``fedkd.streams``) keyed by partition: a client's variation depends on
     its seed and partition id only, never on the fleet's size or order.
 
 Trace file (:func:`load_trace`)
@@ -64,7 +64,7 @@ Trace file (:func:`load_trace`)
     or entry (JSON, 1-based) and the field.
 
 Availability per round (:func:`online`) is drawn from
-``np.random.default_rng([seed, 12, round_idx, partition_id])``: reproducible, and
+the stream ``Stream.AVAILABILITY`` keyed by (round, partition): reproducible, and
 independent of which clients are selected or in which order they are asked.
 """
 
@@ -81,7 +81,9 @@ from typing import Any
 
 import numpy as np
 
+from fedkd import streams
 from fedkd.budget import assign_tiers
+from fedkd.streams import Stream
 
 __all__ = [
     "DeviceProfile",
@@ -98,7 +100,6 @@ __all__ = [
 TRACE_FIELDS: tuple[str, ...] = ("client", "tier", "speed", "memory_mb", "uplink_kbps", "downlink_kbps",
                                  "availability")
 _OPTIONAL_FIELDS: tuple[str, ...] = ("online_rounds",)
-_JITTER_STREAM, _ONLINE_STREAM = 11, 12
 
 
 class TraceError(ValueError):
@@ -184,7 +185,7 @@ def client_profile(base: DeviceProfile, *, seed: int, partition_id: int, spread:
         raise ValueError(f"partition id must be >= 0, got {partition_id}")
     if spread == 0:
         return base
-    z = np.random.default_rng([int(seed), _JITTER_STREAM, int(partition_id)]).standard_normal(5)
+    z = streams.rng(seed, Stream.DEVICE_JITTER, partition_id).standard_normal(5)
     f = np.exp(spread * z[:4])
     p = base.availability
     if 0 < p < 1:
@@ -371,7 +372,7 @@ def online(profile: DeviceProfile, seed: int, round_idx: int, partition_id: int)
     """Is this client online in round ``round_idx`` (1-based)?
 
     ``profile.online_rounds``, when set, decides exactly; otherwise one uniform draw from
-    ``default_rng([seed, 12, round_idx, partition_id])`` is compared with the
+    a draw of ``Stream.AVAILABILITY`` keyed by (round, partition) is compared with the
     availability (1.0 is always online, 0.0 never).
     """
     if profile.online_rounds is not None:
@@ -380,5 +381,5 @@ def online(profile: DeviceProfile, seed: int, round_idx: int, partition_id: int)
         return True
     if profile.availability <= 0.0:
         return False
-    u = np.random.default_rng([int(seed), _ONLINE_STREAM, int(round_idx), int(partition_id)]).random()
+    u = streams.rng(seed, Stream.AVAILABILITY, round_idx, partition_id).random()
     return bool(u < profile.availability)

@@ -12,7 +12,7 @@ other random draws of the run are untouched, and a test can list in advance ever
 run will meet. Faults apply to ``train`` messages only: evaluation stays the yardstick.
 
 Pure numpy; the one corruption below the numpy level (undecodable bytes) lives in
-:func:`clients.wire.garble`.
+:func:`wire.garble`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedkd import streams
 from fedkd.config import FAULT_KINDS, ExperimentConfig, _split
+from fedkd.streams import Stream
 
-# Stream id of fault draws in ``default_rng([seed, STREAM, round, partition])``; other
-# stream ids used by fedkd: 6 local training, 7 dropout, 8 selection, 9/10 server distillation.
-STREAM = 13
 # The reason code the server is expected to log for each injected corruption.
 EXPECTED_REASON = {"nan": "non-finite", "inf": "non-finite", "shape": "shape", "dtype": "dtype",
                    "missing-key": "missing-key", "oversized": "oversized", "undecodable": "undecodable",
@@ -37,7 +36,7 @@ def draw_fault(cfg: ExperimentConfig, round_idx: int, partition_id: int) -> str 
     """The fault of this client in this round: ``crash``, ``hang``, a corruption kind, or None."""
     if cfg.fault_crash == cfg.fault_hang == cfg.fault_corrupt == 0:
         return None
-    rng = np.random.default_rng([cfg.seed, STREAM, round_idx, partition_id])
+    rng = streams.rng(cfg.seed, Stream.FAULTS, round_idx, partition_id)
     u, pick = rng.random(), rng.random()
     if u < cfg.fault_crash:
         return "crash"
@@ -61,7 +60,7 @@ def corrupt(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray
     drops the last element of the first array, ``dtype`` widens it to a dtype of another
     size, ``missing-key`` drops it, ``oversized`` adds a padding array of 1 MiB or four
     times the record, whichever is larger. ``undecodable`` and ``steps`` act elsewhere
-    (:func:`clients.wire.garble`, the reported step count) and return the record unchanged.
+    (:func:`wire.garble`, the reported step count) and return the record unchanged.
     """
     if kind not in FAULT_KINDS:
         raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(FAULT_KINDS)}")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedkd import streams
 from fedkd.codec import PayloadError, pack_ids, unpack_ids
 from fedkd.distill import SoftLabels, decode_soft_labels, encode_soft_labels, teacher_soft_labels
 from fedkd.local import ProxyBatch
 from fedkd.samples import train_samples
+from fedkd.streams import Stream
 
 
 def build_proxy_set(sequences, cloud_users: np.ndarray, *, size: int, max_len: int,
@@ -25,7 +27,7 @@ def build_proxy_set(sequences, cloud_users: np.ndarray, *, size: int, max_len: i
     if len(hist) == 0:
         raise ValueError("no cloud-user training prefixes: the proxy set would be empty "
                          "(raise cloud-fraction or set kd-weight = 0)")
-    take = np.random.default_rng([seed, 4]).choice(len(hist), size=min(size, len(hist)), replace=False)
+    take = streams.rng(seed, Stream.PROXY_SET).choice(len(hist), size=min(size, len(hist)), replace=False)
     return hist[np.sort(take)]
 
 
@@ -114,7 +116,7 @@ def decode_full_proxy(arrays: dict[str, np.ndarray], *, rows: int, max_len: int,
 # --- caching on the device, deltas on the wire ------------------------------------------------
 def round_rows(proxy_len: int, *, round_idx: int, size: int, seed: int) -> np.ndarray:
     """Proxy-set rows of a round's batch (the same draw as :func:`round_batch`)."""
-    rng = np.random.default_rng([seed, 5, round_idx])
+    rng = streams.rng(seed, Stream.PROXY_BATCH, round_idx)
     return rng.choice(proxy_len, size=min(size, proxy_len), replace=False)
 
 

@@ -1,6 +1,6 @@
 """Evaluation split and the cloud / edge population layout.
 
-The random draws use ``np.random.default_rng([seed, tag])`` with a fixed tag
+The random draws use named streams of :mod:`fedkd.streams`
 per purpose, so that changing how many clients there are never changes which
 users live in the cloud, and every process derives the same layout from the
 experiment seed alone.
@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 
-__all__ = ["leave_one_out", "partition_clients", "split_population"]
+from fedkd import streams
+from fedkd.streams import Stream
 
-_CLOUD_STREAM = 1
-_CLIENT_STREAM = 2
+__all__ = ["leave_one_out", "partition_clients", "split_population"]
 
 
 def leave_one_out(seq: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -63,7 +63,7 @@ def split_population(num_users: int, cloud_fraction: float, seed: int) -> tuple[
         rounding) go to the cloud.  1 is excluded because the simulation
         needs edge users.
     seed
-        Experiment seed; the draw uses ``default_rng([seed, 1])``.
+        Experiment seed; the draw uses ``Stream.CLOUD_USERS`` (fedkd.streams).
 
     Returns
     -------
@@ -93,7 +93,7 @@ def split_population(num_users: int, cloud_fraction: float, seed: int) -> tuple[
             f"cloud_fraction={cloud_fraction} puts all {num_users} users in the cloud; "
             "at least one edge user is needed"
         )
-    permutation = np.random.default_rng([int(seed), _CLOUD_STREAM]).permutation(int(num_users))
+    permutation = streams.rng(seed, Stream.CLOUD_USERS).permutation(int(num_users))
     cloud = np.sort(permutation[:num_cloud]).astype(np.int64)  # (num_cloud,)
     edge = np.sort(permutation[num_cloud:]).astype(np.int64)  # (num_users - num_cloud,)
     return cloud, edge
@@ -110,7 +110,7 @@ def partition_clients(edge_users: np.ndarray, users_per_client: int, seed: int) 
     users_per_client
         Users per client, ``>= 1``; the last client gets the remainder.
     seed
-        Experiment seed; the shuffle uses ``default_rng([seed, 2])``.
+        Experiment seed; the shuffle uses ``Stream.CLIENT_USERS``.
 
     Returns
     -------
@@ -135,6 +135,6 @@ def partition_clients(edge_users: np.ndarray, users_per_client: int, seed: int) 
         raise ValueError(f"edge_users must be 1-D, got shape {users.shape}")
     if len(users) > 1 and (np.diff(users) == 0).any():
         raise ValueError("edge_users contains duplicates")
-    shuffled = np.random.default_rng([int(seed), _CLIENT_STREAM]).permutation(users)  # (E,)
+    shuffled = streams.rng(seed, Stream.CLIENT_USERS).permutation(users)  # (E,)
     size = int(users_per_client)
     return [np.sort(shuffled[i : i + size]) for i in range(0, len(shuffled), size)]

@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from fedkd import streams
+from fedkd.streams import Stream
+
 __all__ = ["generate_synthetic"]
 
 _P_STEP = 0.75  # continue along the chain from the previous item
@@ -77,7 +80,7 @@ def generate_synthetic(
     if num_clusters > num_items:
         raise ValueError(f"num_clusters ({num_clusters}) must not exceed num_items ({num_items})")
 
-    rng = np.random.default_rng([seed, 0x5E0])
+    rng = streams.rng(seed, Stream.SYNTHETIC)
 
     # Items: a random chain order, cut into contiguous per-cluster blocks.
     chain = rng.permutation(num_items)  # (I,) chain position -> item index 0..I-1

@@ -2,7 +2,7 @@
 ``bytes_down_*`` / ``bytes_up_*`` columns.
 
 The counts themselves come from the serialised Flower messages
-(:func:`clients.wire.message_nbytes_by_part`); this module only names what each record of a
+(:func:`wire.message_nbytes_by_part`); this module only names what each record of a
 fedkd message is and adds the counts up, so the parts of a round always sum to its
 ``bytes_down`` and ``bytes_up``.
 """

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkd.config import ExperimentConfig
 from fedkd.results import prepare_dir, write_json
-from server.fedkd_server import FedKDServer
+from server.experiment import Experiment
 
 app = ServerApp()
 
@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
             logging.getLogger("fedkd").info("previous results moved to %s", moved)
         write_json(out / "config.json", {"config": cfg.to_flat(), "python": sys.version.split()[0],
                                          "platform": platform.platform(), "versions": _versions()})
-    FedKDServer(cfg, out).run(grid)
+    Experiment(cfg, out).run(grid)
 
 
 def _log_to(path: Path) -> None:

@@ -5,7 +5,7 @@
 Builds the train message a device gets and the reply it sends for each configuration with
 fedkd's own encoders (student of the configured width, a random update, a random proxy batch
 with top-k or full labels) and counts them as the server does
-(:func:`clients.wire.message_nbytes_by_part`). Needs no data and trains nothing, so it tells
+(:func:`wire.message_nbytes_by_part`). Needs no data and trains nothing, so it tells
 in a second what a sweep will send per client and round; quantised sizes do not depend on the
 values, only Flower's varint-coded numbers do (a few bytes). With ``kd-cache`` two rows are
 printed: a device that holds none of the batch, and one that holds all of it (a frozen
@@ -34,7 +34,7 @@ def message_sizes(cfg: ExperimentConfig, num_items: int, *, held: bool = False) 
     from flwr.app import Message
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients.wire import Content, message_nbytes_by_part, pack
+    from wire import Content, message_nbytes_by_part, pack
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     rng = np.random.default_rng(0)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedkd import streams
+from fedkd.streams import Stream
 from simulations.runner import APP_DIR, overrides_toml
 
 FLEETS = {
@@ -160,12 +162,11 @@ class BareLoop:
         from fedkd.config import ExperimentConfig
         from fedkd.population import population
         from fedkd.schedule import fleet_profiles, tier_index
-        from server.fedkd_server import FedKDServer
+        from server.cloud import Cloud
 
         self.cfg = cfg = ExperimentConfig.from_flat(_fused(overrides))
-        server = FedKDServer(cfg, Path(tempfile.mkdtemp(dir=workdir)))
-        server._setup_cloud()  # the server's own teacher (trained once, then cached) and proxy set
-        self.teacher, self.proxy, self.num_items = server.teacher, server.proxy, server.num_items
+        cloud = Cloud(cfg)  # the server's own teacher (trained once, then cached) and proxy set
+        self.teacher, self.proxy, self.num_items = cloud.teacher, cloud.proxy, cloud.num_items
         n = population(cfg).num_clients
         profiles = fleet_profiles(cfg, n)
         self.tier_of = {p: tier_index(cfg, profiles[p]) for p in range(n)}
@@ -195,17 +196,17 @@ class BareLoop:
             batch = self.proxy[rows]
             sl = soft_labels(self.teacher, batch, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
             proxy = ProxyBatch(histories=batch, ids=sl.ids.astype(np.int64), probs=sl.probs.astype(np.float32))
-            chosen = select(self.pids, cfg.clients_per_round, rng=np.random.default_rng([cfg.seed, 8, r]),
+            chosen = select(self.pids, cfg.clients_per_round, rng=streams.rng(cfg.seed, Stream.SELECTION, r),
                             policy=cfg.selection, tier_of=self.tier_of, finishes={p: True for p in self.pids})
             updates, weights, steps = [], [], 0
             for pid in sorted(chosen):
                 data = client_data(cfg, pid)
                 set_state(model, state)
-                torch.manual_seed(hash((cfg.seed, 7, r, pid)) % 2**31)
+                torch.manual_seed(streams.torch_seed(cfg.seed, Stream.LOCAL_DROPOUT, r, pid))
                 res = local_train(model, data.train, proxy, budget=StepBudget(cfg.tiers[self.tier_of[pid]][2]),
                                   batch_size=cfg.batch_size, kd_batch_size=cfg.kd_batch_size, lr=cfg.local_lr,
                                   kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature,
-                                  rng=np.random.default_rng([cfg.seed, 6, r, pid]), optimizer=cfg.local_optimizer,
+                                  rng=streams.rng(cfg.seed, Stream.LOCAL_TRAIN, r, pid), optimizer=cfg.local_optimizer,
                                   clip_norm=cfg.local_clip_norm or None)
                 trained = get_state(model)
                 updates.append({k: trained[k] - state[k] for k in state})
@@ -300,10 +301,10 @@ def slope(xs, ys) -> tuple[float, float, float]:
 
 def profile_rows(timing: list[dict]) -> dict[str, float]:
     """Mean seconds per steady round in each server section; 'wait' is exchange minus audit."""
-    from server.fedkd_server import PROFILE_SECTIONS
+    from server.transport import Profile
 
     keep = [t for t in timing if 1 < int(t["round"]) < len(timing)]
-    out = {k: float(np.mean([float(t.get(k, 0) or 0) for t in keep])) for k in ("round_s", *PROFILE_SECTIONS)}
+    out = {k: float(np.mean([float(t.get(k, 0) or 0) for t in keep])) for k in ("round_s", *Profile.SECTIONS)}
     out["wait_s"] = out["exchange_s"] - out["audit_s"]
     return out
 
@@ -348,8 +349,8 @@ def render(results: dict, args) -> str:
         lines.append("")
     prof = results.get("profile", {})
     if prof:
-        from server.fedkd_server import PROFILE_SECTIONS
-        cols = ["round_s", *PROFILE_SECTIONS, "wait_s"]
+        from server.transport import Profile
+        cols = ["round_s", *Profile.SECTIONS, "wait_s"]
         lines += ["**Where a steady round's wall time goes** (server sections, mean s per round; "
                   "client_train_s sums the clients' own training time, which runs in parallel workers)", "",
                   "| run | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]

@@ -100,35 +100,4 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     out = Path(cfg.output_dir) / cfg.experiment_name
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without a summary in {out}; see {out / 'run.log'}")
-    if cfg.membership_attack:
-        add_membership_attack(out, cfg)
     return out
-
-
-def add_membership_attack(out: Path, cfg: ExperimentConfig) -> dict:
-    """Attack the run's chosen global student (``fedkd.membership``) and add the result to
-    its summary.json: ``mia_auc`` (loss threshold) and ``membership_attack`` (details). Runs
-    here, in the experimenter's process, because it reads the edge users' data."""
-    import json
-
-    import torch
-
-    from fedkd.membership import membership_attack
-    from fedkd.models import ModelConfig, build_model
-    from fedkd.results import write_json
-
-    summary = json.loads((out / "summary.json").read_text())
-    if not (out / "student.pt").is_file():
-        res = {"skipped": f"protocol {cfg.protocol} has no global student to attack"}
-    else:
-        model = build_model(ModelConfig(**json.loads((out / "student.json").read_text())), seed=None)
-        model.load_state_dict(torch.load(out / "student.pt", weights_only=True))
-        pop = population(cfg)
-        users = [int(u) for c in pop.clients for u in c]
-        res = membership_attack(model, pop.dataset.sequences, users, cfg.max_len)
-        summary["mia_auc"] = res["auc_loss"]
-        logging.getLogger("fedkd").info("membership inference (loss threshold): AUC %.4f on %d edge users",
-                                        res["auc_loss"], res["members"])
-    summary["membership_attack"] = res
-    write_json(out / "summary.json", summary)
-    return res

@@ -19,7 +19,7 @@ from fedkd.proxy import (CacheMirror, decode_cached_proxy, decode_proxy, encode_
                          label_digests)
 from fedkd.quantize import pack_bits, unpack_bits
 from fedkd.traffic import DOWN_PARTS, TrafficMeter, part_of
-from clients.wire import Content, message_nbytes, message_nbytes_by_part, pack, unpack
+from wire import Content, message_nbytes, message_nbytes_by_part, pack, unpack
 
 
 def _state(seed=0, scale=1.0):

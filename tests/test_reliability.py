@@ -2,11 +2,13 @@
 fault draws, checkpoints, and config validation messages.
 
 Replies are built by the same functions the ClientApp uses (encode, corrupt, pack, garble)
-and checked by the server's own ``_accept``, on real Flower ``Message`` objects.
+and checked by the server's own ``server.replies.accept`` with the params protocol's decoder, on
+real Flower ``Message`` objects.
 """
 
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ from fedkd.faults import EXPECTED_REASON, corrupt, draw_fault
 from fedkd.local import get_state
 from fedkd.models import build_model
 from fedkd.nested import nested_mean
-from clients.wire import Content, garble, message_nbytes, metric_dict, pack
-from server.fedkd_server import FedKDServer, Node
+from wire import Content, garble, message_nbytes, metric_dict, pack
+from server.protocols.params import ParamsProtocol
+from server.replies import accept
+from server.transport import Node, Profile, Transport
 
 NUM_ITEMS = 30
 
@@ -33,13 +37,16 @@ def _flower_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
-def _server(tmp_path, **overrides) -> FedKDServer:
-    """A server with just what validation needs: the student's layout and each client's width."""
+def _server(tmp_path, **overrides) -> SimpleNamespace:
+    """The server parts validation needs: the params protocol (the student's layout and each
+    client's width) and the transport that logs rejections."""
     cfg = ExperimentConfig.from_flat({"student-dim": 8, "max-len": 10, **overrides})
-    srv = FedKDServer(cfg, tmp_path)
-    srv.num_items, srv.full_model = NUM_ITEMS, cfg.student_model(NUM_ITEMS)
-    srv.width_of = {p: 8 for p in range(10)}
-    return srv
+    full = cfg.student_model(NUM_ITEMS)
+    fleet = SimpleNamespace(full_model=full, width_of={p: 8 for p in range(10)})
+    protocol = ParamsProtocol(cfg, SimpleNamespace(num_items=NUM_ITEMS, refines=False),
+                              student=build_model(full, seed=0), fleet=fleet, aggregator=None, server_step=None)
+    transport = Transport(tmp_path, round_timeout=0.0, wire_payloads=False, profile=Profile())
+    return SimpleNamespace(cfg=cfg, full_model=full, protocol=protocol, transport=transport)
 
 
 def _update(srv, seed: int = 0, scale: float = 0.01) -> dict:
@@ -63,8 +70,9 @@ def _reply(srv, pid: int, *, fault: str | None = None, update=None, steps: int =
 
 
 def _accept(srv, replies):
-    return srv._accept([(n, m) for n, m, _ in replies], 1, rows=0, allowed={n.partition_id: 4 for n, _, _ in replies},
-                       sizes={n.partition_id: s for n, _, s in replies})
+    return accept([(n, m) for n, m, _ in replies], 1, decode=srv.protocol.decode,
+                  allowed={n.partition_id: 4 for n, _, _ in replies}, sizes={n.partition_id: s for n, _, s in replies},
+                  max_reply_bytes=srv.cfg.max_reply_bytes, norm_reject=srv.cfg.norm_reject, transport=srv.transport)
 
 
 @pytest.mark.parametrize("kind", FAULT_KINDS)
@@ -72,7 +80,7 @@ def test_each_injected_corruption_is_rejected_with_its_reason(tmp_path, kind):
     srv = _server(tmp_path)
     good, bad = _reply(srv, 0), _reply(srv, 1, fault=kind)
     accepted, rejected = _accept(srv, [good, bad])
-    assert [n.partition_id for n, _, _ in accepted] == [0]
+    assert [u.node.partition_id for u in accepted] == [0]
     assert rejected == {1: EXPECTED_REASON[kind]}
     [line] = [json.loads(x) for x in (tmp_path / "rejections.jsonl").read_text().splitlines()]
     assert line["reason"] == EXPECTED_REASON[kind] and line["partition_id"] == 1 and line["detail"]

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.wire import Content, describe, message_nbytes, pack, unpack
+from wire import Content, describe, message_nbytes, pack, unpack
 
 
 @pytest.fixture(autouse=True)

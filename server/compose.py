@@ -1,0 +1,75 @@
+"""Which parts an experiment runs with: the one place where the config picks them.
+
+Cross-feature rules live here, once: central DP samples clients by Poisson draws and wraps
+the sum (clipped by the server, or by the devices under secure aggregation); local DP weighs
+updates equally; secure aggregation adds its key exchange before the train messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.serverapp import Grid
+
+from fedkd.local import get_state
+from fedkd.models import build_model, num_parameters
+from fedkd.privacy import accountant_for
+from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, WeightedMean
+from server.attacks import membership_step
+from server.cloud import Cloud
+from server.evaluation import Evaluator
+from server.fleet import Fleet
+from server.privacy import PrivacyBudget
+from server.protocols import make_protocol
+from server.sampling import FixedSizeSampler, PoissonSampler
+
+log = logging.getLogger("fedkd")
+
+
+def compose(exp, grid: Grid) -> None:
+    """Build every part of ``exp`` (an :class:`server.experiment.Experiment`) from its config."""
+    cfg, t0 = exp.cfg, time.perf_counter()
+    exp.cloud = cloud = Cloud(cfg)
+    t_cloud = time.perf_counter()
+    exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
+    nodes = exp.transport.handshake(grid)
+    if not nodes:
+        raise RuntimeError("no client answered the handshake; nothing to train")
+    exp.startup = {"cloud_setup_s": t_cloud - t0, "handshake_s": time.perf_counter() - t_cloud}
+    log.info("start-up: teacher and proxy set %.1fs, handshake with %d nodes %.1fs",
+             exp.startup["cloud_setup_s"], len(nodes), exp.startup["handshake_s"])
+    exp.fleet = fleet = Fleet(cfg, nodes, cfg.student_model(cloud.num_items), cloud.num_clients)
+    accountant = accountant_for(cfg, len(fleet.eligible))
+    exp.privacy = (PrivacyBudget(accountant, clip=cfg.dp_clip_norm, eligible=fleet.eligible, out=exp.out,
+                                 num_rounds=cfg.num_rounds) if accountant is not None else None)
+    log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
+             num_parameters(exp.student), cfg.num_rounds)
+    if cfg.dp_mode == "central":  # what the amplification bound assumes
+        exp.sampler = PoissonSampler(seed=cfg.seed, rate=accountant.rate)
+    else:
+        exp.sampler = FixedSizeSampler(seed=cfg.seed, k=cfg.clients_per_round, policy=cfg.selection,
+                                       tier_of=fleet.tier_of)
+    aggregator = make_aggregator(cfg, exp, fleet, accountant)
+    exp.before_train = getattr(aggregator, "before_train", None)
+    exp.protocol = make_protocol(cfg.protocol, cfg=cfg, cloud=cloud, student=exp.student, fleet=fleet,
+                                 aggregator=aggregator, server_step=FedAvgStep(cfg.server_lr), privacy=exp.privacy)
+    initial = None if cfg.stateful_clients else get_state(exp.student)
+    exp.evaluator = Evaluator(cfg, fleet, exp.transport, exp.out, initial_state=initial)
+    exp.end_of_run = [membership_step(cfg, exp.out)] if cfg.membership_attack else []
+
+
+def make_aggregator(cfg, exp, fleet: Fleet, accountant):
+    """The update path of the params protocol, from the config."""
+    if cfg.secure_aggregation:
+        total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport)
+    else:
+        total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
+    if cfg.dp_mode == "central":
+        return CentralDP(total, accountant, clip=cfg.dp_clip_norm, eligible=len(fleet.eligible), seed=cfg.seed,
+                         template=get_state(exp.student))
+    if cfg.secure_aggregation:
+        return total
+    return WeightedMean(fleet.full_model, fleet.width_of, aggregation=cfg.aggregation,
+                        trim_fraction=cfg.trim_fraction, norm_bound=cfg.norm_bound,
+                        equal_weights=cfg.dp_mode == "local")

@@ -1,0 +1,80 @@
+"""The privacy budget of a run: the accountant (:class:`fedkd.privacy.PrivacyAccountant`), wired in.
+
+Like Opacus' accountant it only records releases and answers what they cost; this part
+decides when a round may not run (the target epsilon would be exceeded), which devices sit
+out (local DP: a device out of budget), writes ``privacy.json`` after every release, and
+saves and restores the accountant with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fedkd.privacy import PrivacyAccountant
+from fedkd.results import write_json
+from server.aggregation import Aggregate
+
+log = logging.getLogger("fedkd")
+
+
+class PrivacyBudget:
+    def __init__(self, accountant: PrivacyAccountant, *, clip: float, eligible: list[int], out: Path,
+                 num_rounds: int) -> None:
+        self.acc, self.clip, self.eligible, self.out = accountant, clip, eligible, out
+        self.stop: dict | None = None
+        log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
+                 "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
+                 accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
+
+    def refuses(self, r: int) -> bool:
+        """With a target epsilon: refuse round ``r`` if its release would take epsilon past the
+        target, and say so in the log and the summary (training stops; the run goes on to test
+        the model chosen so far)."""
+        acc = self.acc
+        if not acc.target_epsilon:
+            return False
+        if acc.mode == "local":  # devices out of budget sit out; stop when none is left
+            if not all(acc.exhausted(p) for p in self.eligible):
+                return False
+            eps = acc.would_exceed(self.eligible)[1]
+        else:
+            over, eps = acc.would_exceed()
+            if not over:
+                return False
+        self.stop = {"round_refused": r, "rounds_trained": r - 1, "epsilon_spent": acc.epsilon(),
+                     "epsilon_next": eps, "target_epsilon": acc.target_epsilon, "delta": acc.delta,
+                     "reason": f"round {r} would raise epsilon from {acc.epsilon():.4g} to {eps:.4g}, over "
+                               f"the target {acc.target_epsilon:g} at delta {acc.delta:g}; training "
+                               f"stopped after round {r - 1}"}
+        log.warning("privacy budget: %s", self.stop["reason"])
+        return True
+
+    def may_train(self, pid: int) -> bool:
+        """Local DP: a device whose own budget is spent sits out."""
+        return self.acc.mode != "local" or not self.acc.exhausted(pid)
+
+    def record(self, agg: Aggregate, released: list[int]) -> dict:
+        """Record the round's release (central: the noisy aggregate, if there was one; local:
+        every device that sent a noisy update) and return metrics.csv's dp columns."""
+        acc = self.acc
+        if acc.mode == "central" and not agg.released:  # a void secure sum releases nothing
+            return {"dp_epsilon": acc.epsilon(), "dp_clipped": "", "dp_norm_median": ""}
+        acc.record() if acc.mode == "central" else acc.record(released)
+        write_json(self.out / "privacy.json", acc.report())
+        norms = agg.norms
+        return {"dp_epsilon": acc.epsilon(), "dp_clipped": sum(1 for x in norms if x > self.clip) if norms else "",
+                "dp_norm_median": float(np.median(norms)) if norms else ""}
+
+    def summary(self) -> dict:
+        eps = self.acc.epsilon()
+        return {"dp_epsilon": eps if np.isfinite(eps) else "inf", "privacy": {**self.acc.report(), "stopped": self.stop}}
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.acc.to_dict(), "stop": self.stop}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self.acc).update(vars(PrivacyAccountant.from_dict(state["accountant"])))  # in place: shared with CentralDP
+        self.stop = state["stop"]

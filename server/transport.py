@@ -1,0 +1,188 @@
+"""Everything that crosses the wire, measured and logged: one place sends messages and receives replies.
+
+Every message in either direction gets a line in ``wire.jsonl`` (and, with ``wire-payloads``,
+its values in ``wire/``); training messages add their bytes, by content, to the traffic
+meter behind metrics.csv's ``bytes_*`` columns; a node that sends no usable reply (Flower's
+error reply, or none before ``round-timeout``) is logged in ``rejections.jsonl`` with its
+reason. Replies come back sorted by partition id, because arrival order must not change a
+result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedkd.codec import PayloadError
+from fedkd.results import JsonLines
+from fedkd.traffic import TrafficMeter, part_of
+from wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
+
+log = logging.getLogger("fedkd")
+# Messages whose bytes are the round's training traffic (metrics.csv bytes_*): the train
+# message and, with secure aggregation, its key exchange; evaluation is counted apart.
+TRAINING_KINDS = ("train", "query.secagg_keys")
+
+
+@dataclass(frozen=True)
+class Node:
+    node_id: int
+    partition_id: int
+    tier: int
+    examples: int
+
+
+@dataclass
+class Exchanged:
+    """One exchange's outcome: the usable replies (partition order), bytes, per-partition
+    (down, up) bytes, and the reason code of every node that sent nothing usable."""
+
+    replies: list[tuple[Node, Message]]
+    down: int
+    up: int
+    sizes: dict[int, tuple[int, int]]
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class Profile:
+    """Wall seconds per section of the current round (timing.csv; docs/performance.md)."""
+
+    SECTIONS = ("targets_s", "prepare_s", "exchange_s", "audit_s", "accept_s", "aggregate_s", "validate_s",
+                "client_train_s")
+
+    def __init__(self) -> None:
+        self.spent: defaultdict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def timed(self, section: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[section] += time.perf_counter() - t0
+
+    def close_round(self) -> dict[str, float]:
+        row = {k: round(self.spent[k], 6) for k in self.SECTIONS}
+        self.spent.clear()
+        return row
+
+
+class Transport:
+    """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
+
+    def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile) -> None:
+        self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
+        self.wire_log = JsonLines(out / "wire.jsonl")
+        self.rejections = JsonLines(out / "rejections.jsonl")
+        (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
+        self.traffic = TrafficMeter()  # training bytes by content (docs/communication.md)
+        self.seq = 0
+
+    def handshake(self, grid: Grid) -> list[Node]:
+        """Ask every connected node who it is (partition, tier, examples)."""
+        msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+        for m in msgs:
+            self.audit("down", m, 0, None)
+        nodes = []
+        for rep in grid.send_and_receive(msgs):
+            self.audit("up", rep, 0, None)
+            if rep.has_error():
+                log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
+                continue
+            m = unpack(rep.content).metrics["metrics"]
+            nodes.append(Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]),
+                              int(m["num-examples"])))
+        return sorted(nodes, key=lambda n: n.partition_id)
+
+    def exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:
+        """Send each node its content; collect the replies."""
+        with self.profile.timed("exchange_s"):
+            return self._exchange(grid, items, kind, r)
+
+    def _exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:
+        packed: dict[int, object] = {}  # one RecordDict per distinct content
+        msgs, sizes = [], {}
+        for n, c in items:
+            rd = packed.setdefault(id(c), pack(c))
+            msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
+        for (n, _), m in zip(items, msgs):
+            parts = self.audit("down", m, r, n.partition_id)
+            if kind in TRAINING_KINDS:
+                self.traffic.add("down", parts)
+            sizes[n.partition_id] = (sum(parts.values()), 0)
+        by_id = {n.node_id: n for n, _ in items}
+        down = sum(d for d, _ in sizes.values())
+        up, out, answered, errors = 0, [], set(), []
+        for rep in grid.send_and_receive(msgs, timeout=self.round_timeout or None) if msgs else []:
+            node = by_id.get(rep.metadata.src_node_id)
+            if node is None:
+                continue
+            parts = self.audit("up", rep, r, node.partition_id)
+            answered.add(node.partition_id)
+            if rep.has_error():  # the ClientApp raised (or the engine lost it): Flower's error reply
+                errors.append((node, PayloadError("crashed", f"error code {rep.error.code}: "
+                                                             f"{rep.error.reason[-300:]}")))
+                continue
+            if kind in TRAINING_KINDS:
+                self.traffic.add("up", parts)
+            nbytes = sum(parts.values())
+            up += nbytes
+            sizes[node.partition_id] = (sizes[node.partition_id][0], nbytes)
+            out.append((node, rep))
+        errors += [(n, PayloadError("timeout", f"no {kind} reply within round-timeout ({self.round_timeout:g} s)"))
+                   for n, _ in items if n.partition_id not in answered]
+        failed = {n.partition_id: self.reject(r, n, kind, err)  # logged in partition order, not arrival
+                  for n, err in sorted(errors, key=lambda e: e[0].partition_id)}
+        out.sort(key=lambda p: p[0].partition_id)  # reply order must not change the result
+        return Exchanged(out, down, up, sizes, failed)
+
+    def nbytes(self, content: Content, *, count: bool = False) -> int:
+        """Bytes of a train message with this content; ``count`` adds them to the round's traffic
+        (a device dropped before it was sent anything still downloads its message)."""
+        parts = message_nbytes_by_part(Message(pack(content), dst_node_id=0, message_type="train"), part_of)
+        if count:
+            self.traffic.add("down", parts)
+        return sum(parts.values())
+
+    def audit(self, direction: str, msg: Message, r: int, partition_id: int | None) -> dict[str, int]:
+        """One wire.jsonl line per message, in both directions (docs/privacy.md), and with
+        ``wire-payloads`` every value it carries; returns its serialised size in bytes split by
+        content (docs/communication.md), which sums to the message's size."""
+        with self.profile.timed("audit_s"):
+            parts = {} if msg.has_error() else message_nbytes_by_part(msg, part_of)
+            self.seq += 1
+            node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
+            line = {"seq": self.seq, "round": r, "direction": direction, "node_id": node,
+                    "partition_id": partition_id, "bytes": sum(parts.values())}
+            if msg.has_error():
+                line.update(type=msg.metadata.message_type, error=msg.error.reason)
+            else:
+                line.update(describe_message(msg))
+                if self.wire_payloads:
+                    (self.out / "wire").mkdir(exist_ok=True)
+                    np.savez(self.out / "wire" / f"{self.seq:07d}.npz", **message_payload(msg))
+            self.wire_log.append(line)
+            return parts
+
+    def reject(self, r: int, node: Node, kind: str, err: PayloadError) -> str:
+        """Log one refused or missing reply with its reason code; returns the code."""
+        self.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
+                                "type": kind, "reason": err.code, "detail": err.detail})
+        log.warning("round %d: %s reply of client %d rejected (%s): %s", r, kind, node.partition_id, err.code,
+                    err.detail[:200])
+        return err.code
+
+    def state_dict(self) -> dict:
+        return {"traffic_total": self.traffic.total, "seq": self.seq}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.traffic.total = state["traffic_total"]
+        self.seq = state["seq"]
