@@ -32,10 +32,9 @@ from fedkd.samples import eval_set, train_samples
 from fedkd.stats import paired_bootstrap
 from fedkd.teacher import load_or_train
 from fedkd.train import TrainConfig, train_central
+from simulations import ROOT
 from simulations.cli import load_overrides
 from simulations.runner import overrides_toml
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def central_rows(cfg: ExperimentConfig, student_epochs: int, student_seconds: float) -> list[dict]:

@@ -21,8 +21,7 @@ import numpy as np
 
 from fedkd.plots import plt
 from fedkd.stats import paired_bootstrap
-
-ROOT = Path(__file__).resolve().parents[1]
+from simulations import ROOT
 
 
 def load(folder: Path) -> dict[str, dict]:

@@ -31,8 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedkd.plots import plt
+from simulations import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- communication:results -->", "<!-- /communication:results -->"
 REFERENCE, FULL_PRECISION = "fedavg-32", "fedkd-32"
 EF_PAIR = ("fedkd-4-ef", "fedkd-4")

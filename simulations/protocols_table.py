@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from fedkd.stats import paired_bootstrap
+from simulations import ROOT
 from simulations.baselines import per_user_ndcg
 from simulations.report import aggregate, format_stat, load_runs
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- protocols -->", "<!-- /protocols -->"
 WIRE = {  # what a training round sends, by protocol (docs/architecture.md#protocols)
     "params": "student down, quantised update up (+ proxy batch and soft labels down if kd > 0)",

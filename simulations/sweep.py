@@ -59,10 +59,10 @@ from tqdm import tqdm
 
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
+from simulations import ROOT
 from simulations.report import DEFAULT_METRICS, lookup, run_status, write_report
 from simulations.runner import overrides_toml, resolve_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = ("seed", "experiment-name", "output-dir")  # set by the sweep for each run
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
