@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from simulations.report import aggregate, format_stat, load_runs
+from simulations.report import aggregate, format_stat, load_sweep
 
 START, END = "<!-- privacy -->", "<!-- /privacy -->"
 METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", "dp_epsilon", "privacy.noise_multiplier"]
@@ -38,7 +38,7 @@ def _epsilon(runs) -> float | None:
 
 
 def table(folder: Path) -> tuple[str, list[dict]]:
-    col = load_runs(folder)
+    col = load_sweep(folder)
     rows = aggregate(col.runs, METRICS)
     points = []
     lines = ["| config | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | attack AUC |",

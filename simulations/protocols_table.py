@@ -19,7 +19,7 @@ import numpy as np
 from fedkd.stats import paired_bootstrap
 from simulations import ROOT
 from simulations.baselines import per_user_ndcg
-from simulations.report import aggregate, format_stat, load_runs
+from simulations.report import aggregate, format_stat, load_sweep
 
 START, END = "<!-- protocols -->", "<!-- /protocols -->"
 WIRE = {  # what a training round sends, by protocol (docs/architecture.md#protocols)
@@ -31,7 +31,7 @@ WIRE = {  # what a training round sends, by protocol (docs/architecture.md#proto
 
 
 def build(folder: Path, reference: str = "fedkd-frozen") -> str:
-    col = load_runs(folder)
+    col = load_sweep(folder)
     k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
     rows = aggregate(col.runs, k_metrics)
     done = {r.name: r for r in col.runs if r.status == "finished"}
