@@ -41,11 +41,12 @@ def history_findings(run_dir: Path, *, window: int = 6) -> tuple[list[dict], int
     from fedkd.audit import find_history
     from fedkd.config import ExperimentConfig
     from fedkd.population import population
+    from simulations.runs import load_run
 
     dumps = sorted((run_dir / "wire").glob("*.npz"))
     if not dumps:
         raise ValueError(f"{run_dir}: no wire/*.npz payloads; run with --wire-payloads true to save them")
-    cfg = ExperimentConfig.from_flat(json.loads((run_dir / "config.json").read_text())["config"])
+    cfg = ExperimentConfig.from_flat(load_run(run_dir).config)
     pop = population(cfg)
     seqs = pop.dataset.sequences
     private = {int(u): seqs[u] for c in pop.clients for u in c}  # the whole history: train, valid, test

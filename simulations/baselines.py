@@ -6,13 +6,13 @@ Every row is scored on the same users (the edge users of that cloud fraction and
 on their test item, with full ranking and the user's history masked. The two federated
 rows are real Flower simulations (``fedkd run`` in a subprocess each). fedkd is compared
 with FedAvg at equal rounds and at equal bytes (FedAvg given as many extra rounds as
-fedkd's soft labels cost), with a paired bootstrap interval over test users.
+fedkd's soft labels cost), with a paired bootstrap interval over test users. The tables go
+into the ``<!-- baselines -->`` block of ``--out`` (docs/results.md); the rest of the page stays.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import subprocess
@@ -32,10 +32,13 @@ from fedkd.samples import eval_set, train_samples
 from fedkd.stats import paired_bootstrap
 from fedkd.teacher import load_or_train
 from fedkd.train import TrainConfig, train_central
+from simulations import ROOT
 from simulations.cli import load_overrides
+from simulations.docsplice import splice
 from simulations.runner import overrides_toml
+from simulations.runs import load_run
 
-ROOT = Path(__file__).resolve().parents[1]
+SECTION = "baselines"  # the block of --out this table fills (simulations/docsplice.py)
 
 
 def central_rows(cfg: ExperimentConfig, student_epochs: int, student_seconds: float) -> list[dict]:
@@ -71,8 +74,8 @@ def _row(name: str, res, *, params: int, **extra) -> dict:
 def federated(overrides: dict, name: str, work: Path, *, rounds: int | None = None) -> Path:
     """One `fedkd run` in a subprocess (Ray starts and stops cleanly per run); reuse a finished run."""
     out = work / name
-    if (out / "summary.json").exists() and (rounds is None or
-                                           json.loads((out / "summary.json").read_text())["rounds"] == rounds):
+    run = load_run(out)
+    if run.finished and (rounds is None or run.summary["rounds"] == rounds):
         return out
     cfg_file = work / f"{name}.toml"
     ov = {**overrides, "experiment-name": name, "output-dir": str(work), "progress": False}
@@ -97,7 +100,7 @@ def _fedavg_bytes_per_round(kd_summary: dict, kd_dir: Path) -> float:
     del kd_summary
     probe = federated({**_read_overrides(kd_dir), "kd-weight": 0.0}, kd_dir.name + "-probe",
                       kd_dir.parent, rounds=1)
-    return json.loads((probe / "summary.json").read_text())["train_bytes_per_round"]
+    return load_run(probe).summary["train_bytes_per_round"]
 
 
 def _read_overrides(run_dir: Path) -> dict:
@@ -106,13 +109,8 @@ def _read_overrides(run_dir: Path) -> dict:
     return {k: v for k, v in ov.items() if k not in ("experiment-name", "output-dir", "progress", "num-rounds")}
 
 
-def per_user_ndcg(out: Path, name: str = "test_per_client.csv") -> dict[int, float]:
-    with (out / name).open() as f:
-        return {int(r["partition_id"]): float(r["ndcg_sum"]) / max(int(r["count"]), 1) for r in csv.DictReader(f)}
-
-
 def fed_row(name: str, out: Path, k: int) -> dict:
-    s = json.loads((out / "summary.json").read_text())
+    s = load_run(out).summary
     return {"model": name, "hr": s[f"test_hr@{k}"], "ndcg": s[f"test_ndcg@{k}"], "users": s["test_users"],
             "params": s["student_parameters"], "rounds": s["rounds"], "mb": s["train_bytes_total"] / 1e6}
 
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Wall-clock cap on the centralized student's training (0 = none).")
     p.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "baselines",
                    help="Where the federated runs' folders go (finished runs are reused).")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md", help="Markdown table to write.")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md",
+                   help="Markdown file whose baselines block gets the tables.")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     base = {**load_overrides(args.config), "data-path": str(Path(args.data_path).resolve())}
@@ -147,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows = central_rows(cfg, args.student_epochs, args.student_seconds)
                 cached.write_text(json.dumps(rows, indent=2))
             kd = federated(ov, f"{tag}-fedkd", args.work_dir)
-            kd_s = json.loads((kd / "summary.json").read_text())
+            kd_s = load_run(kd).summary
             # FedAvg sends no soft labels, so equal bytes buys it extra rounds. One longer run
             # serves both comparisons: it is also tested after fedkd's number of rounds.
             per_round = _fedavg_bytes_per_round(kd_s, kd)
             eq_rounds = max(cfg.num_rounds, math.floor(kd_s["train_bytes_total"] / per_round))
             extra = {"test-rounds": str(cfg.num_rounds)} if eq_rounds > cfg.num_rounds else {}
             avg = federated({**ov, "kd-weight": 0.0, **extra}, f"{tag}-fedavg", args.work_dir, rounds=eq_rounds)
-            avg_s = json.loads((avg / "summary.json").read_text())
+            avg_s = load_run(avg).summary
             eq_r = avg_s["tests_at_rounds"].get(str(cfg.num_rounds))
             rows.append({"model": "federated student, no distillation (FedAvg), equal rounds",
                          "hr": eq_r["hr"] if eq_r else avg_s[f"test_hr@{cfg.eval_k}"],
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 table.append({"cloud": cf, "seed": seed, **r})
             eq_file = f"test_per_client_r{cfg.num_rounds}.csv" if eq_r else "test_per_client.csv"
-            a, b, c = per_user_ndcg(kd), per_user_ndcg(avg, eq_file), per_user_ndcg(avg)
+            a, b, c = load_run(kd).user_ndcg(), load_run(avg).user_ndcg(eq_file), load_run(avg).user_ndcg()
             comparisons.append({"cloud": cf, "seed": seed, "kd": [a[i] for i in sorted(a)],
                                 "avg": [b[i] for i in sorted(a)], "avg_eq": [c[i] for i in sorted(a)]})
             _write(args, table, comparisons, cfg.eval_k)
@@ -176,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(args, table: list[dict], comparisons: list[dict], k: int) -> None:
-    lines = ["# Results", "", "## Baselines on MovieLens-100K", "",
-             f"Command: `python -m simulations.baselines --data-path <ml-100k>/u.data "
+    lines = [f"Command: `python -m simulations.baselines --data-path <ml-100k>/u.data "
              f"--cloud-fractions {' '.join(f'{c:g}' for c in args.cloud_fractions)} "
              f"--seeds {' '.join(map(str, args.seeds))}` (settings: `simulations/ml100k.toml`).", "",
              f"Test HR@{k} / NDCG@{k}, full ranking over all items, each user's earlier items masked, "
@@ -207,10 +205,7 @@ def _write(args, table: list[dict], comparisons: list[dict], k: int) -> None:
         lines.append(f"| {cf:.0%} | {', '.join(str(c['seed']) for c in cs)} | {cells[0]} | {cells[1]} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    marker = "<!-- analysis -->"
-    old = args.out.read_text() if args.out.exists() else ""
-    tail = old[old.index(marker):] if marker in old else f"\n{marker}\n"
-    args.out.write_text(text + "\n" + tail)
+    splice(args.out, SECTION, text, heading="## Baselines on MovieLens-100K")
 
 
 def _ms(xs: list[float]) -> str:

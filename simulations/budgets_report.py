@@ -12,8 +12,6 @@ deadline sweep plot.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
@@ -21,20 +19,13 @@ import numpy as np
 
 from fedkd.plots import plt
 from fedkd.stats import paired_bootstrap
+from simulations import ROOT
+from simulations.runs import Run, load_runs, split_seed
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load(folder: Path) -> dict[str, dict]:
-    """Finished runs by name: summary, config and metrics rows."""
-    runs = {}
-    for d in sorted((folder / "runs").iterdir()):
-        if not (d / "summary.json").is_file():
-            continue
-        rows = list(csv.DictReader((d / "metrics.csv").open()))
-        runs[d.name] = {"summary": json.loads((d / "summary.json").read_text()),
-                        "config": json.loads((d / "config.json").read_text())["config"], "rows": rows}
-    return runs
+def load(folder: Path) -> dict[str, Run]:
+    """Finished runs by name."""
+    return {run.name: run for run in load_runs(folder) if run.finished}
 
 
 def time_to_target(rows: list[dict], target: float) -> float | None:
@@ -45,16 +36,16 @@ def time_to_target(rows: list[dict], target: float) -> float | None:
     return None
 
 
-def fleet_table(runs: dict[str, dict], target: float) -> str:
+def fleet_table(runs: dict[str, Run], target: float) -> str:
     first = next(iter(runs.values()))
-    tiers = [t.strip() for t in first["config"]["tier-names"].split(",")]  # the config's order, weakest first
+    tiers = [t.strip() for t in first.config["tier-names"].split(",")]  # the config's order, weakest first
     head = (["run", "deadline s", "widths", "NDCG@10 (own model)", "NDCG@10 (full student)"]
             + [f"{t} NDCG@10" for t in tiers] + [f"{t} part./aggr./strag." for t in tiers]
             + ["sim time s", f"sim s to NDCG {target:g}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, run in runs.items():
-        s, c = run["summary"], run["config"]
-        tt = time_to_target(run["rows"], target)
+        s, c = run.summary, run.config
+        tt = time_to_target(run.rows, target)
         cells = [name, f"{c['round-deadline']:g}", c["student-widths"] or str(c["student-dim"]),
                  f"{s['test_ndcg@10']:.4f}", f"{s.get('test_ndcg@10_full_width', s['test_ndcg@10']):.4f}"]
         cells += [f"{s['tiers'][t]['test_ndcg@10']:.4f}" for t in tiers]
@@ -63,13 +54,6 @@ def fleet_table(runs: dict[str, dict], target: float) -> str:
         cells += [f"{s['sim_time_s']:.1f}", "never" if tt is None else f"{tt:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def per_user(run_dir: Path, name: str) -> dict[int, tuple[int, float]]:
-    """Per test user: (tier index, NDCG@10), from a run's per-client test file."""
-    with (run_dir / name).open() as f:
-        return {int(r["partition_id"]): (int(r["tier"]), float(r["ndcg_sum"]) / max(int(r["count"]), 1))
-                for r in csv.DictReader(f)}
 
 
 # (label, run, its per-client file, reference run): every row compares the same users of one tier.
@@ -81,7 +65,7 @@ COMPARISONS = [
 ]
 
 
-def comparison_table(folder: Path, runs: dict[str, dict]) -> str:
+def comparison_table(runs: dict[str, Run]) -> str:
     """Per tier, the paired difference in test NDCG@10 between two runs on that tier's users,
     pooled over every seed at which both ran, with a 95% bootstrap interval over users
     (stratified by seed) and the relative difference.
@@ -89,15 +73,14 @@ def comparison_table(folder: Path, runs: dict[str, dict]) -> str:
     Pairing is what makes few seeds informative here: both runs score the same users with
     the same held-out items, so user-to-user variance cancels."""
     first = next(iter(runs.values()))
-    tiers = [t.strip() for t in first["config"]["tier-names"].split(",")]
-    seeds = sorted({int(n.rsplit("-s", 1)[1]) for n in runs if n.rsplit("-s", 1)[-1].isdigit()})
+    tiers = [t.strip() for t in first.config["tier-names"].split(",")]
+    seeds = sorted({seed for n in runs if (seed := split_seed(n)[1]) is not None})
     lines = ["| comparison | tier | seeds | users x seeds | NDCG@10 | reference | difference, 95% CI | relative |",
              "|---|---|---|---|---|---|---|---|"]
     for label, name, file, ref in COMPARISONS:
-        pairs = [(s, per_user(folder / "runs" / f"{name}-s{s}", file),
-                  per_user(folder / "runs" / f"{ref}-s{s}", "test_per_client.csv"))
+        pairs = [(s, runs[f"{name}-s{s}"].per_user(file), runs[f"{ref}-s{s}"].per_user())
                  for s in seeds if f"{name}-s{s}" in runs and f"{ref}-s{s}" in runs
-                 and (folder / "runs" / f"{name}-s{s}" / file).is_file()]
+                 and (runs[f"{name}-s{s}"].path / file).is_file()]
         if not pairs:
             continue
         for t, tier in enumerate(tiers):
@@ -124,22 +107,22 @@ def mean_steps(rows: list[dict], tier: str) -> float:
     return sum(vals) / len(rows) if rows else 0.0
 
 
-def deadline_points(runs: dict[str, dict]) -> list[dict]:
+def deadline_points(runs: dict[str, Run]) -> list[dict]:
     """The deadline sweep (uniform selection, mixed fleet): one point per deadline."""
     points = []
     for name, r in runs.items():
-        if not (name.startswith("deadline-") or name.startswith("nested-")) or r["config"]["selection"] != "uniform":
+        if not (name.startswith("deadline-") or name.startswith("nested-")) or r.config["selection"] != "uniform":
             continue
-        tiers = [t.strip() for t in r["config"]["tier-names"].split(",")]
-        s = r["summary"]
-        points.append({"deadline": r["config"]["round-deadline"], "ndcg": s["test_ndcg@10"],
+        tiers = [t.strip() for t in r.config["tier-names"].split(",")]
+        s = r.summary
+        points.append({"deadline": r.config["round-deadline"], "ndcg": s["test_ndcg@10"],
                        "ndcg_full": s.get("test_ndcg@10_full_width", s["test_ndcg@10"]),
                        "stragglers": s["stragglers_total"], "weakest": tiers[0],
-                       "weak_steps": mean_steps(r["rows"], tiers[0]), "run": name})
+                       "weak_steps": mean_steps(r.rows, tiers[0]), "run": name})
     return sorted(points, key=lambda p: (p["deadline"], p["run"]))
 
 
-def deadline_plot(runs: dict[str, dict], out: Path) -> list[dict]:
+def deadline_plot(runs: dict[str, Run], out: Path) -> list[dict]:
     """Final test NDCG@10, stragglers and the weakest tier's local steps against the deadline."""
     points = deadline_points(runs)
     if not points:
@@ -180,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.sweep}: no finished runs", file=sys.stderr)
         return 1
     print(fleet_table(runs, args.target))
-    print(comparison_table(args.sweep, runs))
+    print(comparison_table(runs))
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     points = deadline_plot(runs, args.plot)
     if points:

@@ -23,44 +23,31 @@ Values are means over the seeds a config has finished; comparisons pair seeds.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedkd.plots import plt
+from simulations import ROOT
+from simulations.docsplice import splice
+from simulations.runs import Run, load_runs, split_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- communication:results -->", "<!-- /communication:results -->"
+SECTION = "communication:results"  # the block of --doc this report writes (simulations/docsplice.py)
 REFERENCE, FULL_PRECISION = "fedavg-32", "fedkd-32"
 EF_PAIR = ("fedkd-4-ef", "fedkd-4")
 NAIVE, COMPRESSED = "fedkd-8-naive", ("fedkd-8", "fedkd-8-top40", "fedkd-8-cache", "fedkd-lean")
-_RUN = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
 
 
-def load(folder: Path) -> dict[str, dict[int, dict]]:
-    """Finished runs: config name -> seed -> {summary, config, rows}."""
-    runs: dict[str, dict[int, dict]] = {}
-    for d in sorted((folder / "runs").iterdir()) if (folder / "runs").is_dir() else []:
-        m = _RUN.match(d.name)
-        if not m or not d.is_dir() or not (d / "summary.json").is_file():
-            continue
-        with (d / "metrics.csv").open() as f:
-            rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        runs.setdefault(m["config"], {})[int(m["seed"])] = {
-            "summary": json.loads((d / "summary.json").read_text()),
-            "config": json.loads((d / "config.json").read_text())["config"], "rows": rows}
+def load(folder: Path) -> dict[str, dict[int, Run]]:
+    """Finished runs: config name -> seed -> run."""
+    runs: dict[str, dict[int, Run]] = {}
+    for run in load_runs(folder):
+        config, seed = split_seed(run.name)
+        if seed is not None and run.finished:
+            runs.setdefault(config, {})[seed] = run
     order = _spec_order(folder / "sweep.json")
     return dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-
-def _num(v: str) -> float | str:
-    try:
-        return float(v)
-    except ValueError:
-        return v
 
 
 def _spec_order(sweep_json: Path) -> list[str]:
@@ -93,15 +80,15 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def _test(run: Mapping) -> float:
-    return float(run["summary"]["test_ndcg@10"])
+def _test(run: Run) -> float:
+    return float(run.summary["test_ndcg@10"])
 
 
-def _val(run: Mapping) -> float:
-    return final_val(run["rows"])
+def _val(run: Run) -> float:
+    return final_val(run.rows)
 
 
-def _paired(runs: Mapping[int, Mapping], base: Mapping[int, Mapping], value) -> str:
+def _paired(runs: Mapping[int, Run], base: Mapping[int, Run], value) -> str:
     """``runs`` relative to ``base`` over the seeds both have, with each seed's own ratio.
 
     A seed moves NDCG@10 by about 10% here, so a config's mean over seeds 0-2 against
@@ -132,7 +119,7 @@ def _describe(c: Mapping) -> str:
     return f"{c['down-bits'] or c['quant-bits']}-bit student down, {up} updates up, {labels}"
 
 
-def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
+def tables(runs: Mapping[str, Mapping[int, Run]]) -> str:
     out = []
     ref = runs.get(REFERENCE, {})
     # 1. bytes to the reference's final validation NDCG@10 ---------------------------------
@@ -146,19 +133,19 @@ def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
         for seed, run in seeds.items():
             if seed not in ref:
                 continue
-            target = final_val(ref[seed]["rows"])
-            b, b_ref = bytes_to_target(run["rows"], target), bytes_to_target(ref[seed]["rows"], target)
+            target = final_val(ref[seed].rows)
+            b, b_ref = bytes_to_target(run.rows, target), bytes_to_target(ref[seed].rows, target)
             if b is not None:
                 reached += 1
                 mbs.append(b / 1e6)
                 shares.append(100 * b / b_ref)
         n_ref = sum(1 for s in seeds if s in ref)
         first = next(iter(seeds.values()))
-        per_round = _mean([r["summary"]["train_bytes_per_round"] / 1e6 for r in seeds.values()])
+        per_round = _mean([r.summary["train_bytes_per_round"] / 1e6 for r in seeds.values()])
         to_target = (f"{_mean(mbs):,.1f}" + (f" ({reached}/{n_ref} seeds reach it)" if reached < n_ref else "")
                      if mbs else ("never" if n_ref else "no FedAvg-32 run of its seeds"))
         share = f"{_mean(shares):.1f}%" if shares else "–"
-        out.append(f"| {name} | {_describe(first['config'])} | {len(seeds)} | "
+        out.append(f"| {name} | {_describe(first.config)} | {len(seeds)} | "
                    f"{_mean([_test(r) for r in seeds.values()]):.4f} | {per_round:,.2f} | {to_target} | {share} |")
     # 2. error feedback --------------------------------------------------------------------
     out.append("\n**4-bit updates with and without error feedback**, final NDCG@10 relative to "
@@ -171,7 +158,7 @@ def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
     for name in (FULL_PRECISION, *EF_PAIR, "fedkd-2-ef", "fedkd-topk-ef"):
         if name not in runs:
             continue
-        up = _mean([r["summary"]["bytes_up_total"] / r["summary"]["rounds"] / 1e6 for r in runs[name].values()])
+        up = _mean([r.summary["bytes_up_total"] / r.summary["rounds"] / 1e6 for r in runs[name].values()])
         out.append(f"| {name} | {len(runs[name])} | {_mean([_test(r) for r in runs[name].values()]):.4f} | "
                    f"{_paired(runs[name], base, _test)} | "
                    f"{_mean([_val(r) for r in runs[name].values()]):.4f} | {_paired(runs[name], base, _val)} | "
@@ -186,7 +173,7 @@ def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
     naive = runs.get(NAIVE, {})
 
     def per_round(run, col):
-        return _mean([r[col] for r in run["rows"]]) / 1e3
+        return _mean([r[col] for r in run.rows]) / 1e3
 
     naive_sl = _mean([per_round(r, "bytes_down_soft_labels") for r in naive.values()]) if naive else None
     for name in (NAIVE, *COMPRESSED):
@@ -201,12 +188,12 @@ def tables(runs: Mapping[str, Mapping[int, dict]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(runs: Mapping[str, Mapping[int, dict]], path: Path) -> Path:
+def plot(runs: Mapping[str, Mapping[int, Run]], path: Path) -> Path:
     """Validation NDCG@10 against cumulative training MB, every config (mean over seeds per
     evaluated round), with 32-bit FedAvg's final value as a dashed line."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, seeds) in enumerate(runs.items()):
-        curves = [[(r["cum_bytes"] / 1e6, float(r["val_ndcg"])) for r in run["rows"] if r["val_ndcg"] != ""]
+        curves = [[(r["cum_bytes"] / 1e6, float(r["val_ndcg"])) for r in run.rows if r["val_ndcg"] != ""]
                   for run in seeds.values()]
         n = min(len(c) for c in curves)
         xs = [_mean([c[j][0] for c in curves]) for j in range(n)]
@@ -214,7 +201,7 @@ def plot(runs: Mapping[str, Mapping[int, dict]], path: Path) -> Path:
         ax.plot(xs, ys, marker="o", ms=3, label=name, color=f"C{i % 10}",
                 linestyle="-" if i < 10 else "--")
     if REFERENCE in runs:
-        target = _mean([final_val(r["rows"]) for r in runs[REFERENCE].values()])
+        target = _mean([final_val(r.rows) for r in runs[REFERENCE].values()])
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"{REFERENCE} final ({target:.4f})")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative training traffic, MB (up + down, serialised messages; log scale)")
@@ -227,15 +214,6 @@ def plot(runs: Mapping[str, Mapping[int, dict]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def write_section(doc: Path, text: str) -> None:
-    body = doc.read_text()
-    if START not in body or END not in body:
-        raise ValueError(f"{doc} has no '{START}' ... '{END}' section to fill")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{START}\n{text}{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"Produced by `{command}` from {sum(len(s) for s in runs.values())} finished runs in "
             f"`{args.sweep}`.\n\n{tables(runs)}\n![validation NDCG@10 vs cumulative MB]({rel})\n")
     print(text)
-    write_section(args.doc, text)
+    splice(args.doc, SECTION, text)
     print(f"written: {args.doc}, {img}")
     return 0
 

@@ -8,16 +8,17 @@ Ratios are against the first folder given, so they come from runs made on one ma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from simulations.runs import load_run
 
 
 def table(dirs: list[Path]) -> str:
     rows = []
     for d in dirs:
-        s = json.loads((d / "summary.json").read_text())
-        c = json.loads((d / "config.json").read_text())["config"]
+        run = load_run(d)
+        s, c = run.summary, run.config
         k = c["eval-k"]
         rows.append((d.name, c["quant-bits"], c["soft-label-bits"], s["train_bytes_per_round"] / 1e3,
                      s["bytes_down_total"] / s["rounds"] / 1e3, s["bytes_up_total"] / s["rounds"] / 1e3,

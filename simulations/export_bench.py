@@ -45,8 +45,8 @@ from fedkd.models import ModelConfig, build_model, num_parameters
 from fedkd.population import population
 from fedkd.samples import eval_set, train_samples
 from fedkd.train import train_step
+from simulations import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FORMATS = (("TorchScript", "student.pt", {}), ("ONNX fp32", "student.onnx", {}),
            ("ONNX int8", "student.int8.onnx", {"int8": True}))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedkd.config import ExperimentConfig
 from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
+from simulations.runs import load_run
 
 
 def _sent(out: Path):
@@ -38,7 +39,7 @@ def _sent(out: Path):
 
 
 def audit(out: Path) -> dict:
-    cfg = ExperimentConfig.from_flat(json.loads((out / "config.json").read_text())["config"])
+    cfg = ExperimentConfig.from_flat(load_run(out).config)
     sent = sorted(_sent(out))
     planned = {(r, p): EXPECTED_REASON[f] for r, p in sent if (f := draw_fault(cfg, r, p)) is not None}
     logged = {(x["round"], x["partition_id"]): x["reason"]
@@ -55,8 +56,8 @@ def table(dirs: list[Path]) -> str:
     """Faults, defences and test scores of finished runs; NDCG relative to the first folder."""
     rows = []
     for d in dirs:
-        s = json.loads((d / "summary.json").read_text())
-        c = json.loads((d / "config.json").read_text())["config"]
+        run = load_run(d)
+        s, c = run.summary, run.config
         k = c["eval-k"]
         faults = (f"crash {c.get('fault-crash', 0):g}, corrupt {c.get('fault-corrupt', 0):g}, "
                   f"malicious [{c.get('fault-malicious', '')}] x{c.get('fault-malicious-scale', 100):g}")
@@ -64,7 +65,7 @@ def table(dirs: list[Path]) -> str:
                                               "trimmed-mean" else "")
         if c.get("norm-bound", 0):
             agg += f", norm-bound {c['norm-bound']:g}"
-        aggregated = sum(int(float(r["aggregated"])) for r in _csv(d / "metrics.csv")) / s["rounds"]
+        aggregated = sum(int(r["aggregated"]) for r in run.rows) / s["rounds"]
         rows.append((d.name, faults, agg, s["rejected_total"], aggregated, s[f"test_hr@{k}"], s[f"test_ndcg@{k}"]))
     base = rows[0][6]
     out = ["| run | faults | aggregation | rejected | aggregated / round | test HR@10 | test NDCG@10 | "
@@ -86,15 +87,11 @@ def paired(dirs: list[Path]) -> str:
     if len(dirs) % 2:
         raise SystemExit("--paired takes folders two by two: clean, faulty, clean, faulty, ...")
 
-    def per_user(d: Path) -> dict[int, float]:
-        return {int(r["partition_id"]): float(r["ndcg_sum"]) / max(float(r["count"]), 1.0)
-                for r in _csv(d / "test_per_client.csv")}
-
     out = ["| clean | faulty | users | clean NDCG@10 | faulty NDCG@10 | difference, 95% CI | relative |",
            "|---|---|---|---|---|---|---|"]
     xs, ys, strata = [], [], []
     for i in range(0, len(dirs), 2):
-        a, b = per_user(dirs[i]), per_user(dirs[i + 1])
+        a, b = load_run(dirs[i]).user_ndcg(), load_run(dirs[i + 1]).user_ndcg()
         users = sorted(set(a) & set(b))
         x, y = np.array([b[u] for u in users]), np.array([a[u] for u in users])
         m, lo, hi = paired_bootstrap(x, y)
@@ -109,12 +106,6 @@ def paired(dirs: list[Path]) -> str:
         out.append(f"| pooled ({len(xs)} pairs) | | {len(x)} | {y.mean():.5f} | {x.mean():.5f} | "
                    f"{m:+.5f} [{lo:+.5f}, {hi:+.5f}] | {m / y.mean():+.1%} |")
     return "\n".join(out)
-
-
-def _csv(path: Path) -> list[dict]:
-    import csv
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def main(argv: list[str] | None = None) -> int:

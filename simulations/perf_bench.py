@@ -44,6 +44,7 @@ import numpy as np
 from fedkd import streams
 from fedkd.streams import Stream
 from simulations.runner import APP_DIR, overrides_toml
+from simulations.runs import Run, load_run
 
 FLEETS = {
     # name: (overrides, what it is)
@@ -65,6 +66,11 @@ class SimResult:
     rounds: list[dict] = field(default_factory=list)  # timing.csv rows
     metrics: list[dict] = field(default_factory=list)  # metrics.csv rows
     summary: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run(cls, run: Run, **measured: float) -> SimResult:
+        """A finished run's files, with what was measured from outside it."""
+        return cls(**measured, rounds=_csv(run.path / "timing.csv"), metrics=run.rows, summary=run.summary)
 
 
 def _fused(overrides: dict) -> dict:
@@ -140,9 +146,8 @@ def run_sim(overrides: dict, workdir: Path, *, timeout_s: float) -> SimResult:
         raise RuntimeError(f"{name}: fedkd run exited with {child.returncode}; see {workdir / (name + '.log')}")
     rounds = _csv(out / "timing.csv")
     first = first if first is not None else wall
-    return SimResult(wall_s=wall, first_round_s=first, startup_s=first - float(rounds[0]["round_s"]),
-                     peak_pss_mb=peak_pss, peak_rss_mb=peak_rss, rounds=rounds, metrics=_csv(out / "metrics.csv"),
-                     summary=json.loads((out / "summary.json").read_text()))
+    return SimResult.from_run(load_run(out), wall_s=wall, first_round_s=first,
+                              startup_s=first - float(rounds[0]["round_s"]), peak_pss_mb=peak_pss, peak_rss_mb=peak_rss)
 
 
 def steady(rows: list[dict], metrics: list[dict]) -> tuple[float, int, float]:
@@ -261,13 +266,13 @@ def bench_point(args, name: str, extra: dict) -> dict:
     fails is recorded with its error, and the table goes on without it. With ``--from-runs``
     the finished run folder is read instead (what is measured from outside, time through
     round 1 and memory, is then unknown)."""
-    out = args.out / "runs" / name
+    run = load_run(args.out / "runs" / name)
     if args.from_runs:
-        if not (out / "summary.json").is_file():
-            return {"name": name, **extra, "error": f"no finished run in {out}"}
-        sim = SimResult(wall_s=float("nan"), first_round_s=float("nan"), startup_s=float("nan"),
-                        peak_pss_mb=float("nan"), peak_rss_mb=float("nan"), rounds=_csv(out / "timing.csv"),
-                        metrics=_csv(out / "metrics.csv"), summary=json.loads((out / "summary.json").read_text()))
+        if not run.finished:
+            return {"name": name, **extra, "error": f"no finished run in {run.path}"}
+        unknown = float("nan")
+        sim = SimResult.from_run(run, wall_s=unknown, first_round_s=unknown, startup_s=unknown, peak_pss_mb=unknown,
+                                 peak_rss_mb=unknown)
     else:
         try:
             sim = run_sim(_base(args, name, extra), args.out, timeout_s=args.timeout)

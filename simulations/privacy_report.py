@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
-from simulations.report import aggregate, format_stat, load_runs
+from simulations.docsplice import SpliceError, markers, splice
+from simulations.report import aggregate, format_stat, load_sweep
 
-START, END = "<!-- privacy -->", "<!-- /privacy -->"
+SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
 METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", "dp_epsilon", "privacy.noise_multiplier"]
 
 
@@ -38,7 +38,7 @@ def _epsilon(runs) -> float | None:
 
 
 def table(folder: Path) -> tuple[str, list[dict]]:
-    col = load_runs(folder)
+    col = load_sweep(folder)
     rows = aggregate(col.runs, METRICS)
     points = []
     lines = ["| config | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | attack AUC |",
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="The sweep folder (outputs/sweeps/privacy) or any folder of runs.")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"Markdown file whose {START} ... {END} block gets the table (default: print it).")
+                   help=f"Markdown file whose {' ... '.join(markers(SECTION))} block gets the table "
+                        "(default: print it).")
     p.add_argument("--img", type=Path, default=None,
                    help="The plot's file (default: FOLDER/privacy_vs_epsilon.png).")
     args = p.parse_args(argv)
@@ -110,18 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"plot: {img}")
     if args.out:
-        if not args.out.is_file():
-            print(f"{args.out}: no such file; give the Markdown page that holds the {START} ... {END} block",
-                  file=sys.stderr)
-            return 1
-        doc = args.out.read_text()
-        if START not in doc or END not in doc:
-            print(f"{args.out} has no {START} ... {END} block; table not written", file=sys.stderr)
-            return 1
         link = os.path.relpath(img.resolve(), args.out.resolve().parent)
-        block = (f"{START}\nCommand: `python -m simulations.privacy_report {args.folder} --out {args.out}`\n\n{text}\n"
-                 f"![NDCG@10 and attack AUC vs epsilon]({link})\n{END}")
-        args.out.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S))
+        try:
+            splice(args.out, SECTION, f"Command: `python -m simulations.privacy_report {args.folder} --out {args.out}`"
+                                      f"\n\n{text}\n![NDCG@10 and attack AUC vs epsilon]({link})\n")
+        except SpliceError as exc:
+            print(f"{exc}; table not written", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from fedkd.stats import paired_bootstrap
-from simulations.baselines import per_user_ndcg
-from simulations.report import aggregate, format_stat, load_runs
+from simulations import ROOT
+from simulations.docsplice import splice
+from simulations.report import aggregate, format_stat, load_sweep
+from simulations.runs import load_run
 
-ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- protocols -->", "<!-- /protocols -->"
+SECTION = "protocols"  # the block of --doc this table fills (simulations/docsplice.py)
 WIRE = {  # what a training round sends, by protocol (docs/architecture.md#protocols)
     "params": "student down, quantised update up (+ proxy batch and soft labels down if kd > 0)",
     "logits": "proxy batch, targets and next batch ids down; top-k predictions up",
@@ -31,7 +32,7 @@ WIRE = {  # what a training round sends, by protocol (docs/architecture.md#proto
 
 
 def build(folder: Path, reference: str = "fedkd-frozen") -> str:
-    col = load_runs(folder)
+    col = load_sweep(folder)
     k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
     rows = aggregate(col.runs, k_metrics)
     done = {r.name: r for r in col.runs if r.status == "finished"}
@@ -63,7 +64,7 @@ def _versus(runs, ref_runs, is_ref: bool) -> str:
         return "n/a"
     a, b, strata = [], [], []
     for i, (r, ref) in enumerate(pairs):
-        x, y = per_user_ndcg(r.dir), per_user_ndcg(ref.dir)
+        x, y = load_run(r.dir).user_ndcg(), load_run(ref.dir).user_ndcg()
         ids = sorted(set(x) & set(y))
         a += [x[j] for j in ids]
         b += [y[j] for j in ids]
@@ -73,14 +74,8 @@ def _versus(runs, ref_runs, is_ref: bool) -> str:
 
 
 def write_into(doc: Path, table: str) -> None:
-    """Replace the text between the protocol markers (append a section if they are missing)."""
-    text = doc.read_text() if doc.exists() else ""
-    block = f"{START}\n{table}{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text += f"\n## Protocols on MovieLens-100K\n\n{block}\n"
-    doc.write_text(text)
+    """Replace the protocols block of ``doc`` (a page without one gets it as a new section)."""
+    splice(doc, SECTION, table, heading="## Protocols on MovieLens-100K")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,19 +19,17 @@ import argparse
 import csv
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedkd.results import read_metrics
+from simulations.runs import Run, load_run, load_runs, split_seed
 
 DEFAULT_METRICS = ("test_ndcg@10", "test_hr@10")
 X_AXES = {"round": ("curves_vs_round.png", "round"),
           "cum_bytes": ("curves_vs_bytes.png", "cumulative training traffic (MB, up + down)")}
-_SEED_SUFFIX = re.compile(r"^(?P<config>.+)-s(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -70,18 +68,18 @@ class Collection:
 
 
 # --- reading ----------------------------------------------------------------------------
-def run_status(run_dir: Path, expected: Mapping | None = None) -> str:
+def run_status(run: Run, expected: Mapping | None = None) -> str:
     """finished, to run (never started or interrupted: no summary.json) or stale (config differs).
 
     summary.json is written last, so its presence means the run ended; config.json says
     what it ran, so a finished run of an edited spec is not mistaken for a current one.
     """
-    if not (run_dir / "summary.json").is_file():
+    if not run.finished:
         return "to run"
     if expected is None:
         return "finished"
     try:
-        stored = json.loads((run_dir / "config.json").read_text())["config"]
+        stored = run.config
     except (OSError, ValueError, KeyError, TypeError):
         return "stale"
     return "finished" if same_config(stored, expected) else "stale"
@@ -101,7 +99,7 @@ def same_config(stored: Mapping, expected: Mapping) -> bool:
                for k in set(stored) | set(expected))
 
 
-def load_runs(folder: Path) -> Collection:
+def load_sweep(folder: Path) -> Collection:
     """The runs of a sweep folder (from sweep.json), or of any folder of results folders."""
     spec_file = folder / "sweep.json"
     if spec_file.is_file():
@@ -115,21 +113,20 @@ def load_runs(folder: Path) -> Collection:
 
 
 def _record(name: str, config: str, seed: int | None, run_dir: Path, expected: Mapping | None) -> RunRecord:
-    status = run_status(run_dir, expected)
-    summary = json.loads((run_dir / "summary.json").read_text()) if status == "finished" else None
-    return RunRecord(name, config, seed, run_dir, status, summary)
+    run = load_run(run_dir)
+    status = run_status(run, expected)
+    return RunRecord(name, config, seed, run_dir, status, run.summary if status == "finished" else None)
 
 
 def _scan(folder: Path) -> list[RunRecord]:
-    """Results folders directly under ``folder``; every group is expected at every seed seen."""
-    dirs = sorted(d for d in folder.iterdir() if d.is_dir() and ".old-" not in d.name
-                  and ((d / "config.json").is_file() or (d / "summary.json").is_file()))
+    """The results folders of ``folder`` (:func:`simulations.runs.load_runs`); every group is
+    expected at every seed seen."""
+    dirs = [run.path for run in load_runs(folder)]
     if not dirs:
         raise ValueError(f"{folder}: no sweep.json and no results folders (with config.json) in it")
     found: dict[str, dict[int | None, Path]] = {}
     for d in dirs:
-        m = _SEED_SUFFIX.match(d.name)
-        config, seed = (m["config"], int(m["seed"])) if m else (d.name, None)
+        config, seed = split_seed(d.name)
         found.setdefault(config, {})[seed] = d
     all_seeds = sorted({s for by_seed in found.values() for s in by_seed if s is not None})
     runs = []
@@ -137,7 +134,7 @@ def _scan(folder: Path) -> list[RunRecord]:
         seeds = all_seeds if any(s is not None for s in by_seed) else [None]
         for seed in seeds:
             name = config if seed is None else f"{config}-s{seed}"
-            runs.append(_record(name, config, seed, by_seed.get(seed, folder / name), None))
+            runs.append(_record(name, config, seed, by_seed.get(seed, dirs[0].parent / name), None))
     return runs
 
 
@@ -203,7 +200,7 @@ def curves(runs: Sequence[RunRecord], curve: str, x: str) -> dict[str, tuple[np.
     """
     out = {}
     for config in dict.fromkeys(r.config for r in runs):
-        per_seed = [_points(r.dir / "metrics.csv", curve, x) for r in runs
+        per_seed = [_points(load_run(r.dir).rows, curve, x) for r in runs
                     if r.config == config and r.summary is not None]
         per_seed = [p for p in per_seed if p]
         if not per_seed:
@@ -218,11 +215,9 @@ def curves(runs: Sequence[RunRecord], curve: str, x: str) -> dict[str, tuple[np.
     return out
 
 
-def _points(path: Path, curve: str, x: str) -> dict[float, tuple[float, float]]:
-    if not path.is_file():
-        return {}
+def _points(rows: Sequence[Mapping], curve: str, x: str) -> dict[float, tuple[float, float]]:
     points = {}
-    for row in read_metrics(path):
+    for row in rows:
         y = row.get(curve)
         if isinstance(y, float) and not math.isnan(y):
             xv = row["cum_bytes"] / 1e6 if x == "cum_bytes" else row["round"]
@@ -276,7 +271,7 @@ def _pyplot():
 def write_report(folder: Path, *, metrics: Sequence[str] | None = None, curve: str = "val_ndcg",
                  x_axes: Sequence[str] = tuple(X_AXES), command: str | None = None) -> list[Path]:
     """Write report.md, report.csv, report_summary.csv and the plots; return the files written."""
-    col = load_runs(folder)
+    col = load_sweep(folder)
     metrics = list(metrics or col.metrics)
     rows = aggregate(col.runs, metrics)
     written = [_write_runs_csv(folder / "report.csv", col.runs, metrics),

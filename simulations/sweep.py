@@ -59,10 +59,11 @@ from tqdm import tqdm
 
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
+from simulations import ROOT
 from simulations.report import DEFAULT_METRICS, lookup, run_status, write_report
 from simulations.runner import overrides_toml, resolve_overrides
+from simulations.runs import load_run
 
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP_KEYS = ("seed", "experiment-name", "output-dir")  # set by the sweep for each run
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
@@ -93,7 +94,7 @@ class Run:
         return self.root / f"{self.name}.log"
 
     def status(self) -> str:
-        return run_status(self.dir, self.resolved)
+        return run_status(load_run(self.dir), self.resolved)
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
     with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo) as bar:
         def done(run: Run, rc: int, seconds: float) -> None:
             bar.update()
-            if rc == 0 and (run.dir / "summary.json").is_file():
+            if rc == 0 and load_run(run.dir).finished:
                 tqdm.write(f"[sweep] {run.name}: {seconds:.0f}s, {metric} = {_metric(run, metric)}")
             else:
                 failures.append(run.name)
@@ -366,7 +367,7 @@ def _execute_all(todo: list[Run], execute: Execute, jobs: int,
 
 
 def _metric(run: Run, metric: str) -> str:
-    value = lookup(json.loads((run.dir / "summary.json").read_text()), metric)
+    value = lookup(load_run(run.dir).summary, metric)
     return "n/a" if value is None else f"{value:.4g}"
 
 

@@ -48,7 +48,7 @@ def test_comparisons_pair_the_same_users_of_each_tier(tmp_path):
     _run(tmp_path, "nested-s0", better, full=better)
     _run(tmp_path, "drop-weak-s0", ref)
     runs = br.load(tmp_path)
-    table = br.comparison_table(tmp_path, runs)
+    table = br.comparison_table(runs)
     rows = [r for r in table.splitlines() if r.startswith("| nested, full student vs drop-weak")]
     assert [r.split("|")[2].strip() for r in rows] == ["weak", "mid", "strong"]
     weak, mid = rows[0].split("|"), rows[1].split("|")
@@ -59,7 +59,7 @@ def test_comparisons_pair_the_same_users_of_each_tier(tmp_path):
 
     _run(tmp_path, "nested-s1", better, full=better)  # a second seed pools, paired within its seed
     _run(tmp_path, "drop-weak-s1", {u: (t, v - 0.1) for u, (t, v) in ref.items()})
-    weak = br.comparison_table(tmp_path, br.load(tmp_path)).splitlines()[2].split("|")
+    weak = br.comparison_table(br.load(tmp_path)).splitlines()[2].split("|")
     assert weak[3].strip() == "0,1" and weak[4].strip() == "40"
     assert weak[7].strip().startswith("+0.1500")
 

@@ -1,10 +1,12 @@
 """The communication report on a hand-made sweep folder: bytes to target, ratios, the doc section."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from simulations import communication_report as cr
+from simulations.docsplice import markers, splice
 
 
 def _run(root, name, vals, bytes_per_round, *, test, extra=None):
@@ -32,16 +34,17 @@ def test_bytes_to_target_table_and_doc_section(tmp_path):
                  {"config": "fedkd-8-naive", "seed": 0}, {"config": "fedkd-8", "seed": 0}]}))
     runs = cr.load(tmp_path)
     assert list(runs) == ["fedavg-32", "fedkd-8-naive", "fedkd-8"]  # the spec's order
-    assert cr.final_val(runs["fedavg-32"][0]["rows"]) == 0.20
-    assert cr.bytes_to_target(runs["fedkd-8"][0]["rows"], 0.20) == 200_000  # round 2 of fedkd-8
-    assert cr.bytes_to_target(runs["fedkd-8-naive"][0]["rows"], 0.20) is None
+    assert cr.final_val(runs["fedavg-32"][0].rows) == 0.20
+    assert cr.bytes_to_target(runs["fedkd-8"][0].rows, 0.20) == 200_000  # round 2 of fedkd-8
+    assert cr.bytes_to_target(runs["fedkd-8-naive"][0].rows, 0.20) is None
     text = cr.tables(runs)
     assert "| fedavg-32 |" in text and "| 4,000,000" not in text
     assert "| 0.2 | 5.0% |" in text  # 0.2 MB, 5% of FedAvg-32's 4 MB
     assert "| never | – |" in text
     assert "| 100x |" in text and "+4.0%" in text  # naive 50 kB vs 0.5 kB soft labels; 0.26 vs 0.25
     doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{cr.START}\nold\n{cr.END}\noutro\n")
+    start, end = markers(cr.SECTION)
+    doc.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
     assert cr.main([str(tmp_path), "--doc", str(doc), "--plot", str(tmp_path / "p.png")]) == 0
     body = doc.read_text()
     assert body.startswith("intro\n") and body.endswith("outro\n") and "old" not in body
@@ -52,13 +55,13 @@ def test_a_doc_without_the_section_is_refused(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="section"):
-        cr.write_section(doc, "x")
+        splice(doc, cr.SECTION, "x")
 
 
 def test_comparisons_pair_seeds():
     """A config with seeds 0-1 against a reference with seed 0 alone compares seed 0 only."""
     def run(test):
-        return {"summary": {"test_ndcg@10": test}, "rows": [{"val_ndcg": test}]}
+        return SimpleNamespace(summary={"test_ndcg@10": test}, rows=[{"val_ndcg": test}])
 
     base = {0: run(0.10)}
     assert cr._paired({0: run(0.11), 1: run(0.50)}, base, cr._test) == "+10.0% (seed 0)"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from simulations import cli
-from simulations.report import aggregate, curves, load_runs, lookup, markdown_table, write_report
+from simulations.report import aggregate, curves, load_sweep, lookup, markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -58,7 +58,7 @@ def _values(made: dict, config: str, metric: str) -> list[float]:
 
 def test_means_and_sample_stds_match_numpy(sweep_dir):
     folder, made = sweep_dir
-    col = load_runs(folder)
+    col = load_sweep(folder)
     metrics = ["test_ndcg@10", "teacher.best_valid_ndcg", "train_bytes_total"]
     rows = {r.config: r for r in aggregate(col.runs, metrics)}
     assert list(rows) == ["A", "B", "C"]
@@ -107,7 +107,7 @@ def test_report_files_agree_with_the_summaries(sweep_dir):
 
 def test_curves_average_seeds_on_validated_rounds_only(sweep_dir):
     folder, made = sweep_dir
-    col = load_runs(folder)
+    col = load_sweep(folder)
     xs, mean, std = curves(col.runs, "val_ndcg", "round")["A"]
     per_seed = np.array([made[f"A-s{s}"]["ndcg"][[1, 3]] for s in range(3)])
     assert list(xs) == [2, 4]  # rounds 1 and 3 had no validation
@@ -134,7 +134,7 @@ def test_stale_run_counts_as_missing(tmp_path):
 def test_folder_of_runs_without_sweep_json_groups_by_name(tmp_path):
     made = {n: _run(tmp_path, n, s) for n, s in (("x-s0", 0), ("x-s1", 1), ("y-s0", 0), ("single", 0))}
     (tmp_path / "x-s0.old-20250101-000000").mkdir()  # moved-aside results are not runs
-    rows = {r.config: r for r in aggregate(load_runs(tmp_path).runs, ["test_hr@10"])}
+    rows = {r.config: r for r in aggregate(load_sweep(tmp_path).runs, ["test_hr@10"])}
     assert list(rows) == ["single", "x", "y"]
     assert (rows["x"].done, rows["x"].expected) == (2, 2)
     assert (rows["y"].done, rows["y"].expected, rows["y"].missing) == (1, 2, ["y-s1"])

@@ -190,7 +190,7 @@ def test_interrupted_sweep_resumes_with_exactly_the_missing_runs(four_runs, tmp_
 
 
 def test_configs_option_runs_only_those_and_the_report_keeps_every_run(four_runs, tmp_path):
-    from simulations.report import load_runs
+    from simulations.report import load_sweep
 
     run_sweep(plan(four_runs, output_dir=tmp_path / "out", cwd=tmp_path, seeds=[0]), FakeExecutor())
     extra = FakeExecutor()
@@ -201,7 +201,7 @@ def test_configs_option_runs_only_those_and_the_report_keeps_every_run(four_runs
     written = json.loads((sweep.dir / "sweep.json").read_text())
     assert [r["name"] for r in written["runs"]] == ["kd-s0", "avg-s0", "kd-s1", "kd-s2"]
     assert written["seeds"] == [0, 1, 2]
-    col = load_runs(sweep.dir)
+    col = load_sweep(sweep.dir)
     assert {r.name: r.status for r in col.runs} == dict.fromkeys(["kd-s0", "kd-s1", "kd-s2", "avg-s0"], "finished")
     with pytest.raises(SpecError, match="--configs: nope not in .*its configs are kd, avg"):
         plan(four_runs, output_dir=tmp_path / "out", cwd=tmp_path, only=["nope"])
