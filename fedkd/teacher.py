@@ -32,10 +32,19 @@ def teacher_cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_finge
                       extra: Mapping[str, object] | None = None) -> str:
     """First 16 hex digits of the sha256 of a canonical (sorted, compact) JSON of every input
     that changes the trained weights; ``extra`` holds anything else the caller varies."""
-    payload = {"version": CACHE_VERSION, "model": asdict(model_cfg), "train": asdict(train_cfg),
+    payload = {"version": CACHE_VERSION, "model": asdict(model_cfg), "train": _train_key(train_cfg),
                "data": data_fingerprint, "extra": dict(extra or {})}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# TrainConfig fields added after teachers were cached: left out of the key while at their
+# default, so adding an option does not invalidate every cached teacher.
+_LATER_FIELDS = {"lr_schedule": "constant", "warmup_epochs": 0.0, "min_epochs": 0}
+
+
+def _train_key(train_cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(train_cfg).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
 def _load(path: Path, model_cfg: ModelConfig) -> tuple[nn.Module, dict]:

@@ -6,6 +6,7 @@ scheduling or evaluation logic: one batch in, one optimiser step, the loss out.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,12 @@ class TrainConfig:
     patience: int = 3  # stop after this many epochs without a better validation NDCG@10
     max_seconds: float | None = None  # wall-clock cap, checked between epochs
     seed: int = 0  # shuffling and dropout
+    # Options added for the strong centralized reference (docs/screening.md); the defaults
+    # reproduce the original recipe exactly, and a teacher's cache key ignores them while
+    # they hold their defaults (fedkd.teacher.teacher_cache_key), so cached teachers stay valid.
+    lr_schedule: str = "constant"  # constant | cosine (per step, from lr down to 0 over `epochs`)
+    warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs (cosine or constant after)
+    min_epochs: int = 0  # never stop early before this many epochs
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -36,6 +43,23 @@ class TrainConfig:
             raise ValueError(f"lr and weight_decay must be >= 0, got {self.lr}, {self.weight_decay}")
         if self.max_seconds is not None and self.max_seconds < 0:
             raise ValueError(f"max_seconds must be >= 0 or None, got {self.max_seconds}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.warmup_epochs < 0 or self.min_epochs < 0:
+            raise ValueError(f"warmup_epochs and min_epochs must be >= 0, got {self.warmup_epochs}, "
+                             f"{self.min_epochs}")
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` before optimiser step ``step`` (0-based): linear warm-up, then
+    constant or a cosine down to 0 at the end of ``cfg.epochs``."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if warm > 0 and step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    total = max(cfg.epochs * steps_per_epoch - warm, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min((step - warm) / total, 1.0)))
 
 
 @dataclass
@@ -110,6 +134,8 @@ def train_central(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid:
     history: list[dict] = []
     best_state, best_epoch, best_ndcg, bad = _cpu_copy(model), 0, -np.inf, 0
     start = time.perf_counter()
+    scheduled = cfg.lr_schedule != "constant" or cfg.warmup_epochs > 0
+    steps_per_epoch, step = -(-S // cfg.batch_size), 0
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for epoch in range(1, cfg.epochs + 1):
@@ -118,6 +144,10 @@ def train_central(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid:
             total = 0.0
             for i in range(0, S, cfg.batch_size):
                 idx = perm[i:i + cfg.batch_size]
+                if scheduled:
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
+                    step += 1
                 total += len(idx) * train_step(model, opt, hist_all[idx].to(device), target_all[idx].to(device))
             train_seconds = time.perf_counter() - t0
             res = evaluate_ranking(model, valid, k=10)
@@ -130,7 +160,7 @@ def train_central(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid:
                 best_state, best_epoch, best_ndcg, bad = _cpu_copy(model), epoch, res.ndcg, 0
             else:
                 bad += 1
-            if bad >= cfg.patience:
+            if bad >= cfg.patience and epoch >= cfg.min_epochs:
                 break
             if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
                 break
