@@ -42,6 +42,9 @@ class ExperimentConfig:
     data_columns: str = _opt("", "Column mapping for generic files, e.g. 'user=uid,item=sku,timestamp=ts'.")
     data_min_interactions: int = _opt(3, "Users need at least this many interactions (>= 3 for leave-one-out).")
     data_drop_short_users: bool = _opt(False, "Drop users below data-min-interactions instead of failing.")
+    data_duplicates: str = _opt("drop", "Exact duplicate rows (same user, item and timestamp): drop (counted in "
+                                        "the log and summary.json) | keep | error (refuse the file, naming the "
+                                        "first repeated line).")
     synthetic_users: int = _opt(300, "Synthetic data: number of users.")
     synthetic_items: int = _opt(400, "Synthetic data: number of items.")
     synthetic_mean_length: int = _opt(40, "Synthetic data: mean interactions per user.")
@@ -364,6 +367,8 @@ def _validate(c: ExperimentConfig) -> None:
            "an integer >= 3 (leave-one-out needs train, validation and test items)")
     _check(c.data_format in {"auto", "ml-100k", "ml-csv", "csv", "tsv", "parquet"}, "data-format",
            c.data_format, "auto, ml-100k, ml-csv, csv, tsv or parquet")
+    _check(c.data_duplicates in {"drop", "keep", "error"}, "data-duplicates", c.data_duplicates,
+           "drop, keep or error")
     if c.data_columns:
         pairs = _split(c.data_columns)
         _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}
