@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedkd.checks import check_experiment
 from fedkd.config import ExperimentConfig, Scalar
 from simulations.runner import overrides_toml
 
@@ -588,6 +589,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     from simulations.runner import resolve_overrides
     overrides = fit_fleet(resolve_overrides(overrides), nodes)
     cfg = ExperimentConfig.from_flat(overrides)
+    check_experiment(cfg)  # every feasibility check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
     if certs is not None:
