@@ -114,7 +114,10 @@ def check_experiment(cfg: ExperimentConfig) -> Plan:
     for width in cfg.widths:  # the simulated clock needs every width in use (raises, naming it)
         step_seconds(calibration, width)
     trainable = n
-    if cfg.protocol == "params":  # other protocols keep full-width models on the devices
+    if cfg.protocol == "params" and min(p.memory_mb for p in profiles) < _full_width_mb(cfg, ds.num_items):
+        # Some device cannot hold the full student: find each one's widest slice, as the server will.
+        # (Skipped when every device holds the full width: slicing builds a meta-device model,
+        # whose first use costs torch about 2 s of imports.)
         model = cfg.student_model(ds.num_items)
         fits: dict[float, int | None] = {}
         for p in profiles:
@@ -138,6 +141,14 @@ def check_experiment(cfg: ExperimentConfig) -> Plan:
         checkpoint.load(Path(cfg.output_dir).expanduser() / cfg.experiment_name, cfg.to_flat())
     return Plan(population=pop, cloud_prefixes=prefixes, proxy_rows=proxy_rows, trainable=trainable,
                 notes=tuple(notes))
+
+
+def _full_width_mb(cfg: ExperimentConfig, num_items: int) -> float:
+    """``fedkd.schedule.footprint_mb`` of the full-width student (its full layout is the model's own)."""
+    from fedkd.models import build_model
+    from fedkd.schedule import BYTES_PER_PARAMETER
+    model = build_model(cfg.student_model(num_items), seed=None)
+    return sum(t.numel() for t in model.state_dict().values()) * BYTES_PER_PARAMETER / 1e6
 
 
 def _check_output(cfg: ExperimentConfig) -> None:

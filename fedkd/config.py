@@ -308,6 +308,9 @@ def _split(text: str) -> list[str]:
 
 def _coerce(key: str, value: Any, kind: type) -> Scalar:
     """Accept what TOML or a command line produce; refuse silent truncation or type mix-ups."""
+    if isinstance(value, (list, tuple, dict)):  # a TOML array or table: never str() it into a value
+        hint = " (write a list as one comma-separated string, e.g. '4,8,16')" if isinstance(value, (list, tuple)) else ""
+        raise ValueError(f"Config key '{key}' must be a single value, got {value!r}{hint}.")
     if kind is bool:
         if isinstance(value, bool):
             return value

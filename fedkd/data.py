@@ -40,6 +40,7 @@ __all__ = [
     "build_dataset",
     "describe_row",
     "load_interactions",
+    "resolve_format",
 ]
 
 #: Columns of the frame returned by :func:`load_interactions`, in this order.
@@ -172,6 +173,11 @@ def load_interactions(
     frame = pd.DataFrame(converted, columns=list(CANONICAL_COLUMNS))
     frame.attrs.update(_position_attrs(positions, src=src, unit=unit))
     return frame
+
+
+def resolve_format(path: str | os.PathLike, fmt: str = "auto") -> str:
+    """The format :func:`load_interactions` reads ``path`` as (``fmt`` itself unless ``auto``)."""
+    return _resolve_format(Path(path), fmt)
 
 
 def _resolve_format(file: Path, fmt: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fedkd.results import read_metrics
+from simulations.options import RawHelpFormatter
 
 DEFAULT_METRICS = ("test_ndcg@10", "test_hr@10")
 X_AXES = {"round": ("curves_vs_round.png", "round"),
@@ -359,7 +360,7 @@ def _write_summary_csv(path: Path, rows: Sequence[ConfigRow], metrics: Sequence[
 # --- command line -----------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="Tables and plots over the seeds of a sweep (or any folder of runs).",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("folder", type=Path, metavar="SWEEP_DIR",
                    help="A sweep folder (with sweep.json) or a folder of results folders.")
     p.add_argument("--metrics", nargs="+", default=None, metavar="KEY",

@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
+from simulations.options import RawHelpFormatter
 from simulations.report import DEFAULT_METRICS, lookup, run_status, write_report
 from simulations.runner import overrides_toml, resolve_overrides
 
@@ -448,7 +449,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # --- command line -----------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="Run a grid of configs over seeds (resumable), then report.",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("spec", type=Path, metavar="SPEC.toml", help="The sweep spec (format above).")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds to run (replaces the spec's).")
     p.add_argument("--output-dir", type=Path, default=None,
