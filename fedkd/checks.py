@@ -56,7 +56,7 @@ class Plan:
 
 def _invalid(key: str, value, allowed: str) -> ValueError:
     """The message shape of ``fedkd.config``: key, value, what is allowed."""
-    return ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}")
+    return ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}.")
 
 
 def check_experiment(cfg: ExperimentConfig) -> Plan:

@@ -35,7 +35,9 @@ class ExperimentConfig:
     output_dir: str = _opt("outputs", "Folder that holds one results folder per experiment.")
     cache_dir: str = _opt(".cache/fedkd", "Where trained teachers are cached (keyed by config + data hash).")
     seed: int = _opt(0, "Experiment seed; every random draw (split, sampling, init, rounding) derives from it.")
-    progress: bool = _opt(True, "Show a progress bar and per-round line while the run goes.")
+    progress: bool = _opt(True, "Show a progress bar while the run goes (`fedkd run`: only when stderr is a "
+                                "terminal, so that bar and log lines never share a line); the per-round log "
+                                "lines are written either way.")
     # --- data -------------------------------------------------------------------------
     data_path: str = _opt("", "Interaction file (u.data, ratings.csv, CSV/TSV/parquet); empty = synthetic data.")
     data_format: str = _opt("auto", "auto | ml-100k | ml-csv | csv | tsv | parquet.")

@@ -35,15 +35,27 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     add_config_options(p.add_argument_group("experiment settings (also in [tool.flwr.app.config])"))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
-    """fedkd's log lines before the ServerApp takes the logger over (it adds run.log)."""
+    """Show fedkd's log lines (the data, the checks' notes) before the ServerApp takes the logger
+    over and adds run.log."""
     logger = logging.getLogger("fedkd")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
