@@ -14,10 +14,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedkd.models import ModelConfig
-from fedkd.train import TrainConfig
+if TYPE_CHECKING:  # imported where used: parsing a config (and refusing a bad one) needs no torch
+    from fedkd.models import ModelConfig
+    from fedkd.train import TrainConfig
 
 Scalar = bool | int | float | str
 
@@ -241,16 +242,19 @@ class ExperimentConfig:
 
     # --- typed views ------------------------------------------------------------------
     def teacher_model(self, num_items: int) -> ModelConfig:
+        from fedkd.models import ModelConfig
         return ModelConfig(kind=self.teacher_kind, num_items=num_items, dim=self.teacher_dim,
                            blocks=self.teacher_blocks, heads=self.teacher_heads,
                            max_len=self.max_len, dropout=self.teacher_dropout)
 
     def student_model(self, num_items: int) -> ModelConfig:
+        from fedkd.models import ModelConfig
         return ModelConfig(kind=self.student_kind, num_items=num_items, dim=self.student_dim,
                            blocks=self.student_blocks, heads=self.student_heads,
                            max_len=self.max_len, dropout=self.student_dropout)
 
     def teacher_train(self) -> TrainConfig:
+        from fedkd.train import TrainConfig
         return TrainConfig(epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
                            lr=self.teacher_lr, weight_decay=self.teacher_weight_decay,
                            patience=self.teacher_patience,

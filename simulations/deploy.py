@@ -41,7 +41,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkd.checks import check_experiment
 from fedkd.config import ExperimentConfig, Scalar
 from simulations.options import (HelpFormatter, RawHelpFormatter, add_config_options, blame, config_values,
                                  read_overrides)
@@ -591,6 +590,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
     ValueError (bad settings) after every started process is gone.
     """
+    from fedkd.checks import check_experiment
     from simulations.runner import resolve_overrides
     overrides = fit_fleet(resolve_overrides(overrides), nodes)
     cfg = ExperimentConfig.from_flat(overrides)
