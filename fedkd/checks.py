@@ -31,7 +31,7 @@ class Plan:
     population: Population
     cloud_prefixes: int  # cloud users' training prefixes: the teacher's samples, the proxy set's source
     proxy_rows: int  # rows of the public proxy set (0 when the protocol needs none)
-    trainable: int  # clients whose memory holds at least the narrowest student
+    trainable: int | None  # clients whose memory holds the narrowest student (None: devices not checked)
     notes: tuple[str, ...] = ()  # things a run does that the user may not expect, said out loud
 
     @property
@@ -59,11 +59,14 @@ def _invalid(key: str, value, allowed: str) -> ValueError:
     return ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}.")
 
 
-def check_experiment(cfg: ExperimentConfig) -> Plan:
+def check_experiment(cfg: ExperimentConfig, *, devices: bool = True) -> Plan:
     """Run every check that needs the data or a file; return the plan, or raise naming the problem.
 
-    Cheap (about a second on MovieLens-100K, most of it reading the file); the population it
-    loads is cached per process, so the run that follows does not read the file again."""
+    Cheap (well under a second on MovieLens-100K, plus importing torch for the device checks);
+    the population it loads is cached per process, so the run that follows does not read the
+    file again. ``devices=False`` stops after the data and fleet-size checks, before the device
+    trace, calibration, memory, privacy and resume checks, which need torch (``fedkd data``,
+    which reports on a data file, uses it to answer in about a second)."""
     _check_output(cfg)
     pop = population(cfg)  # DataError names the file, the line and the option that fixes it
     ds, n = pop.dataset, pop.num_clients
@@ -105,6 +108,10 @@ def check_experiment(cfg: ExperimentConfig) -> Plan:
     if bad:
         raise _invalid("fault-malicious", cfg.fault_malicious,
                        f"partition ids in 0..{n - 1} (this fleet has {n} clients)")
+
+    if not devices:
+        return Plan(population=pop, cloud_prefixes=prefixes, proxy_rows=proxy_rows, trainable=None,
+                    notes=tuple(notes))
 
     # --- devices: trace, calibration, memory
     from fedkd.schedule import fleet_profiles, width_for

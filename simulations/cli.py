@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shlex
 import sys
@@ -9,10 +10,9 @@ from pathlib import Path
 
 from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, sweep
 from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
-                                 parse_bool, read_overrides)
+                                 read_overrides)
 
-__all__ = ["load_overrides", "main"]
-_parse_bool = parse_bool  # the name other modules imported before simulations.options existed
+__all__ = ["load_overrides", "main"]  # load_overrides: re-exported for sweep, baselines and older scripts
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:

@@ -329,7 +329,8 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
         run.toml.write_text(overrides_toml(run.overrides))
     failures: list[str] = []
     metric = sweep.metrics[0]
-    with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo) as bar:
+    # no bar when stderr is not a terminal: its \r redraws would split the lines below in a log
+    with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo or not sys.stderr.isatty()) as bar:
         def done(run: Run, rc: int, seconds: float) -> None:
             bar.update()
             if rc == 0 and (run.dir / "summary.json").is_file():

@@ -424,23 +424,21 @@ def test_byte_order_mark_is_not_part_of_the_first_value(tmp_path: Path) -> None:
     assert load_interactions(c).columns.tolist() == ["user", "item", "timestamp"]
 
 
-def test_binary_and_utf16_files_are_refused_before_parsing(tmp_path: Path) -> None:
-    binary = tmp_path / "log.csv"
-    binary.write_bytes(b"user,item,timestamp\n1,2,3\n\x89PNG\x00\x01")
+@pytest.mark.parametrize(("content", "message"), [
+    (b"user,item,timestamp\n1,2,3\n\x89PNG\x00\x01",
+     "line 3: NUL byte at offset 30: this is a binary file, not CSV/TSV text (for parquet, name it .parquet or set "
+     "--data-format parquet)"),
+    ("user,item,timestamp\n1,2,3\n1,2,3\u00e9\n".encode("latin-1"),
+     "line 3: byte 0xe9 at offset 31 is not UTF-8: interaction files are UTF-8 CSV/TSV text or parquet"),
+    ("user,item,timestamp\n1,2,3\n".encode("utf-16"),
+     "the file is UTF-16 text (byte-order mark ff fe); save it as UTF-8"),
+])
+def test_binary_and_non_utf8_files_are_refused_before_parsing(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
     with pytest.raises(DataError) as info:
-        load_interactions(binary)
-    assert str(info.value) == (f"{binary}: line 3: NUL byte at offset 30: this is a binary file, not CSV/TSV text "
-                               "(for parquet, name it .parquet or set --data-format parquet)")
-    latin = tmp_path / "latin.csv"
-    latin.write_bytes("user,item,timestamp\n1,2,3\n1,2,3\u00e9\n".encode("latin-1"))
-    with pytest.raises(DataError) as info:
-        load_interactions(latin)
-    assert str(info.value) == (f"{latin}: line 3: byte 0xe9 at offset 31 is not UTF-8: interaction files are "
-                               "UTF-8 CSV/TSV text or parquet")
-    wide = tmp_path / "wide.csv"
-    wide.write_bytes("user,item,timestamp\n1,2,3\n".encode("utf-16"))
-    with pytest.raises(DataError, match=r"the file is UTF-16 text \(byte-order mark ff fe\); save it as UTF-8"):
-        load_interactions(wide)
+        load_interactions(path)
+    assert str(info.value) == f"{path}: {message}"
 
 
 def test_headerless_file_is_explained(tmp_path: Path) -> None:

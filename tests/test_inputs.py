@@ -223,6 +223,26 @@ def test_fedkd_data_refuses_a_file_with_the_message_a_run_gives(case: Case, tmp_
     assert _untouched(tmp_path)
 
 
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "u.data"
+
+
+@pytest.mark.skipif(not ML100K.is_file(), reason="MovieLens-100K not present")
+def test_fedkd_data_summarises_movielens_without_importing_torch() -> None:
+    code = ("import sys; from simulations import cli; assert cli.main(['data', sys.argv[1]]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(ML100K)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "users              943 (0 below --data-min-interactions 3)" in lines
+    assert "exact duplicates   0 found, 0 dropped (--data-duplicates drop: dropped)" in lines
+    assert "edge users         754 in 754 clients (--users-per-client 1)" in lines
+    assert "proxy set          2048 rows (--proxy-size 2048)" in lines
+    assert seconds < 30, seconds  # about 1.5 s; the bound only catches a hang, timing under load varies
+
+
 def test_the_reliability_doc_lists_every_case() -> None:
     doc = (ROOT / "docs" / "reliability.md").read_text()
     for case in CASES:
