@@ -58,11 +58,8 @@ def _log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["calibrate"]:  # its own parser: it needs no experiment config
-        from simulations import calibrate
-        return calibrate.main(argv[1:])
+def build_parser() -> Parser:
+    """The ``fedkd`` parser with every subcommand (``calibrate`` is listed; it parses its own)."""
     parser = Parser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
@@ -75,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("calibrate", add_help=False,
                    help="Measure this machine's step and top-10 times per student width "
                         "(writes a calibration profile; `fedkd calibrate --help`).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calibrate"]:  # its own parser: it needs no experiment config
+        from simulations import calibrate
+        return calibrate.main(argv[1:])
+    args = build_parser().parse_args(argv)
     command = "fedkd " + shlex.join(argv)
     try:
         if args.command == "run":
