@@ -14,10 +14,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedkd.models import ModelConfig
-from fedkd.train import TrainConfig
+if TYPE_CHECKING:  # imported where used: parsing a config (and refusing a bad one) needs no torch
+    from fedkd.models import ModelConfig
+    from fedkd.train import TrainConfig
 
 Scalar = bool | int | float | str
 
@@ -35,13 +36,18 @@ class ExperimentConfig:
     output_dir: str = _opt("outputs", "Folder that holds one results folder per experiment.")
     cache_dir: str = _opt(".cache/fedkd", "Where trained teachers are cached (keyed by config + data hash).")
     seed: int = _opt(0, "Experiment seed; every random draw (split, sampling, init, rounding) derives from it.")
-    progress: bool = _opt(True, "Show a progress bar and per-round line while the run goes.")
+    progress: bool = _opt(True, "Show a progress bar while the run goes (`fedkd run`: only when stderr is a "
+                                "terminal, so that bar and log lines never share a line); the per-round log "
+                                "lines are written either way.")
     # --- data -------------------------------------------------------------------------
     data_path: str = _opt("", "Interaction file (u.data, ratings.csv, CSV/TSV/parquet); empty = synthetic data.")
     data_format: str = _opt("auto", "auto | ml-100k | ml-csv | csv | tsv | parquet.")
     data_columns: str = _opt("", "Column mapping for generic files, e.g. 'user=uid,item=sku,timestamp=ts'.")
     data_min_interactions: int = _opt(3, "Users need at least this many interactions (>= 3 for leave-one-out).")
     data_drop_short_users: bool = _opt(False, "Drop users below data-min-interactions instead of failing.")
+    data_duplicates: str = _opt("drop", "Exact duplicate rows (same user, item and timestamp): drop (counted in "
+                                        "the log and summary.json) | keep | error (refuse the file, naming the "
+                                        "first repeated line).")
     synthetic_users: int = _opt(300, "Synthetic data: number of users.")
     synthetic_items: int = _opt(400, "Synthetic data: number of items.")
     synthetic_mean_length: int = _opt(40, "Synthetic data: mean interactions per user.")
@@ -236,16 +242,19 @@ class ExperimentConfig:
 
     # --- typed views ------------------------------------------------------------------
     def teacher_model(self, num_items: int) -> ModelConfig:
+        from fedkd.models import ModelConfig
         return ModelConfig(kind=self.teacher_kind, num_items=num_items, dim=self.teacher_dim,
                            blocks=self.teacher_blocks, heads=self.teacher_heads,
                            max_len=self.max_len, dropout=self.teacher_dropout)
 
     def student_model(self, num_items: int) -> ModelConfig:
+        from fedkd.models import ModelConfig
         return ModelConfig(kind=self.student_kind, num_items=num_items, dim=self.student_dim,
                            blocks=self.student_blocks, heads=self.student_heads,
                            max_len=self.max_len, dropout=self.student_dropout)
 
     def teacher_train(self) -> TrainConfig:
+        from fedkd.train import TrainConfig
         return TrainConfig(epochs=self.teacher_epochs, batch_size=self.teacher_batch_size,
                            lr=self.teacher_lr, weight_decay=self.teacher_weight_decay,
                            patience=self.teacher_patience,
@@ -305,6 +314,9 @@ def _split(text: str) -> list[str]:
 
 def _coerce(key: str, value: Any, kind: type) -> Scalar:
     """Accept what TOML or a command line produce; refuse silent truncation or type mix-ups."""
+    if isinstance(value, (list, tuple, dict)):  # a TOML array or table: never str() it into a value
+        hint = " (write a list as one comma-separated string, e.g. '4,8,16')" if isinstance(value, (list, tuple)) else ""
+        raise ValueError(f"Config key '{key}' must be a single value, got {value!r}{hint}.")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -364,6 +376,8 @@ def _validate(c: ExperimentConfig) -> None:
            "an integer >= 3 (leave-one-out needs train, validation and test items)")
     _check(c.data_format in {"auto", "ml-100k", "ml-csv", "csv", "tsv", "parquet"}, "data-format",
            c.data_format, "auto, ml-100k, ml-csv, csv, tsv or parquet")
+    _check(c.data_duplicates in {"drop", "keep", "error"}, "data-duplicates", c.data_duplicates,
+           "drop, keep or error")
     if c.data_columns:
         pairs = _split(c.data_columns)
         _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}

@@ -19,7 +19,7 @@ from fedkd.split import partition_clients, split_population
 from fedkd.synthetic import generate_synthetic
 
 DATA_KEYS = ("data_path", "data_format", "data_columns", "data_min_interactions",
-             "data_drop_short_users", "synthetic_users", "synthetic_items",
+             "data_drop_short_users", "data_duplicates", "synthetic_users", "synthetic_items",
              "synthetic_mean_length", "synthetic_clusters", "cloud_fraction",
              "users_per_client", "seed")
 
@@ -46,7 +46,8 @@ def load_dataset(cfg: ExperimentConfig) -> Dataset:
         source = (f"synthetic(users={cfg.synthetic_users}, items={cfg.synthetic_items}, "
                   f"seed={cfg.seed})")
     return build_dataset(df, min_interactions=cfg.data_min_interactions,
-                         drop_short_users=cfg.data_drop_short_users, source=source)
+                         drop_short_users=cfg.data_drop_short_users, duplicates=cfg.data_duplicates,
+                         source=source)
 
 
 def population(cfg: ExperimentConfig) -> Population:

@@ -90,8 +90,8 @@ def split_population(num_users: int, cloud_fraction: float, seed: int) -> tuple[
     num_cloud = round(float(cloud_fraction) * int(num_users))
     if num_users > 0 and num_cloud >= num_users:
         raise ValueError(
-            f"cloud_fraction={cloud_fraction} puts all {num_users} users in the cloud; "
-            "at least one edge user is needed"
+            f"cloud-fraction {cloud_fraction} puts all {num_users} users in the cloud; "
+            "at least one edge user is needed: lower --cloud-fraction or add users"
         )
     permutation = streams.rng(seed, Stream.CLOUD_USERS).permutation(int(num_users))
     cloud = np.sort(permutation[:num_cloud]).astype(np.int64)  # (num_cloud,)

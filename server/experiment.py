@@ -22,6 +22,7 @@ from fedkd.codec import REASONS
 from fedkd.config import ExperimentConfig
 from fedkd.models import num_parameters
 from fedkd.plots import plot_run
+from fedkd.population import population
 from fedkd.results import CsvLog, read_metrics, save_student, state_digest, write_json
 from fedkd.simtime import round_wall_seconds
 from server.compose import compose
@@ -189,6 +190,7 @@ class Experiment:
             "tests_at_rounds": self.extra_tests, "teacher": self.cloud.teacher_info,
             **ev.tier_summary(grid, test, rows), **(self.privacy.summary() if self.privacy is not None else {}),
             "wall_seconds": time.perf_counter() - self.t_start, "startup": self.startup,
+            "data": population(cfg).dataset.stats.as_dict(),  # what loading found and dropped
         }
         if self.cloud.refines:
             summary["teacher_cloud_val_ndcg_final"] = self.cloud.teacher_score()

@@ -11,6 +11,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.checks import check_experiment
 from fedkd.config import ExperimentConfig
 from fedkd.results import prepare_dir, write_json
 from server.experiment import Experiment
@@ -21,6 +22,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_flat(context.run_config)
+    check_experiment(cfg)  # the one validation step every entry point runs: before anything is written
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name
     if cfg.resume:  # continue in place from the last checkpoint (the server checks it matches)
         if not out.is_dir():

@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+from simulations.options import RawHelpFormatter
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="Summarise a run's wire log (per direction x message type).",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("folder", type=Path, metavar="FOLDER",
                    help="A results folder with wire.jsonl, or any folder holding results folders (a sweep).")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON instead of Markdown.")

@@ -213,8 +213,8 @@ def markdown(result: dict) -> str:
 
 
 def parser(prog: str = "fedkd calibrate") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from simulations.options import Parser, RawHelpFormatter
+    p = Parser(prog=prog, description=__doc__, formatter_class=RawHelpFormatter)
     d = DEFAULTS
     g = p.add_argument_group("model (defaults: the fedkd default student)")
     g.add_argument("--widths", default="4,8,16,32",

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import shlex
 import sys
-import tomllib
 from pathlib import Path
 
-from fedkd.config import ExperimentConfig, Scalar
-from simulations import audit_cmd, deploy, export_cmd, report, sweep
+from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, sweep
+from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
+                                 read_overrides)
+
+__all__ = ["load_overrides", "main"]  # load_overrides: re-exported for sweep, baselines and older scripts
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,52 +24,46 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                     "written after every round; if the run is killed, the same command with "
                     "--resume continues after the last complete round and ends with the results "
                     "an uninterrupted run would have written.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        usage="fedkd run [--config FILE] [--num-cpus N] [--verbose] [--KEY VALUE ...]",
+        formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides (flat kebab-case keys, as in simulations/*.toml); "
                         "may repeat, later files win; command-line options win over files.")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs the simulation engine may use (default: all).")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging.")
-    group = p.add_argument_group("experiment settings (also in [tool.flwr.app.config])")
-    for key, default, text in ExperimentConfig.help_table():
-        kind = type(default)
-        if kind is bool:  # `--resume` alone means true; `--progress false` still works
-            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar="BOOL", nargs="?", const=True,
-                               type=_parse_bool, help=f"{text} (default: {default!r}; bare --{key} = true)")
-        else:
-            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
-                               type=kind, help=f"{text} (default: {default!r})")
+    add_config_options(p.add_argument_group("experiment settings (also in [tool.flwr.app.config])"))
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in {"true", "1", "yes"}:
-        return True
-    if text.lower() in {"false", "0", "no"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
-def load_overrides(files: list[Path]) -> dict[str, Scalar]:
-    out: dict[str, Scalar] = {}
-    for f in files:
-        try:
-            data = tomllib.loads(f.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ValueError(f"{f}: cannot read overrides: {exc}") from None
-        out.update(data)
-    ExperimentConfig.from_flat(out)  # name the bad key before anything starts
-    return out
+def _log_to_stderr() -> None:
+    """Show fedkd's log lines (the data, the checks' notes) before the ServerApp takes the logger
+    over and adds run.log."""
+    logger = logging.getLogger("fedkd")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["calibrate"]:  # its own parser: it needs no experiment config
-        from simulations import calibrate
-        return calibrate.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__)
+def build_parser() -> Parser:
+    """The ``fedkd`` parser with every subcommand (``calibrate`` is listed; it parses its own)."""
+    parser = Parser(prog="fedkd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    data_cmd.add_parser(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     deploy.add_parser(sub)
@@ -76,16 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("calibrate", add_help=False,
                    help="Measure this machine's step and top-10 times per student width "
                         "(writes a calibration profile; `fedkd calibrate --help`).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["calibrate"]:  # its own parser: it needs no experiment config
+        from simulations import calibrate
+        return calibrate.main(argv[1:])
+    args = build_parser().parse_args(argv)
     command = "fedkd " + shlex.join(argv)
     try:
         if args.command == "run":
-            overrides = load_overrides(args.config)
-            overrides.update({k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None})
+            files, where = read_overrides(args.config)
+            typed = config_values(args)  # the command line wins over files: its keys are not the files' to blame
+            where = {k: v for k, v in where.items() if k not in typed}
+            from simulations.end_of_run import summary_lines
             from simulations.runner import run_experiment  # Flower/Ray import only when needed
-            out = run_experiment(overrides, num_cpus=args.num_cpus, verbose=args.verbose)
-            print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
-            print(f"results: {out}")
+            _log_to_stderr()
+            with blame(where):
+                out = run_experiment({**files, **typed}, num_cpus=args.num_cpus, verbose=args.verbose)
+            print("\n".join(summary_lines(out)))
+        elif args.command == "data":
+            return data_cmd.main(args)
         elif args.command == "sweep":
             return sweep.main(args, command)
         elif args.command == "report":

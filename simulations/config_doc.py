@@ -12,7 +12,10 @@ def render() -> str:
              "`fedkd/config.py`; `tests/test_config.py` fails when this file is stale.", "",
              "Set a key with `fedkd run --KEY VALUE`, in a TOML file given to `fedkd run --config`,",
              "or with `flwr run . --run-config \"KEY=VALUE\"`. Unknown keys and invalid values are",
-             "refused before the run starts, with the key, the value and what is allowed.", "",
+             "refused before the run starts, with the key, the value and what is allowed (and, for a",
+             "`--config` file, its name and line). Options are never abbreviated. `fedkd data FILE` takes",
+             "the data options below (and `--config`), checks the file as a run would and prints what is",
+             "in it: users, items, interactions, duplicates dropped, time range, cloud / edge / proxy sizes.", "",
              "| key | default | meaning |", "|---|---|---|"]
     for key, default, text in ExperimentConfig.help_table():
         shown = str(default).lower() if isinstance(default, bool) else repr(default) if isinstance(default, str) else default

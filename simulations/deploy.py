@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedkd.config import ExperimentConfig, Scalar
+from simulations.options import (HelpFormatter, RawHelpFormatter, add_config_options, blame, config_values,
+                                 read_overrides)
 from simulations.runner import overrides_toml
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -255,13 +257,16 @@ def flwr_run_command(run_config: Path, *, app_dir: Path = APP_DIR, connection: s
 
 # --------------------------------------------------------------------------- run settings
 def load_settings(files: Sequence[Path], run_config: Sequence[str], extra: Mapping[str, Scalar]) -> dict[str, Scalar]:
-    """Overrides from TOML files, then ``--run-config "k=v ..."`` strings, then options; validated."""
-    from simulations.cli import load_overrides
-    out: dict[str, Scalar] = load_overrides(list(files))
+    """Overrides from TOML files, then ``--run-config "k=v ..."`` strings, then options; validated
+    (a bad key or value set in a file is named with the file and line)."""
+    out, where = read_overrides(files)
     for text in run_config:
-        out.update(_parse_pairs(text))
+        pairs = _parse_pairs(text)
+        out.update(pairs)
+        where = {k: v for k, v in where.items() if k not in pairs}
     out.update(extra)
-    ExperimentConfig.from_flat(out)  # names a bad key or value before anything starts
+    with blame({k: v for k, v in where.items() if k not in extra}):
+        ExperimentConfig.from_flat(out)  # names a bad key or value before anything starts
     return out
 
 
@@ -585,9 +590,11 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
     ValueError (bad settings) after every started process is gone.
     """
+    from fedkd.checks import check_experiment
     from simulations.runner import resolve_overrides
     overrides = fit_fleet(resolve_overrides(overrides), nodes)
     cfg = ExperimentConfig.from_flat(overrides)
+    check_experiment(cfg)  # every feasibility check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
     if certs is not None:
@@ -734,11 +741,13 @@ def device_commands(*, superlink: str, nodes: int, certs_dir: Path | None, devic
 # --------------------------------------------------------------------------- command line
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="Run on Flower's Deployment Engine (local fleet, certificates, devices).",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     dsub = p.add_subparsers(dest="deploy_command", required=True)
 
     loc = dsub.add_parser("local", help="SuperLink + N SuperNodes on 127.0.0.1, one run, then stop all.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          usage="fedkd deploy local --nodes N [--config FILE] [--run-config \"K=V ...\"] "
+                                "[--tls DIR] [--auth] [--KEY VALUE ...]",
+                          formatter_class=HelpFormatter)
     loc.add_argument("--nodes", type=int, required=True, help="SuperNodes to start = edge clients of the run.")
     loc.add_argument("--config", type=Path, action="append", default=[],
                      help="TOML file of experiment overrides, as for `fedkd run`; may repeat.")
@@ -757,14 +766,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     loc.add_argument("--startup-timeout", type=float, default=180.0,
                      help="Seconds the SuperLink and the SuperNodes may take to come up.")
     group = loc.add_argument_group("experiment settings (as in `fedkd run`; win over --config/--run-config)")
-    from simulations.cli import _parse_bool
-    for key, default, text in ExperimentConfig.help_table():
-        kind = type(default)
-        group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
-                           type=_parse_bool if kind is bool else kind, help=text)
+    add_config_options(group)
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     crt.add_argument("--out", type=Path, required=True, help="Folder for the files (created).")
     crt.add_argument("--nodes", type=int, required=True, help="SuperNode key pairs to create.")
     crt.add_argument("--host", action="append", default=[],
@@ -777,7 +782,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     crt.add_argument("--force", action="store_true", help="Overwrite existing files in --out.")
 
     dev = dsub.add_parser("device-commands", help="Print the commands for a SuperLink and real devices.",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     dev.add_argument("--superlink", required=True, metavar="HOST:PORT", help="SuperLink address devices reach.")
     dev.add_argument("--nodes", type=int, required=True, help="Devices (= edge clients).")
     dev.add_argument("--certs", type=Path, default=None, help="Folder of `fedkd deploy certs` (TLS + auth).")
@@ -801,8 +806,7 @@ def main(args: argparse.Namespace) -> int:
         print(device_commands(superlink=args.superlink, nodes=args.nodes, certs_dir=args.certs,
                               data_path=args.data_path, device_dir=args.device_dir))
         return 0
-    extra = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    overrides = load_settings(args.config, args.run_config, extra)
+    overrides = load_settings(args.config, args.run_config, config_values(args))
     try:
         out = deploy_local(overrides, nodes=args.nodes, certs=CertPaths(args.tls) if args.tls else None,
                            auth=args.auth, state_dir=args.state_dir, keep=args.keep, timeout=args.timeout,
@@ -813,6 +817,6 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fedkd: interrupted; every process of the deployment was stopped", file=sys.stderr)
         return 130
-    print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
-    print(f"results: {out}")
+    from simulations.end_of_run import summary_lines
+    print("\n".join(summary_lines(out)))
     return 0

@@ -12,12 +12,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from simulations.options import RawHelpFormatter
+
 FORMATS = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "torchscript": ".pt"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="Export a run's chosen student to ONNX / TorchScript for devices.",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="A results folder with student.pt and student.json.")
     p.add_argument("--format", choices=sorted(FORMATS), default="onnx",
                    help="onnx (fp32), onnx-int8 (about 2/3 of the size; top-10 overlap ~0.99, "

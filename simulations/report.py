@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.options import RawHelpFormatter
 from simulations.runs import Run, load_run, load_runs, split_seed
 
 DEFAULT_METRICS = ("test_ndcg@10", "test_hr@10")
@@ -354,7 +355,7 @@ def _write_summary_csv(path: Path, rows: Sequence[ConfigRow], metrics: Sequence[
 # --- command line -----------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="Tables and plots over the seeds of a sweep (or any folder of runs).",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("folder", type=Path, metavar="SWEEP_DIR",
                    help="A sweep folder (with sweep.json) or a folder of results folders.")
     p.add_argument("--metrics", nargs="+", default=None, metavar="KEY",

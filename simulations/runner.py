@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedkd.checks import check_experiment
 from fedkd.config import ExperimentConfig, Scalar
-from fedkd.faults import malicious_ids
 from fedkd.population import population
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -45,6 +46,18 @@ def resolve_overrides(overrides: Mapping[str, Scalar], *, base: Path | None = No
 def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = None,
                    verbose: bool = False) -> Path:
     """Run one experiment; return its results folder."""
+    overrides = resolve_overrides(overrides)
+    if not sys.stderr.isatty():  # a bar redrawn with \r between log lines garbles a log file or pipe
+        overrides["progress"] = False
+    # The app's declared defaults are the dataclass's (tests/test_config.py), so this is the config
+    # the ServerApp will parse; checking it before Flower is even imported keeps a refusal fast.
+    plan = check_experiment(ExperimentConfig.from_flat(overrides))  # every feasibility check; writes nothing
+    num_clients = plan.num_clients
+    log = logging.getLogger("fedkd")
+    log.info("%s", plan.describe())
+    for note in plan.notes:
+        log.info("note: %s", note)
+
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -55,27 +68,8 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    overrides = resolve_overrides(overrides)
     fused = get_fused_config_from_dir(APP_DIR, overrides)
     cfg = ExperimentConfig.from_flat(fused)
-    num_clients = population(cfg).num_clients  # loads and checks the data before Ray starts
-    if num_clients < 1:
-        raise ValueError("no edge clients: lower cloud-fraction or add users")
-    bad = sorted(i for i in malicious_ids(cfg) if i >= num_clients)
-    if bad:
-        raise ValueError(f"Config key 'fault-malicious' has invalid value {cfg.fault_malicious!r}: allowed "
-                         f"partition ids in 0..{num_clients - 1} (this fleet has {num_clients} clients)")
-    from fedkd.schedule import fleet_profiles
-    from fedkd.simtime import CALIBRATION, load_calibration, step_seconds
-    if cfg.device_trace:  # files the server reads: check them now, not inside Ray
-        fleet_profiles(cfg, num_clients)
-    calibration = load_calibration(cfg.calibration or CALIBRATION)
-    for width in cfg.widths:  # the simulated clock needs every width in use (raises, naming it)
-        step_seconds(calibration, width)
-    if cfg.resume:  # a missing or mismatched checkpoint fails here, before the engine starts
-        from fedkd import checkpoint
-        checkpoint.load(Path(cfg.output_dir) / cfg.experiment_name, cfg.to_flat())
-
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
     run.override_config = dict(overrides)

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
 from simulations import ROOT
+from simulations.options import RawHelpFormatter
 from simulations.report import DEFAULT_METRICS, lookup, run_status, write_report
 from simulations.runner import overrides_toml, resolve_overrides
 from simulations.runs import load_run
@@ -329,7 +330,8 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
         run.toml.write_text(overrides_toml(run.overrides))
     failures: list[str] = []
     metric = sweep.metrics[0]
-    with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo) as bar:
+    # no bar when stderr is not a terminal: its \r redraws would split the lines below in a log
+    with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo or not sys.stderr.isatty()) as bar:
         def done(run: Run, rc: int, seconds: float) -> None:
             bar.update()
             if rc == 0 and load_run(run.dir).finished:
@@ -449,7 +451,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # --- command line -----------------------------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="Run a grid of configs over seeds (resumable), then report.",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=RawHelpFormatter)
     p.add_argument("spec", type=Path, metavar="SPEC.toml", help="The sweep spec (format above).")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="Seeds to run (replaces the spec's).")
     p.add_argument("--output-dir", type=Path, default=None,

@@ -130,7 +130,8 @@ def test_missing_column_lists_missing_and_present(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith(str(path))
     assert "'item'" in message and "'timestamp'" in message and "'uid'" not in message.split(";")[0]
-    assert "columns present: 'uid', 'product', 'when'" in message
+    assert "the header (line 1) has 'uid', 'product', 'when'" in message
+    assert "--data-columns" in message  # the option that fixes it, as the command line spells it
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,7 @@ def test_parquet_string_id_names_row(tmp_path: Path) -> None:
 
 def test_unknown_suffix_and_bad_arguments(tmp_path: Path) -> None:
     path = write(tmp_path / "log.json", "{}")
-    with pytest.raises(DataError, match="fmt"):
+    with pytest.raises(DataError, match="set --data-format"):
         load_interactions(path)
     with pytest.raises(ValueError, match="unknown fmt"):
         load_interactions(path, fmt="json")
@@ -342,3 +343,126 @@ def test_synthetic_has_sequential_signal() -> None:
         bigram_hits += target in np.argsort(-scores, kind="stable")[:10]
     pop_hr, bigram_hr = pop_hits / ds.num_users, bigram_hits / ds.num_users
     assert bigram_hr > pop_hr + 0.3, (bigram_hr, pop_hr)
+
+
+# ----------------------------------------------------------------------------- data policy (issue 17)
+
+
+def test_exact_duplicates_are_dropped_by_default_and_counted(tmp_path: Path) -> None:
+    text = "user,item,timestamp\n1,10,100\n1,11,200\n1,12,300\n1,12,300\n2,10,100\n2,11,150\n2,12,190\n1,10,400\n"
+    df = load_interactions(write(tmp_path / "log.csv", text))
+    ds = build_dataset(df)
+    assert ds.duplicates_dropped == 1 and ds.stats.exact_duplicates == 1
+    assert ds.num_interactions == 7
+    assert ds.stats.repeated_items == 1  # user 1's item 10 again at t=400: a repeat, not a duplicate
+    assert (ds.stats.first_timestamp, ds.stats.last_timestamp) == (100, 400)
+    kept = build_dataset(df, duplicates="keep")
+    assert kept.num_interactions == 8 and kept.duplicates_dropped == 0 and kept.stats.exact_duplicates == 1
+    with pytest.raises(DataError) as info:
+        build_dataset(df, duplicates="error")
+    assert str(info.value) == (
+        f"{tmp_path / 'log.csv'}: line 5 repeats line 4 exactly (user 1, item 12, timestamp 300); 1 row(s) are "
+        "exact duplicates. Set --data-duplicates drop (the default) to drop them or keep to keep them")
+
+
+def test_a_file_of_doubled_rows_gives_the_same_dataset_as_the_clean_file(tmp_path: Path) -> None:
+    rows = [(u, i, 1000 + 10 * i) for u in range(4) for i in range(1, 6)]
+    clean = write(tmp_path / "clean.csv", "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    doubled = write(tmp_path / "doubled.csv",
+                    "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" * 2 for u, i, t in rows))
+    a, b = build_dataset(load_interactions(clean)), build_dataset(load_interactions(doubled))
+    assert a.fingerprint() == b.fingerprint() and b.duplicates_dropped == len(rows)
+
+
+def test_duplicates_that_leave_a_user_short_say_so() -> None:
+    df = frame([1, 1, 1, 2, 2, 2], [5, 5, 6, 7, 8, 9], [1, 1, 2, 1, 2, 3])
+    with pytest.raises(DataError, match=r"user 1 has 2 interaction\(s\) \(first at row 1\) after dropping 1 exact"):
+        build_dataset(df)
+
+
+def test_unknown_duplicate_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="duplicates must be one of drop, keep, error"):
+        build_dataset(frame([1, 1, 1], [1, 2, 3], [1, 2, 3]), duplicates="merge")
+
+
+def test_timestamp_ties_keep_file_order_and_are_counted() -> None:
+    ds = build_dataset(frame([1, 1, 1], [30, 10, 20], [7, 7, 7]))
+    assert [s.tolist() for s in ds.sequences] == [[3, 1, 2]] and ds.stats.timestamp_ties == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("user,item,timestamp\n1,10,100\n1,11,-5\n1,12,-6\n",
+     "line 3: column 'timestamp' has negative value -5 (timestamps are seconds since 1970-01-01 UTC and must be "
+     ">= 0); 2 row(s) have one"),
+    ("user,item,timestamp\n1,10,100\n1,11,1969-12-31T23:59:59\n",
+     "line 3: column 'timestamp' has negative value -1 (timestamps are seconds since 1970-01-01 UTC and must be "
+     ">= 0); 1 row(s) have one"),
+    ("user,item,timestamp\n1,10,100\n1,11,inf\n", "line 3: column 'timestamp' has non-finite value 'inf'"),
+    ("user,item,timestamp\n1,10,100\n1,11,NaN\n", "line 3: column 'timestamp' has non-finite value 'NaN'"),
+])
+def test_negative_and_non_finite_timestamps_are_refused_with_file_and_line(tmp_path, text, message):
+    path = write(tmp_path / "log.csv", text)
+    with pytest.raises(DataError) as info:
+        load_interactions(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_non_finite_float_timestamp_in_parquet_names_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "log.parquet"
+    pd.DataFrame({"user": [1, 1], "item": [2, 3], "timestamp": [1.0, float("inf")]}).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        load_interactions(path)
+    assert str(info.value) == f"{path}: row 2: column 'timestamp' has non-finite value inf"
+
+
+def test_byte_order_mark_is_not_part_of_the_first_value(tmp_path: Path) -> None:
+    u = tmp_path / "u.data"
+    u.write_bytes(b"\xef\xbb\xbf196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    assert load_interactions(u)["user"].tolist() == [196, 186]
+    c = tmp_path / "log.csv"
+    c.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\n1,2,3\n")
+    assert load_interactions(c).columns.tolist() == ["user", "item", "timestamp"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"user,item,timestamp\n1,2,3\n\x89PNG\x00\x01",
+     "line 3: NUL byte at offset 30: this is a binary file, not CSV/TSV text (for parquet, name it .parquet or set "
+     "--data-format parquet)"),
+    ("user,item,timestamp\n1,2,3\n1,2,3\u00e9\n".encode("latin-1"),
+     "line 3: byte 0xe9 at offset 31 is not UTF-8: interaction files are UTF-8 CSV/TSV text or parquet"),
+    ("user,item,timestamp\n1,2,3\n".encode("utf-16"),
+     "the file is UTF-16 text (byte-order mark ff fe); save it as UTF-8"),
+])
+def test_binary_and_non_utf8_files_are_refused_before_parsing(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_interactions(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_headerless_file_is_explained(tmp_path: Path) -> None:
+    path = write(tmp_path / "log.tsv", "1\t10\t100\n1\t11\t200\n")
+    with pytest.raises(DataError) as info:
+        load_interactions(path)
+    assert str(info.value) == (
+        f"{path}: line 1 ('1', '10', '100') holds values, not column names: tsv files need a header line naming "
+        "their columns. Add one (e.g. user<TAB>item<TAB>timestamp) and, if your names differ, map them with "
+        "--data-columns; a headerless tab-separated user, item, rating, timestamp file (the MovieLens u.data "
+        "layout) loads with --data-format ml-100k")
+
+
+def test_missing_column_shows_the_header_as_written_not_pandas_names(tmp_path: Path) -> None:
+    path = write(tmp_path / "log.csv", "uid,item,,ts\n1,2,x,3\n")
+    with pytest.raises(DataError) as info:
+        load_interactions(path)
+    assert str(info.value) == (
+        f"{path}: missing required column(s) 'user', 'timestamp'; the header (line 1) has 'uid', 'item', '', "
+        "'ts'. Name the file's columns with --data-columns, e.g. --data-columns \"user=COL,item=COL,timestamp=COL\"")
+    assert "Unnamed" not in str(info.value)
+
+
+def test_data_columns_on_ml100k_names_the_option(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.data", "1\t2\t3\t4\n")
+    with pytest.raises(DataError, match=r"--data-columns does not apply to ml-100k files"):
+        load_interactions(path, columns={"user": "uid"})

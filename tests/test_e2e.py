@@ -22,6 +22,8 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()  # a short end of run; the whole summary stays in summary.json
+    assert len(lines) <= 15 and lines[-1].startswith(f"results: {tmp_path / 'out' / name} "), proc.stdout
     return tmp_path / "out" / name
 
 
