@@ -115,6 +115,20 @@ def run(args: argparse.Namespace) -> dict:
     print(f"teacher (cloud best val {tinfo['best_valid_ndcg']:.4f}, epoch {tinfo['best_epoch']}): "
           f"edge val {t_val:.4f}, edge test {t_test:.4f}", flush=True)
 
+    if args.rounds == 0:  # teacher screening only
+        out = {"tag": args.tag, "rounds_run": 0, "cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed,
+               "teacher_dropout": cfg.teacher_dropout, "teacher_weight_decay": cfg.teacher_weight_decay,
+               "teacher_schedule": args.teacher_schedule, "teacher_min_epochs": args.teacher_min_epochs,
+               "overrides": dict(args.set or []), "teacher_best_epoch": tinfo["best_epoch"],
+               "teacher_epochs_run": tinfo.get("epochs_run"), "teacher_edge_val_ndcg10": t_val,
+               "teacher_edge_test_ndcg10": t_test, "teacher_cloud_val_ndcg10": tinfo["best_valid_ndcg"],
+               "wall_s": time.perf_counter() - t_start}
+        print(json.dumps(out), flush=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(args.out_dir) / "teachers.jsonl").open("a") as f:
+            f.write(json.dumps(out) + "\n")
+        return out
+
     # --- the fleet ---------------------------------------------------------------------
     full = cfg.student_model(n_items)
     model = build_model(full, seed=cfg.seed)
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Any fedkd config override, e.g. --set local-lr=2 --set kd-temperature=4.")
     p.add_argument("--cloud-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=60, help="0 = train/load the teacher and score it only.")
     p.add_argument("--clients-per-round", type=int, default=150)
     p.add_argument("--server-opt", default="fedavg", help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")
     p.add_argument("--server-param", action="append", metavar="NAME=VALUE",
