@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     set_state(model, best[2])
     te = evaluate_ranking(model, test, k=cfg.eval_k)
     vals = [c["val_ndcg"] for c in curve if "val_ndcg" in c]
-    out = {"tag": args.tag, "server_opt": opt.name, "server_params": opt.params, "rounds_run": curve[-1]["round"],
+    out = {"tag": args.tag, "argv": args.argv, "server_opt": opt.name, "server_params": opt.params, "rounds_run": curve[-1]["round"],
            "cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed, "clients_per_round": cfg.clients_per_round,
            "local_lr": cfg.local_lr, "tier_steps": cfg.tier_steps, "kd_weight": cfg.kd_weight,
            "kd_schedule": args.kd_schedule, "kd_temperature": cfg.kd_temperature,
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="run")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    args.argv = " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     run(args)
     return 0
