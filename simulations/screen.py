@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -114,6 +115,20 @@ def run(args: argparse.Namespace) -> dict:
     t_test = evaluate_ranking(teacher, test, k=cfg.eval_k).ndcg
     print(f"teacher (cloud best val {tinfo['best_valid_ndcg']:.4f}, epoch {tinfo['best_epoch']}): "
           f"edge val {t_val:.4f}, edge test {t_test:.4f}", flush=True)
+
+    if args.rounds == 0:  # teacher screening only
+        out = {"tag": args.tag, "rounds_run": 0, "cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed,
+               "teacher_dropout": cfg.teacher_dropout, "teacher_weight_decay": cfg.teacher_weight_decay,
+               "teacher_schedule": args.teacher_schedule, "teacher_min_epochs": args.teacher_min_epochs,
+               "overrides": dict(args.set or []), "teacher_best_epoch": tinfo["best_epoch"],
+               "teacher_epochs_run": tinfo.get("epochs_run"), "teacher_edge_val_ndcg10": t_val,
+               "teacher_edge_test_ndcg10": t_test, "teacher_cloud_val_ndcg10": tinfo["best_valid_ndcg"],
+               "wall_s": time.perf_counter() - t_start}
+        print(json.dumps(out), flush=True)
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(args.out_dir) / "teachers.jsonl").open("a") as f:
+            f.write(json.dumps(out) + "\n")
+        return out
 
     # --- the fleet ---------------------------------------------------------------------
     full = cfg.student_model(n_items)
@@ -196,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     set_state(model, best[2])
     te = evaluate_ranking(model, test, k=cfg.eval_k)
     vals = [c["val_ndcg"] for c in curve if "val_ndcg" in c]
-    out = {"tag": args.tag, "server_opt": opt.name, "server_params": opt.params, "rounds_run": curve[-1]["round"],
+    out = {"tag": args.tag, "argv": args.argv, "server_opt": opt.name, "server_params": opt.params, "rounds_run": curve[-1]["round"],
            "cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed, "clients_per_round": cfg.clients_per_round,
            "local_lr": cfg.local_lr, "tier_steps": cfg.tier_steps, "kd_weight": cfg.kd_weight,
            "kd_schedule": args.kd_schedule, "kd_temperature": cfg.kd_temperature,
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Any fedkd config override, e.g. --set local-lr=2 --set kd-temperature=4.")
     p.add_argument("--cloud-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=60, help="0 = train/load the teacher and score it only.")
     p.add_argument("--clients-per-round", type=int, default=150)
     p.add_argument("--server-opt", default="fedavg", help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")
     p.add_argument("--server-param", action="append", metavar="NAME=VALUE",
@@ -255,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="run")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    args.argv = " ".join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     run(args)
     return 0
