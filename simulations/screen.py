@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     overrides = {**load_overrides(args.config), "data-path": str(Path(args.data_path).resolve()) if args.data_path else "",
                  "cloud-fraction": args.cloud_fraction, "seed": args.seed,
-                 "clients-per-round": args.clients_per_round, "num-rounds": args.rounds,
+                 "clients-per-round": args.clients_per_round, "num-rounds": max(args.rounds, 1),
                  "cache-dir": str(Path(args.cache_dir).resolve()), **dict(args.set or [])}
     cfg = ExperimentConfig.from_flat(overrides)
     pop = population(cfg)
