@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     overrides = {**load_overrides(args.config), "data-path": str(Path(args.data_path).resolve()) if args.data_path else "",
                  "cloud-fraction": args.cloud_fraction, "seed": args.seed,
-                 "clients-per-round": args.clients_per_round, "num-rounds": args.rounds,
+                 "clients-per-round": args.clients_per_round, "num-rounds": max(args.rounds, 1),
                  "cache-dir": str(Path(args.cache_dir).resolve()), **dict(args.set or [])}
     cfg = ExperimentConfig.from_flat(overrides)
     pop = population(cfg)
@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
             set_state(model, state)
             ev = evaluate_ranking(model, valid, k=cfg.eval_k)
             row.update(val_ndcg=ev.ndcg, val_hr=ev.hr)
+            if args.trace_test:  # diagnostic only: selection stays on validation
+                row["test_ndcg_trace"] = evaluate_ranking(model, test, k=cfg.eval_k).ndcg
             if ev.ndcg > best[0]:
                 best = (ev.ndcg, r, {k: v.copy() for k, v in state.items()})
             if args.kd_schedule == "gate" and not gated and ev.ndcg > t_val:
@@ -199,7 +201,8 @@ def run(args: argparse.Namespace) -> dict:
                   flush=True)
         curve.append(row)
         with curve_path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["round", "kd_weight", "train_loss", "round_s", "val_ndcg", "val_hr"])
+            w = csv.DictWriter(f, fieldnames=["round", "kd_weight", "train_loss", "round_s", "val_ndcg", "val_hr",
+                                                  "test_ndcg_trace"])
             w.writeheader()
             w.writerows(curve)
         if not np.all([np.isfinite(v).all() for v in state.values()]):
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--val-users", type=int, default=0, help="Validate on a fixed per-seed sample (0 = all).")
     p.add_argument("--target", type=float, default=0.0, help="Record the first round validation reaches this.")
+    p.add_argument("--trace-test", action="store_true",
+                   help="Also score test at every evaluation, into the curve only (diagnostic; not for selection).")
     p.add_argument("--no-quant", action="store_true", help="Skip quantisation of the student and the updates.")
     p.add_argument("--max-minutes", type=float, default=14.0, help="Stop after this many minutes (0 = none).")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fedkd"))
