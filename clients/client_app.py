@@ -129,6 +129,13 @@ def hello(msg: Message, context: Context) -> Message:
         "num-examples": len(data.train[1])})})), reply_to=msg)
 
 
+def _kd_weight(cfg: ExperimentConfig, content: Content) -> float:
+    """This round's distillation weight: the server's (``kd-schedule``) when it sends one."""
+    if "kd-weight" in content.configs.get("config", {}):
+        return float(config_of(content, "config", "kd-weight", (int, float)))
+    return cfg.kd_weight
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, data = _setup(context)
@@ -150,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
     # round (its tier's budget, cut by the deadline); the meter enforces exactly that.
     budget = StepBudget(int(config_of(content, "config", "steps", int)))
     result = local_train(model, data.train, proxy, budget=budget, batch_size=cfg.batch_size,
-                         kd_batch_size=cfg.kd_batch_size, lr=cfg.local_lr, kd_weight=cfg.kd_weight,
+                         kd_batch_size=cfg.kd_batch_size, lr=cfg.local_lr, kd_weight=_kd_weight(cfg, content),
                          temperature=cfg.kd_temperature, rng=rng,
                          optimizer=cfg.local_optimizer, clip_norm=cfg.local_clip_norm or None)
     trained = get_state(model)

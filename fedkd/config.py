@@ -93,12 +93,30 @@ class ExperimentConfig:
     local_lr: float = _opt(3.0, "Client learning rate (SGD on a full-softmax loss needs a large one).")
     local_clip_norm: float = _opt(1.0, "Clip each local step's gradient norm to this (0 = no clipping).")
     batch_size: int = _opt(32, "Private samples per local step.")
-    server_lr: float = _opt(1.0, "Server step on the weighted mean update (1 = FedAvg).")
+    server_lr: float = _opt(1.0, "Server step size on the round's mean update: Flower's eta (fedavg, fedadam, "
+                                 "fedyogi, fedadagrad) or server_learning_rate (fedavgm); 1 with fedavg = FedAvg.")
+    server_optimizer: str = _opt("fedavg", "What the server does with the round's mean update (Flower's "
+                                           "strategies, Reddi et al. 2021): fedavg | fedavgm | fedadam | "
+                                           "fedyogi | fedadagrad (docs/convergence.md).")
+    server_momentum: float = _opt(0.0, "fedavgm: server momentum (Flower's server_momentum).")
+    server_beta_1: float = _opt(0.9, "fedadam, fedyogi: first-moment decay (Flower's beta_1).")
+    server_beta_2: float = _opt(0.99, "fedadam, fedyogi: second-moment decay (Flower's beta_2).")
+    server_tau: float = _opt(0.001, "fedadam, fedyogi, fedadagrad: adaptivity tau (Flower's tau).")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
                                 "(for equal-rounds comparisons inside one longer run).")
+    val_clients: int = _opt(0, "Validate on this many clients each round, the same ones every round (drawn "
+                               "from the seed); 0 = every client. The test always uses every client.")
+    val_smoothing: int = _opt(1, "Choose the model on the mean of this many consecutive validations (the "
+                                 "newest of them is kept), so one lucky evaluation does not pick it; 1 = the "
+                                 "best single validation.")
+    stop_patience: int = _opt(0, "Stop when this many validations in a row did not beat the chosen one "
+                                 "(plateau stop; 0 = run every round).")
+    target_ndcg: float = _opt(0.0, "Validation NDCG@k target: the first round that reaches it (with its bytes "
+                                   "and simulated time) goes into summary.json (0 = none).")
+    stop_at_target: bool = _opt(False, "Stop once validation reaches target-ndcg.")
     # --- device tiers (compute budget in local steps per round) --------------------------
     tier_names: str = _opt("weak,strong", "Comma-separated device tier names.")
     tier_shares: str = _opt("0.5,0.5", "Share of clients in each tier (sums to 1).")
@@ -127,6 +145,11 @@ class ExperimentConfig:
                                      "budget: prefer devices likely to finish, never starving a tier.")
     # --- distillation -----------------------------------------------------------------
     kd_weight: float = _opt(1.0, "lambda: weight of the distillation loss (0 = plain federated training).")
+    kd_schedule: str = _opt("constant", "Distillation weight over rounds: constant (kd-weight) | linear (to 0 "
+                                        "at kd-decay-rounds) | exp (halved every kd-decay-rounds) | gate "
+                                        "(kd-weight until the student, scored on the cloud users' validation "
+                                        "items, passes the teacher there; then 0 for good).")
+    kd_decay_rounds: int = _opt(20, "kd-schedule linear: rounds to reach 0; exp: half-life in rounds.")
     kd_temperature: float = _opt(2.0, "Softmax temperature T of teacher and student in the KD loss.")
     kd_top_k: int = _opt(20, "Teacher items per proxy sample sent as soft labels (the rest is one bin).")
     kd_batch_size: int = _opt(32, "Proxy samples per local step.")
@@ -394,6 +417,31 @@ def _validate(c: ExperimentConfig) -> None:
            "a number > 0 with protocol = logits (its public proxy set is drawn from cloud users)")
     _check(not c.needs_teacher or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
            "a number > 0 when a teacher is used (kd-weight > 0 or teacher refinement): it has no data otherwise")
+    _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
+           c.server_optimizer, "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
+    for name in ("server_momentum", "server_beta_1", "server_beta_2"):
+        v = getattr(c, name)
+        _check(0 <= v < 1, name.replace("_", "-"), v, "a number in [0, 1)")
+    _check(math.isfinite(c.server_tau) and c.server_tau > 0, "server-tau", c.server_tau, "a finite number > 0")
+    _check(c.server_optimizer == "fedavg" or c.protocol == "params", "server-optimizer", c.server_optimizer,
+           f"fedavg with protocol = {c.protocol} (a server optimizer steps the global student's parameters)")
+    _check(c.kd_schedule in {"constant", "linear", "exp", "gate"}, "kd-schedule", c.kd_schedule,
+           "constant, linear, exp or gate")
+    _check(c.kd_schedule == "constant" or c.protocol in {"params", "local"}, "kd-schedule", c.kd_schedule,
+           f"constant with protocol = {c.protocol} (the schedule weighs the teacher's soft labels in local training)")
+    _check(c.kd_schedule != "gate" or c.protocol == "params", "kd-schedule", c.kd_schedule,
+           f"not gate with protocol = {c.protocol} (the gate scores the global student on the cloud users)")
+    for name in ("kd_decay_rounds", "val_smoothing"):
+        _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
+    _check(c.val_clients == 0 or not c.stateful_clients, "val-clients", c.val_clients,
+           f"0 with protocol = {c.protocol} (its devices score the test split in the validation message, "
+           "so every device must answer)")
+    for name in ("val_clients", "stop_patience"):
+        _check(getattr(c, name) >= 0, name.replace("_", "-"), getattr(c, name), "an integer >= 0")
+    _check(math.isfinite(c.target_ndcg) and 0 <= c.target_ndcg <= 1, "target-ndcg", c.target_ndcg,
+           "a number in [0, 1] (0 = none)")
+    _check(not c.stop_at_target or c.target_ndcg > 0, "stop-at-target", c.stop_at_target,
+           "false unless target-ndcg > 0")
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     for name in ("teacher_kind", "student_kind"):
         _check(getattr(c, name) in {"sasrec", "meanpool"}, name.replace("_", "-"),

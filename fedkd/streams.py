@@ -38,6 +38,7 @@ class Stream(IntEnum):
     FAULTS = 13            # (round, partition) injected faults
     CENTRAL_DP_NOISE = 14  # (round,) Gaussian noise added to the aggregate
     LOCAL_DP_NOISE = 15    # (round, partition) Gaussian noise a device adds to its update
+    VAL_SAMPLE = 16        # the fixed clients validated each round (val-clients)
     SYNTHETIC = 0x5E0      # the synthetic data generator
 
 

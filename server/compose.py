@@ -7,6 +7,7 @@ updates equally; secure aggregation adds its key exchange before the train messa
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
@@ -15,11 +16,13 @@ from flwr.serverapp import Grid
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
 from fedkd.privacy import accountant_for
+from fedkd.server_opt import make_server_optimizer
 from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, WeightedMean
 from server.attacks import membership_step
 from server.cloud import Cloud
 from server.evaluation import Evaluator
 from server.fleet import Fleet
+from server.kd_schedule import KDSchedule
 from server.privacy import PrivacyBudget
 from server.protocols import make_protocol
 from server.sampling import FixedSizeSampler, PoissonSampler
@@ -52,11 +55,30 @@ def compose(exp, grid: Grid) -> None:
                                        tier_of=fleet.tier_of)
     aggregator = make_aggregator(cfg, exp, fleet, accountant)
     exp.before_train = getattr(aggregator, "before_train", None)
+    exp.kd = KDSchedule(cfg, cloud, copy.deepcopy(exp.student))
     exp.protocol = make_protocol(cfg.protocol, cfg=cfg, cloud=cloud, student=exp.student, fleet=fleet,
-                                 aggregator=aggregator, server_step=FedAvgStep(cfg.server_lr), privacy=exp.privacy)
+                                 aggregator=aggregator, server_step=make_server_step(cfg), privacy=exp.privacy,
+                                 kd=exp.kd)
     initial = None if cfg.stateful_clients else get_state(exp.student)
     exp.evaluator = Evaluator(cfg, fleet, exp.transport, exp.out, initial_state=initial)
     exp.end_of_run = [membership_step(cfg, exp.out)] if cfg.membership_attack else []
+
+
+def make_server_step(cfg):
+    """The server optimizer that turns the round's mean update into the next global student.
+
+    ``fedavg`` keeps :class:`FedAvgStep` (float32 arithmetic, so runs from before the server
+    optimizers existed stay byte-identical); the others are :mod:`fedkd.server_opt`, with
+    Flower's parameter names.
+    """
+    if cfg.server_optimizer == "fedavg":
+        return FedAvgStep(cfg.server_lr)
+    params = {"fedavgm": {"server_learning_rate": cfg.server_lr, "server_momentum": cfg.server_momentum},
+              "fedadam": {"eta": cfg.server_lr, "beta_1": cfg.server_beta_1, "beta_2": cfg.server_beta_2,
+                          "tau": cfg.server_tau},
+              "fedadagrad": {"eta": cfg.server_lr, "tau": cfg.server_tau}}
+    params["fedyogi"] = params["fedadam"]
+    return make_server_optimizer(cfg.server_optimizer, **params[cfg.server_optimizer])
 
 
 def make_aggregator(cfg, exp, fleet: Fleet, accountant):

@@ -48,6 +48,7 @@ class Experiment:
         self.transport = Transport(out, round_timeout=cfg.round_timeout, wire_payloads=cfg.wire_payloads,
                                    profile=self.profile)
         self.cum_bytes, self.extra_tests, self.wall_before = 0, {}, 0.0
+        self.rounds_run, self.stopped = 0, ""
 
     def run(self, grid: Grid) -> dict:
         """Every round (after the checkpointed ones with ``resume``), then the test and the summary."""
@@ -57,15 +58,20 @@ class Experiment:
         first = self.restore() + 1 if cfg.resume else 1
         t_rounds = time.perf_counter() - self.wall_before
         bar = _progress(cfg, first - 1)
+        self.rounds_run = first - 1
         for r in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             if self.privacy is not None and self.privacy.refuses(r):
+                self.stopped = "privacy budget"
                 break
             row = self.train_round(grid, r)
             self.cum_bytes += row["bytes_down"] + row["bytes_up"]
             row["cum_bytes"] = self.cum_bytes
             row.update(self.transport.traffic.close_round())
             row.update(self.validate_round(grid, r))
+            ev = self.evaluator
+            if ev.target is not None and "bytes" not in ev.target:  # time to accuracy
+                ev.target.update(bytes=self.cum_bytes, sim_time_s=self.fleet.sim_time)
             row["model_digest"] = state_digest(self.protocol.state)
             self.metrics.append(row)  # a pure function of config and seed; wall times go to timing.csv
             timing = {"round": r, "round_s": time.perf_counter() - t0, "wall_s": time.perf_counter() - t_rounds,
@@ -76,6 +82,13 @@ class Experiment:
             log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %d rejected, %.0f kB down %.0f kB up, %.1fs",
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"], row["participants"],
                      row["rejected"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, timing["round_s"])
+            self.rounds_run = r
+            if ev.plateaued or (cfg.stop_at_target and ev.target is not None):
+                self.stopped = "plateau" if ev.plateaued else "target"
+                log.info("%s stop after round %d: %s", self.stopped, r,
+                         f"{cfg.stop_patience} validations without a better model" if ev.plateaued
+                         else f"validation NDCG@{cfg.eval_k} reached {cfg.target_ndcg}")
+                break
         bar.close()
         return self.finish(grid)
 
@@ -155,10 +168,19 @@ class Experiment:
     def validate_round(self, grid: Grid, r: int) -> dict:
         """Validation columns (every eval-every rounds, the last, and test-rounds), and the extra tests."""
         cfg, row = self.cfg, {"val_hr": "", "val_ndcg": "", "eval_bytes": 0}
+        if self.kd.varies:
+            row["kd_weight"] = self.kd.weight(r)
         if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
             with self.profile.timed("validate_s"):
                 ev = self.evaluator.validate(grid, self.protocol.state, r)
-            row = {"val_hr": ev["hr"], "val_ndcg": ev["ndcg"], "eval_bytes": ev["bytes"]}
+            row.update(val_hr=ev["hr"], val_ndcg=ev["ndcg"], eval_bytes=ev["bytes"])
+            if cfg.val_smoothing > 1:
+                row["val_ndcg_smoothed"] = ev["smoothed"]
+            row.update(self.kd.observe(r, self.protocol.state))
+        elif cfg.val_smoothing > 1:
+            row["val_ndcg_smoothed"] = ""
+        if cfg.kd_schedule == "gate" and cfg.kd_weight > 0 and row["val_ndcg"] == "":
+            row.update(student_cloud_val_ndcg="", teacher_cloud_val_ndcg="")
         if self.cloud.refines:
             row["teacher_cloud_val_ndcg"] = self.cloud.teacher_score() if row["val_ndcg"] != "" else ""
         if r in cfg.extra_test_rounds and r != cfg.num_rounds:
@@ -180,9 +202,10 @@ class Experiment:
         summary = {
             "experiment": cfg.experiment_name, "protocol": cfg.protocol, "clients": len(self.fleet.nodes),
             "clients_trained": len(self.fleet.trained), "rounds": cfg.num_rounds,
+            "rounds_run": self.rounds_run, "stopped": self.stopped or "last round",
             "student_parameters": num_parameters(self.student), "best_round": best_round, "best_val_ndcg": best_val,
             f"test_hr@{k}": test["hr"], f"test_ndcg@{k}": test["ndcg"], "test_users": test["n"],
-            "train_bytes_total": self.cum_bytes, "train_bytes_per_round": self.cum_bytes / cfg.num_rounds,
+            "train_bytes_total": self.cum_bytes, "train_bytes_per_round": self.cum_bytes / max(self.rounds_run, 1),
             "bytes_down_total": int(sum(r["bytes_down"] for r in rows)),
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
@@ -194,6 +217,10 @@ class Experiment:
         }
         if self.cloud.refines:
             summary["teacher_cloud_val_ndcg_final"] = self.cloud.teacher_score()
+        if cfg.target_ndcg:  # time to accuracy (None: never reached)
+            summary["target"] = {"val_ndcg": cfg.target_ndcg, **(ev.target or {"round": None})}
+        if self.kd.gated_at is not None:
+            summary["kd_gated_after_round"] = self.kd.gated_at
         if best_state is not None:  # the chosen global student, for `fedkd export` and later analysis
             save_student(self.out, best_state, self.fleet.full_model)
         for step in self.end_of_run:  # measurements on the finished run (membership attack, ...)
@@ -207,7 +234,7 @@ class Experiment:
     # ------------------------------------------------------------------ checkpoints
     def parts(self) -> dict:
         """Every part that carries state from one round to the next, by name."""
-        named = {"transport": self.transport, "fleet": self.fleet, "protocol": self.protocol,
+        named = {"transport": self.transport, "fleet": self.fleet, "protocol": self.protocol, "kd": self.kd,
                  "evaluator": self.evaluator, "cloud": self.cloud, "privacy": self.privacy}
         return {name: part for name, part in named.items() if part is not None}
 

@@ -11,6 +11,7 @@ from fedkd.nested import slice_state
 from fedkd.proxy import (CacheMirror, encode_cached_proxy, encode_full_proxy, encode_proxy, full_distribution,
                          label_digests, soft_labels)
 from server.cloud import Cloud
+from server.kd_schedule import KDSchedule
 from server.replies import Upload, check_finite
 from server.transport import Node
 from wire import Content
@@ -24,15 +25,16 @@ class Protocol:
     clients_train = True
     state: dict | None = None  # the global student's state; None where models stay on devices
 
-    def __init__(self, cfg: ExperimentConfig, cloud: Cloud, **_) -> None:
+    def __init__(self, cfg: ExperimentConfig, cloud: Cloud, *, kd: KDSchedule | None = None, **_) -> None:
         self.cfg, self.cloud = cfg, cloud
+        self.kd = kd if kd is not None else KDSchedule(cfg, cloud)  # distillation weight per round
         self.mirror = CacheMirror()  # kd-cache: proxy rows and labels each device holds
         self.cache = None  # this round's (rows, histories, labels, label digests) with kd-cache
 
     def targets(self, batch: np.ndarray | None, r: int):
         """Distillation targets on this round's proxy batch, or None for no distillation."""
         cfg = self.cfg
-        if batch is None or cfg.kd_weight == 0:
+        if batch is None or self.kd.weight(r) == 0:
             return None
         if cfg.soft_label_format == "full":
             return full_distribution(self.cloud.teacher, batch, temperature=cfg.kd_temperature)
@@ -54,6 +56,8 @@ class Protocol:
                 content.configs["config"]["proxy-size"] = len(self.cloud.proxy)
         if targets is not None:
             content.configs["config"]["proxy-rows"] = len(batch)
+            if self.kd.varies:  # only then: a constant weight is the run config's kd-weight
+                content.configs["config"]["kd-weight"] = float(self.kd.weight(r))
         return content
 
     def for_node(self, node: Node, content: Content) -> Content:

@@ -1,0 +1,171 @@
+"""The parts issue 21 added to the round loop: server optimizer from the config, distillation
+schedule, fixed validation sample, smoothed selection, plateau and target stops."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fedkd.config import ExperimentConfig
+from fedkd.server_opt import FedAdagrad, FedAvgM, FedYogi
+from server import kd_schedule
+from server.aggregation import FedAvgStep
+from server.compose import make_server_step
+from server.evaluation import Evaluator, _sample
+from server.kd_schedule import KDSchedule
+from server.transport import Node
+
+
+def cfg(**kw) -> ExperimentConfig:
+    return ExperimentConfig.from_flat(kw)
+
+
+# --- server optimizer -------------------------------------------------------------------
+def test_server_step_follows_the_config_with_flowers_names():
+    assert isinstance(make_server_step(cfg()), FedAvgStep)  # byte-identical to the runs before optimizers
+    yogi = make_server_step(cfg(**{"server-optimizer": "fedyogi", "server-lr": 0.1, "server-beta-2": 0.9,
+                                   "server-tau": 0.01}))
+    assert isinstance(yogi, FedYogi)
+    assert yogi.params == {"eta": 0.1, "eta_l": 0.0316, "beta_1": 0.9, "beta_2": 0.9, "tau": 0.01}
+    m = make_server_step(cfg(**{"server-optimizer": "fedavgm", "server-lr": 0.5, "server-momentum": 0.9}))
+    assert isinstance(m, FedAvgM) and m.params == {"server_learning_rate": 0.5, "server_momentum": 0.9}
+    assert isinstance(make_server_step(cfg(**{"server-optimizer": "fedadagrad"})), FedAdagrad)
+
+
+def test_a_configured_optimizer_steps_by_hand():
+    """Two FedAdagrad rounds from the config, against the formula written out."""
+    opt = make_server_step(cfg(**{"server-optimizer": "fedadagrad", "server-lr": 0.1, "server-tau": 0.5}))
+    x = {"w": np.array([1.0, 2.0], dtype=np.float32)}
+    d1, d2 = {"w": np.array([0.5, -1.0], np.float32)}, {"w": np.array([0.5, 1.0], np.float32)}
+    x1 = opt.step(x, d1)
+    np.testing.assert_allclose(x1["w"], [1 + 0.1 * 0.5 / (0.5 + 0.5), 2 + 0.1 * -1 / (1 + 0.5)], atol=1e-6)
+    x2 = opt.step(x1, d2)
+    v = np.array([0.5, 2.0])
+    np.testing.assert_allclose(x2["w"], x1["w"] + 0.1 * np.array([0.5, 1.0]) / (np.sqrt(v) + 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, key", [
+    ({"server-optimizer": "adam"}, "server-optimizer"),
+    ({"server-optimizer": "fedyogi", "protocol": "logits"}, "server-optimizer"),
+    ({"server-beta-1": 1.0}, "server-beta-1"),
+    ({"server-tau": 0.0}, "server-tau"),
+    ({"kd-schedule": "cosine"}, "kd-schedule"),
+    ({"kd-schedule": "gate", "protocol": "local"}, "kd-schedule"),
+    ({"kd-schedule": "linear", "protocol": "logits"}, "kd-schedule"),
+    ({"val-clients": 10, "protocol": "logits"}, "val-clients"),
+    ({"stop-at-target": True}, "stop-at-target"),
+    ({"val-smoothing": 0}, "val-smoothing"),
+    ({"target-ndcg": 1.5}, "target-ndcg"),
+])
+def test_bad_values_are_refused_naming_the_option(kw, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        cfg(**kw)
+
+
+# --- distillation schedule -------------------------------------------------------------------
+def test_decaying_schedules():
+    cloud = SimpleNamespace(refines=False)
+    w = lambda **kw: [KDSchedule(cfg(**kw), cloud).weight(r) for r in (1, 6, 11, 21, 40)]  # noqa: E731
+    assert w() == [1.0] * 5
+    assert w(**{"kd-schedule": "linear", "kd-decay-rounds": 20, "kd-weight": 2.0}) == [2.0, 1.5, 1.0, 0.0, 0.0]
+    assert w(**{"kd-schedule": "exp", "kd-decay-rounds": 5}) == pytest.approx([1.0, 0.5, 0.25, 0.0625, 0.5 ** 7.8])
+    assert w(**{"kd-schedule": "linear", "kd-weight": 0.0}) == [0.0] * 5
+    assert not KDSchedule(cfg(), cloud).varies and KDSchedule(cfg(**{"kd-schedule": "exp"}), cloud).varies
+
+
+def test_gate_closes_for_good_once_the_student_passes_the_teacher(monkeypatch):
+    scores = iter([0.10, 0.25, 0.31, 0.20])  # the student on the cloud users' validation, round after round
+    monkeypatch.setattr(kd_schedule, "evaluate_ranking", lambda *a, **k: SimpleNamespace(ndcg=next(scores)))
+    monkeypatch.setattr(kd_schedule, "set_state", lambda model, state: None)
+    cloud = SimpleNamespace(refines=False, cloud_valid=None, teacher_score=lambda: 0.30)
+    kd = KDSchedule(cfg(**{"kd-schedule": "gate"}), cloud, student=object())
+    weights = []
+    for r in (1, 2, 3, 4):
+        weights.append(kd.weight(r))
+        cols = kd.observe(r, {})
+    assert weights == [1.0, 1.0, 1.0, 0.0]  # round 3's validation passed 0.30: off from round 4
+    assert kd.gated_at == 3 and kd.weight(50) == 0.0  # the dip in round 4 does not reopen it
+    assert cols == {"student_cloud_val_ndcg": 0.20, "teacher_cloud_val_ndcg": 0.30}
+    again = KDSchedule(cfg(**{"kd-schedule": "gate"}), cloud)
+    again.load_state_dict(kd.state_dict())
+    assert again.weight(4) == 0.0 and again.weight(3) == 1.0
+
+
+def test_the_train_message_carries_the_weight_only_when_it_varies():
+    from server.protocols.base import Protocol
+    cloud = SimpleNamespace(refines=False, proxy=np.ones((8, 5), dtype=np.int64), num_items=30)
+    targets = SimpleNamespace(ids=np.array([[1, 2, 3], [4, 5, 6]]), probs=np.full((2, 3), 0.3, np.float32))
+    rows = np.array([0, 1])
+    plain = Protocol(cfg(), cloud).content(1, rows, targets)
+    assert "kd-weight" not in plain.configs["config"]
+    linear = Protocol(cfg(**{"kd-schedule": "linear", "kd-decay-rounds": 4}), cloud)
+    assert linear.content(3, rows, targets).configs["config"]["kd-weight"] == 0.5
+    assert linear.targets(np.zeros((2, 5), np.int64), 5) is None  # weight 0: no proxy batch goes down
+
+
+def test_the_client_takes_the_servers_weight():
+    from clients.client_app import _kd_weight
+    from wire import Content
+    c = cfg(**{"kd-weight": 2.0})
+    assert _kd_weight(c, Content(configs={"config": {"round": 1}})) == 2.0
+    assert _kd_weight(c, Content(configs={"config": {"round": 1, "kd-weight": 0.25}})) == 0.25
+
+
+# --- validation sample, smoothing and stops -----------------------------------------------------
+def nodes(n: int) -> list[Node]:
+    return [Node(node_id=100 + i, partition_id=i, tier=0, examples=5) for i in range(n)]
+
+
+def test_validation_sample_is_fixed_per_seed():
+    fleet = nodes(50)
+    a, b = _sample(fleet, 10, seed=0), _sample(fleet, 10, seed=0)
+    assert a == b and len(a) == 10 and len({n.partition_id for n in a}) == 10
+    assert {n.partition_id for n in _sample(fleet, 10, seed=1)} != {n.partition_id for n in a}
+    assert _sample(fleet, 0, seed=0) == fleet and _sample(fleet, 80, seed=0) == fleet
+
+
+class Scripted(Evaluator):
+    """An evaluator whose validation scores are given, to test selection and stops alone."""
+
+    def __init__(self, scores, **kw):
+        super().__init__(cfg(**kw), SimpleNamespace(nodes=nodes(20)), None, None, initial_state=None)
+        self.scores, self.asked = iter(scores), []
+
+    def evaluate(self, grid, state, splits, r, *, full_width=False, nodes=None):
+        self.asked.append(len(nodes))
+        return {"valid": {"ndcg": next(self.scores), "hr": 0.0, "n": 1, "rows": [], "bytes": 0}}
+
+
+def run(ev: Evaluator, n: int) -> list[int]:
+    """Validate rounds 1..n (stopping as the loop does); returns the rounds validated."""
+    done = []
+    for r in range(1, n + 1):
+        ev.validate(None, {"round": r}, r)
+        done.append(r)
+        if ev.plateaued:
+            break
+    return done
+
+
+def test_single_best_selection_and_plateau_stop():
+    ev = Scripted([0.1, 0.3, 0.2, 0.25, 0.29, 0.5], **{"stop-patience": 3, "val-clients": 5})
+    assert run(ev, 6) == [1, 2, 3, 4, 5]  # three validations without beating 0.3
+    assert ev.best[:2] == (0.3, 2) and ev.best[2] == {"round": 2}
+    assert ev.asked == [5] * 5  # the fixed sample, every time
+
+
+def test_smoothing_keeps_one_lucky_validation_from_choosing():
+    scores = [0.10, 0.30, 0.12, 0.20, 0.22, 0.21]  # round 2 is a spike
+    single, smooth = Scripted(scores), Scripted(scores, **{"val-smoothing": 3})
+    run(single, 6), run(smooth, 6)
+    assert single.best[1] == 2
+    assert smooth.best[1] == 6 and smooth.best[0] == pytest.approx((0.20 + 0.22 + 0.21) / 3)
+
+
+def test_target_records_the_first_round_that_reaches_it():
+    ev = Scripted([0.1, 0.19, 0.21, 0.3], **{"target-ndcg": 0.2})
+    run(ev, 4)
+    assert ev.target == {"round": 3}
+    assert Scripted([0.1], **{}).target is None
