@@ -98,11 +98,28 @@ def test_the_train_message_carries_the_weight_only_when_it_varies():
     cloud = SimpleNamespace(refines=False, proxy=np.ones((8, 5), dtype=np.int64), num_items=30)
     targets = SimpleNamespace(ids=np.array([[1, 2, 3], [4, 5, 6]]), probs=np.full((2, 3), 0.3, np.float32))
     rows = np.array([0, 1])
-    plain = Protocol(cfg(), cloud).content(1, rows, targets)
+    plain = Protocol(cfg(), cloud, kd=KDSchedule(cfg(), cloud)).content(1, rows, targets)
     assert "kd-weight" not in plain.configs["config"]
-    linear = Protocol(cfg(**{"kd-schedule": "linear", "kd-decay-rounds": 4}), cloud)
+    c = cfg(**{"kd-schedule": "linear", "kd-decay-rounds": 4})
+    linear = Protocol(c, cloud, kd=KDSchedule(c, cloud))
     assert linear.content(3, rows, targets).configs["config"]["kd-weight"] == 0.5
     assert linear.targets(np.zeros((2, 5), np.int64), 5) is None  # weight 0: no proxy batch goes down
+
+
+@pytest.mark.parametrize("name", ["params", "logits", "local", "proxy"])
+def test_every_protocol_uses_the_experiments_schedule(name):
+    """The schedule the loop observes (and checkpoints) is the one the protocol asks: a
+    protocol that built its own would keep distilling after the gate closed."""
+    from server.protocols import PROTOCOLS
+    c = cfg(**{"protocol": name})
+    kd = KDSchedule(c, SimpleNamespace(refines=False))
+    proto = PROTOCOLS[name].__new__(PROTOCOLS[name])
+    parts = {"student": None, "fleet": None, "aggregator": None, "server_step": None}
+    try:
+        PROTOCOLS[name].__init__(proto, c, SimpleNamespace(refines=False), kd=kd, **parts)
+    except (AttributeError, TypeError):  # a part stubbed with None; the schedule is set first
+        pass
+    assert proto.kd is kd
 
 
 def test_the_client_takes_the_servers_weight():

@@ -23,6 +23,7 @@ from fedkd.local import get_state
 from fedkd.models import build_model
 from fedkd.nested import nested_mean
 from wire import Content, garble, message_nbytes, metric_dict, pack
+from server.kd_schedule import KDSchedule
 from server.protocols.params import ParamsProtocol
 from server.replies import accept
 from server.transport import Node, Profile, Transport
@@ -43,8 +44,9 @@ def _server(tmp_path, **overrides) -> SimpleNamespace:
     cfg = ExperimentConfig.from_flat({"student-dim": 8, "max-len": 10, **overrides})
     full = cfg.student_model(NUM_ITEMS)
     fleet = SimpleNamespace(full_model=full, width_of={p: 8 for p in range(10)})
-    protocol = ParamsProtocol(cfg, SimpleNamespace(num_items=NUM_ITEMS, refines=False),
-                              student=build_model(full, seed=0), fleet=fleet, aggregator=None, server_step=None)
+    cloud = SimpleNamespace(num_items=NUM_ITEMS, refines=False)
+    protocol = ParamsProtocol(cfg, cloud, student=build_model(full, seed=0), fleet=fleet, aggregator=None,
+                              server_step=None, kd=KDSchedule(cfg, cloud))
     transport = Transport(tmp_path, round_timeout=0.0, wire_payloads=False, profile=Profile())
     return SimpleNamespace(cfg=cfg, full_model=full, protocol=protocol, transport=transport)
 

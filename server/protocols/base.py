@@ -25,9 +25,9 @@ class Protocol:
     clients_train = True
     state: dict | None = None  # the global student's state; None where models stay on devices
 
-    def __init__(self, cfg: ExperimentConfig, cloud: Cloud, *, kd: KDSchedule | None = None, **_) -> None:
+    def __init__(self, cfg: ExperimentConfig, cloud: Cloud, *, kd: KDSchedule, **_) -> None:
         self.cfg, self.cloud = cfg, cloud
-        self.kd = kd if kd is not None else KDSchedule(cfg, cloud)  # distillation weight per round
+        self.kd = kd  # distillation weight per round: the experiment's one schedule (it checkpoints it)
         self.mirror = CacheMirror()  # kd-cache: proxy rows and labels each device holds
         self.cache = None  # this round's (rows, histories, labels, label digests) with kd-cache
 

@@ -17,8 +17,8 @@ from wire import Content
 class LogitsProtocol(Protocol):
     name = "logits"
 
-    def __init__(self, cfg, cloud, **_) -> None:
-        super().__init__(cfg, cloud)
+    def __init__(self, cfg, cloud, **parts) -> None:
+        super().__init__(cfg, cloud, **parts)
         self.fleet_preds = None  # (round it serves, the fleet's averaged predictions on that round's batch)
         self.next_batch = None
 

@@ -23,8 +23,8 @@ from wire import Content
 class ParamsProtocol(Protocol):
     name = "params"
 
-    def __init__(self, cfg, cloud, *, student, fleet, aggregator, server_step, privacy=None, **_) -> None:
-        super().__init__(cfg, cloud)
+    def __init__(self, cfg, cloud, *, student, fleet, aggregator, server_step, privacy=None, **parts) -> None:
+        super().__init__(cfg, cloud, **parts)
         self.student, self.fleet = student, fleet  # student: the torch module (a template for the ensemble)
         self.state = get_state(student)
         self.full_model = fleet.full_model

@@ -17,8 +17,8 @@ class ProxyProtocol(Protocol):
     name = "proxy"
     clients_train = False
 
-    def __init__(self, cfg, cloud, *, student, **_) -> None:
-        super().__init__(cfg, cloud)
+    def __init__(self, cfg, cloud, *, student, **parts) -> None:
+        super().__init__(cfg, cloud, **parts)
         self.student = student
         self.state = get_state(student)
         sl = soft_labels(cloud.teacher, cloud.proxy, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
