@@ -33,6 +33,17 @@ from simulations.runs import Run, load_runs, split_seed
 COLUMNS = ("config", "seed", "cloud_fraction", "rounds", "best_round", "test_ndcg10", "test_hr10", "val_ndcg10",
            "bytes_total", "sim_time_s", "wall_s", "target_val", "rounds_to_target", "mb_to_target",
            "sim_s_to_target")
+SHARES = (0.7, 0.8, 0.9)  # time-to-accuracy targets, as shares of the centralized validation NDCG@10
+
+
+def time_to(run: Run, target: float) -> dict:
+    """Round, MB and simulated seconds at which the smoothed validation first reached ``target``."""
+    for r in run.rows:
+        v = r.get("val_ndcg_smoothed", r.get("val_ndcg"))
+        if v not in ("", None) and float(v) >= target:
+            return {"rounds_to_target": int(r["round"]), "mb_to_target": float(r["cum_bytes"]) / 1e6,
+                    "sim_s_to_target": float(r["sim_time_s"])}
+    return {}
 
 
 def federated_row(run: Run, central_val: float | None, share: float) -> dict:
@@ -43,14 +54,8 @@ def federated_row(run: Run, central_val: float | None, share: float) -> dict:
            "test_hr10": s["test_hr@10"], "val_ndcg10": s["best_val_ndcg"], "bytes_total": s["train_bytes_total"],
            "sim_time_s": s["sim_time_s"], "wall_s": s["wall_seconds"]}
     if central_val:
-        target = share * central_val
-        row["target_val"] = target
-        for r in run.rows:
-            v = r.get("val_ndcg_smoothed", r.get("val_ndcg"))
-            if v not in ("", None) and float(v) >= target:
-                row.update(rounds_to_target=int(r["round"]), mb_to_target=float(r["cum_bytes"]) / 1e6,
-                           sim_s_to_target=float(r["sim_time_s"]))
-                break
+        row["target_val"] = share * central_val
+        row.update(time_to(run, share * central_val))
     return row
 
 
@@ -94,36 +99,55 @@ def central_rows(path: Path) -> list[dict]:
             for d in latest.values()]
 
 
-def mean_sd(xs) -> str:
+def mean_sd(xs, digits: int = 4) -> str:
     xs = [float(x) for x in xs if x not in ("", None)]
     if not xs:
         return "-"
-    return f"{np.mean(xs):.4f}" + (f" ± {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else "")
+    return f"{np.mean(xs):.{digits}f}" + (f" ± {np.std(xs, ddof=1):.{digits}f}" if len(xs) > 1 else "")
 
 
-def tables(rows: list[dict], runs: dict, share: float) -> str:
+def speed_table(runs: dict, cval: dict, cf: float) -> list[str]:
+    """Rounds / MB / simulated seconds to each share of the centralized validation, per config."""
+    out = ["", "Time to accuracy (smoothed validation; mean over the seeds that reached it, reached/seeds):", "",
+           "| config | " + " | ".join(f"{s:.0%} of centralized: rounds / MB / sim s" for s in SHARES) + " |",
+           "|---|" + "---|" * len(SHARES)]
+    for name in ("fedkd", "fedavg"):
+        mine = [(seed, run) for (c, n, seed), run in sorted(runs.items()) if c == cf and n == name]
+        if not mine:
+            continue
+        cells = []
+        for share in SHARES:
+            hits = [time_to(run, share * cval.get((cf, seed), cval.get((cf, 0), 1.0))) for seed, run in mine]
+            hits = [h for h in hits if h]
+            cells.append(f"{mean_sd([h['rounds_to_target'] for h in hits], 0)} / "
+                         f"{mean_sd([h['mb_to_target'] for h in hits], 0)} / "
+                         f"{mean_sd([h['sim_s_to_target'] for h in hits], 1)} ({len(hits)}/{len(mine)})"
+                         if hits else f"not reached (0/{len(mine)})")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out
+
+
+def tables(rows: list[dict], runs: dict, share: float, cval: dict) -> str:
     by = defaultdict(list)
     for r in rows:
         by[(r["cloud_fraction"], r["config"])].append(r)
     out = []
     for cf in sorted({r["cloud_fraction"] for r in rows}):
         central = by.get((cf, "centralized"), [])
-        cval = np.mean([r["test_ndcg10"] for r in central]) if central else None
+        ctest = np.mean([r["test_ndcg10"] for r in central]) if central else None
         out += [f"**{cf:.0%} cloud users** (mean ± sd over seeds; n = seeds)", "",
                 "| config | n | rounds run | chosen round | test NDCG@10 | % of centralized | test HR@10 | "
-                "val NDCG@10 | MB | rounds to target | MB to target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "val NDCG@10 | MB |", "|---|---|---|---|---|---|---|---|---|"]
         for name in ("centralized", "fedkd", "fedavg", "teacher", "popularity"):
             rs = by.get((cf, name), [])
             if not rs:
                 continue
-            pct = f"{100 * np.mean([r['test_ndcg10'] for r in rs]) / cval:.0f}%" if cval else "-"
-            reached = [r for r in rs if r.get("rounds_to_target") not in ("", None)]
-            out.append(f"| {name} | {len(rs)} | {mean_sd(r.get('rounds') for r in rs)} | "
-                       f"{mean_sd(r.get('best_round') for r in rs)} | {mean_sd(r['test_ndcg10'] for r in rs)} | {pct} | "
-                       f"{mean_sd(r['test_hr10'] for r in rs)} | {mean_sd(r['val_ndcg10'] for r in rs)} | "
-                       f"{mean_sd(r.get('bytes_total', '') and r['bytes_total'] / 1e6 for r in rs)} | "
-                       f"{mean_sd(r['rounds_to_target'] for r in reached)} ({len(reached)}/{len(rs)} reached) | "
-                       f"{mean_sd(r['mb_to_target'] for r in reached)} |")
+            pct = f"{100 * np.mean([r['test_ndcg10'] for r in rs]) / ctest:.0f}%" if ctest else "-"
+            out.append(f"| {name} | {len(rs)} | {mean_sd((r.get('rounds') for r in rs), 0)} | "
+                       f"{mean_sd((r.get('best_round') for r in rs), 0)} | {mean_sd(r['test_ndcg10'] for r in rs)} | "
+                       f"{pct} | {mean_sd(r['test_hr10'] for r in rs)} | {mean_sd(r['val_ndcg10'] for r in rs)} | "
+                       f"{mean_sd((r.get('bytes_total', '') and r['bytes_total'] / 1e6 for r in rs), 0)} |")
+        out += speed_table(runs, cval, cf)
         pairs = [(runs[(cf, "fedkd", s)], runs[(cf, "fedavg", s)]) for (c, n, s) in runs
                  if c == cf and n == "fedkd" and (cf, "fedavg", s) in runs]
         if pairs:
@@ -214,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     img = args.doc.parent / "img"
     img.mkdir(exist_ok=True)
     figs = plot(runs, refs, img)
-    text = tables(rows, runs, args.share) + "\n" + "\n".join(f"![{f.stem}](img/{f.name})" for f in figs)
+    text = tables(rows, runs, args.share, cval) + "\n" + "\n".join(f"![{f.stem}](img/{f.name})" for f in figs)
     splice(args.doc, "convergence", text)
     print(f"{len(rows)} rows -> {args.csv}; tables -> {args.doc}; plots: {', '.join(str(f) for f in figs)}")
     return 0
