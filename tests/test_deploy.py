@@ -191,7 +191,7 @@ def test_device_commands_without_tls():
 def test_clientapp_reads_partition_and_device_data_path_from_node_config(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from clients.client_app import _setup
+    from clients.node import setup
     data = tmp_path / "log.csv"
     data.write_text("user,item,timestamp\n" + "".join(f"{u},{(u * 3 + t) % 7},{t}\n"
                                                       for u in range(10) for t in range(5)))
@@ -200,10 +200,10 @@ def test_clientapp_reads_partition_and_device_data_path_from_node_config(tmp_pat
     def ctx(node_config):
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
-    cfg, client = _setup(ctx({"partition-id": 1, "num-partitions": 3, "data-path": str(data)}))
+    cfg, client = setup(ctx({"partition-id": 1, "num-partitions": 3, "data-path": str(data)}))
     assert cfg.data_path == str(data) and client.partition_id == 1 and len(client.users) == 3
     with pytest.raises(ValueError, match="no 'partition-id' in its node config.*--node-config"):
-        _setup(ctx({"data-path": str(data)}))
+        setup(ctx({"data-path": str(data)}))
 
 
 # ------------------------------------------------------------------------------- slow: real fleets
