@@ -226,6 +226,8 @@ def test_deploy_local_three_supernodes_run_two_rounds_then_everything_stops(loop
     assert all(int(r["aggregated"]) == 3 and len(r["model_digest"]) == 16 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clients"] == 3 and summary["clients_trained"] == 3 and summary["rounds"] == 2
+    # end-of-run steps run in the ServerApp, so a deployment (`flwr run` against a SuperLink) has them too
+    assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40
     assert sorted(int(r["partition_id"]) for r in _rows(out / "test_per_client.csv")) == [0, 1, 2]
     assert tomllib.loads((loopback.state / "run-config.toml").read_text())["users-per-client"] == 14
     pids = json.loads((loopback.state / "pids.json").read_text())
