@@ -134,3 +134,13 @@ def test_a_crash_raises_before_the_handler_runs():
     with pytest.raises(RuntimeError, match=f"client {PID} crashes in round {ROUND}"):
         _app(TRAIN_MODS, seen)(_train_msg(), _context(**{"fault-crash": 1.0}))
     assert seen == []
+
+
+def test_a_hang_sleeps_past_the_round_timeout_then_replies_as_usual(monkeypatch):
+    import clients.mods.faults as faults
+    from fedkd.faults import HANG_MARGIN_S
+    slept, seen = [], []
+    monkeypatch.setattr(faults.time, "sleep", lambda s: slept.append((s, len(seen))))
+    reply = _app(TRAIN_MODS, seen)(_train_msg(), _context(**{"fault-hang": 1.0, "round-timeout": 5.0}))
+    assert slept == [(5.0 + HANG_MARGIN_S, 0)]  # before any work
+    assert len(seen) == 1 and not reply.has_error()
