@@ -2,10 +2,12 @@
 call_next) -> Message``) applied to the ``train`` handler.
 
 The list is outermost first, as Flower applies it. A reply, and an update passing through
-:func:`clients.mods.update.finish`, meet the mods from the last one back, so the order below is
-the order of the old inline code read backwards: local DP noises the update, a malicious client
-boosts the noised update, secure aggregation's clipping bounds what goes under the masks, and
-a fault breaks the finished reply (or crashes or hangs before any of it).
+:func:`clients.mods.update.finish`, meet the mods from the last one back, so the list reads
+backwards: local DP noises the update (privacy covers what a device really computed), a
+malicious client boosts the noised update (a lie, not a private release), secure aggregation's
+clipping bounds whatever goes under the masks (the server cannot clip it later), and a fault
+breaks the finished reply, or crashes or hangs before any of it. Moving a mod changes results;
+tests/test_client_mods.py pins this order.
 """
 
 from clients.mods.clipping import secagg_clipping_mod
