@@ -8,76 +8,36 @@ predictions on public proxy rows (logit protocol) and metrics.
 With the ``logits`` and ``local`` protocols the model never leaves the device: it lives in
 ``context.state``, which Flower keeps per node across rounds (in simulation and on a
 SuperNode alike). Larger per-device memory (error-feedback residuals, cached proxy rows and
-soft labels) lives in device-local files instead (:func:`_store`), because node state travels
+soft labels) lives in device-local files instead (:func:`clients.node.store`), because node state travels
 with every message in simulation.
 """
 
 from __future__ import annotations
-
-import functools
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from clients.mods import TRAIN_MODS
+from clients.mods.update import finish
+from clients.node import round_of, setup, store
 from fedkd import streams
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
-from fedkd.config import FAULT_KINDS, ExperimentConfig
-from fedkd.edge import ClientData, client_data
-from fedkd.faults import HANG_MARGIN_S, corrupt, draw_fault, malicious_ids
-from fedkd.feedback import DeviceStore, device_folder, encode_with_feedback
+from fedkd.config import ExperimentConfig
+from fedkd.edge import ClientData
+from fedkd.feedback import encode_with_feedback
 from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import embed, sub_config, sub_layout
-from fedkd.privacy import clip_update, local_dp
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
 from fedkd.secagg import KeyPair, masked_upload
 from fedkd.streams import Stream
-from wire import Content, config_of, from_record, garble, metric_dict, pack, to_record, unpack
+from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
 app = ClientApp()
-
-
-@functools.lru_cache(maxsize=8)
-def _config(items: tuple) -> ExperimentConfig:
-    return ExperimentConfig.from_flat(dict(items))
-
-
-def _setup(context: Context) -> tuple[ExperimentConfig, ClientData]:
-    """This node's config and data: the run config, with the device's own ``data-path`` if its
-    node config names one (``flower-supernode --node-config "partition-id=0 data-path=..."``)."""
-    torch.set_num_threads(1)  # one simulated client per worker core
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
-                         "--node-config \"partition-id=<i> num-partitions=<n>\" (i in 0..n-1, "
-                         "n = the fleet size; see docs/devices.md)")
-    run_config = dict(context.run_config)
-    if "data-path" in node:  # the device's own copy of the (same) interaction file
-        run_config["data-path"] = str(node["data-path"])
-    cfg = _config(tuple(sorted(run_config.items())))
-    return cfg, client_data(cfg, int(node["partition-id"]))
-
-
-def _store(cfg: ExperimentConfig, context: Context, partition_id: int) -> DeviceStore:
-    """This device's own folder for this run.
-
-    A real device names its storage in its node config (``flower-supernode --node-config
-    "partition-id=0 state-dir=/var/lib/fedkd"``). In simulation every device is a worker
-    process on the machine that runs the server, so the default is the results folder
-    (``<output-dir>/<experiment-name>/device-state/``): a new run of the experiment moves the
-    old folder aside and starts with empty devices, and what the devices kept can be
-    inspected afterwards.
-    """
-    base = context.node_config.get("state-dir")
-    if not base:
-        base = (Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name / "device-state")
-    return DeviceStore(device_folder(str(base), context.run_id, partition_id))
 
 
 def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):
@@ -90,12 +50,12 @@ def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: C
     if not cfg.kd_cache:
         return decode_proxy(arrays, rows=rows, top_k=cfg.kd_top_k, max_len=cfg.max_len,
                             num_items=data.num_items, bits=cfg.soft_label_bits)
-    store = _store(cfg, context, data.partition_id)
-    proxy, cache = decode_cached_proxy(arrays, store.load("proxy-cache"), rows=rows,
+    device = store(cfg, context, data.partition_id)
+    proxy, cache = decode_cached_proxy(arrays, device.load("proxy-cache"), rows=rows,
                                        proxy_len=int(config_of(content, "config", "proxy-size", int)),
                                        top_k=cfg.kd_top_k, max_len=cfg.max_len, num_items=data.num_items,
                                        bits=cfg.soft_label_bits)
-    store.save("proxy-cache", cache)
+    device.save("proxy-cache", cache)
     return proxy
 
 
@@ -123,7 +83,7 @@ def _own_model(cfg: ExperimentConfig, data: ClientData, context: Context):
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so it can sample clients reproducibly."""
-    _, data = _setup(context)
+    _, data = setup(context)
     return Message(pack(Content(metrics={"metrics": metric_dict({
         "partition-id": data.partition_id, "tier": data.tier,
         "num-examples": len(data.train[1])})})), reply_to=msg)
@@ -136,23 +96,20 @@ def _kd_weight(cfg: ExperimentConfig, content: Content) -> float:
     return cfg.kd_weight
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 def train(msg: Message, context: Context) -> Message:
-    cfg, data = _setup(context)
+    """Train on the private data from what the server sent; reply with the update, or with the
+    logit protocol's predictions. Faults and privacy act around this, as mods (clients/mods/)."""
+    cfg, data = setup(context)
     content = unpack(msg.content)
     round_idx = int(config_of(content, "config", "round", int))
-    fault = draw_fault(cfg, round_idx, data.partition_id)  # injected faults (docs/reliability.md)
-    if fault == "crash":
-        raise RuntimeError(f"injected fault: client {data.partition_id} crashes in round {round_idx} (fault-crash)")
-    if fault == "hang":  # the server stops waiting at round-timeout; this reply arrives too late
-        time.sleep(cfg.round_timeout + HANG_MARGIN_S)
     if cfg.stateful_clients:
         model, start = _own_model(cfg, data, context), None
     else:
         model, start = _student(cfg, data, content)
     proxy = _proxy(cfg, data, content, context) if "proxy" in content.arrays else None
     torch.manual_seed(streams.torch_seed(cfg.seed, Stream.LOCAL_DROPOUT, round_idx, data.partition_id))
-    rng = streams.rng(cfg.seed, Stream.LOCAL_TRAIN, round_idx, data.partition_id)
+    rng = streams.rng(cfg.seed, Stream.LOCAL_TRAIN, round_idx, data.partition_id)  # then the update's rounding
     # The server plays the clock in simulation: it sends how many steps fit this device's
     # round (its tier's budget, cut by the deadline); the meter enforces exactly that.
     budget = StepBudget(int(config_of(content, "config", "steps", int)))
@@ -162,34 +119,28 @@ def train(msg: Message, context: Context) -> Message:
                          optimizer=cfg.local_optimizer, clip_norm=cfg.local_clip_norm or None)
     trained = get_state(model)
     arrays = {}
-    if start is not None:
-        update = {k: trained[k] - start[k] for k in start}
-        if cfg.dp_mode == "local":  # clip and noise the real update, before quantisation (docs/privacy.md)
-            update = local_dp(update, cfg, streams.rng(cfg.seed, Stream.LOCAL_DP_NOISE, round_idx, data.partition_id))
-        if data.partition_id in malicious_ids(cfg):  # a well-formed lie: the update, boosted (after any clipping)
-            update = {k: (v * cfg.fault_malicious_scale).astype(np.float32) for k, v in update.items()}
+    if start is None:
+        context.state["student"] = to_record(trained)
+    else:  # the update as the mods want it sent (clients.mods.update.finish)
+        update = finish({k: trained[k] - start[k] for k in start})
         if cfg.secure_aggregation:
             arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx)}
         else:
             arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
-    else:
-        context.state["student"] = to_record(trained)
     if "next" in content.arrays:  # logit protocol: predictions on the next public batch
-        rows = int(config_of(content, "config", "next-rows", int))
-        hist = unpack_ids(content.arrays["next"]["histories"], (rows, cfg.max_len), data.num_items)
-        preds = soft_labels(model, hist, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
-        arrays["preds"] = encode_labels(preds, num_items=data.num_items, bits=cfg.soft_label_bits)
-    uploaded = sorted(arrays)[:1]  # the record a corruption hits: 'update' or 'preds'
-    if fault in FAULT_KINDS and uploaded:
-        arrays[uploaded[0]] = corrupt(arrays[uploaded[0]], fault)
-    steps = result.steps + (budget.limit + 1 - result.steps if fault == "steps" else 0)  # a lie about work done
-    rd = pack(Content(arrays=arrays, metrics={"metrics": metric_dict({
-        "num-examples": result.examples, "steps": steps, "step-limit": budget.limit,
+        arrays["preds"] = _predictions(cfg, data, content, model)
+    return Message(pack(Content(arrays=arrays, metrics={"metrics": metric_dict({
+        "num-examples": result.examples, "steps": result.steps, "step-limit": budget.limit,
         "tier": data.tier, "partition-id": data.partition_id, "loss": result.mean_loss,
-        "train-seconds": result.seconds})}))
-    if fault == "undecodable" and uploaded:
-        garble(rd, uploaded[0])
-    return Message(rd, reply_to=msg)
+        "train-seconds": result.seconds})})), reply_to=msg)
+
+
+def _predictions(cfg: ExperimentConfig, data: ClientData, content: Content, model) -> dict:
+    """The logit protocol's upload: this device's top-k soft labels on the next public batch."""
+    rows = int(config_of(content, "config", "next-rows", int))
+    hist = unpack_ids(content.arrays["next"]["histories"], (rows, cfg.max_len), data.num_items)
+    preds = soft_labels(model, hist, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+    return encode_labels(preds, num_items=data.num_items, bits=cfg.soft_label_bits)
 
 
 def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator, context: Context,
@@ -202,12 +153,12 @@ def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator
     if not cfg.error_feedback:
         return encode(update)
     layout = layout_of(update)
-    store = _store(cfg, context, partition_id)
+    device = store(cfg, context, partition_id)
     arrays, residual = encode_with_feedback(
-        update, store.load("ef-residual"), encode=encode,
+        update, device.load("ef-residual"), encode=encode,
         decode=lambda a: decode_update(a, layout, bits=cfg.quant_bits, per_row=cfg.per_row,
                                        density=cfg.update_density))
-    store.save("ef-residual", residual)
+    device.save("ef-residual", residual)
     return arrays
 
 
@@ -215,8 +166,8 @@ def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 1: a fresh X25519 key pair for this round; the private half
     stays in this node's state, the public half goes to the server to be handed to the peers."""
-    _, data = _setup(context)
-    round_idx = int(config_of(unpack(msg.content), "config", "round", int))
+    _, data = setup(context)
+    round_idx = round_of(msg)
     keys = KeyPair.generate()
     context.state["secagg"] = ConfigRecord({"round": round_idx, "private": keys.private_bytes()})
     return Message(pack(Content(arrays={"secagg": {"public": np.frombuffer(keys.public_bytes, np.uint8).copy()}},
@@ -226,13 +177,11 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context, update: dict,
             round_idx: int) -> np.ndarray:
-    """Secure aggregation, step 2: the update (clipped here if central DP is on: the server
-    cannot clip what it cannot see), at full width, in fixed point under pairwise masks."""
+    """Secure aggregation, step 2: the update (already clipped by ``secagg_clipping_mod`` if
+    central DP is on), at full width, in fixed point under pairwise masks."""
     rec = context.state.config_records.get("secagg")
     if rec is None or int(rec["round"]) != round_idx:
         raise ValueError(f"secure aggregation: no key pair of round {round_idx} on this device")
-    if cfg.dp_mode == "central":
-        update, _ = clip_update(update, cfg.dp_clip_norm)
     full = cfg.student_model(data.num_items)
     width = int(config_of(content, "config", "width", int))
     padded = embed(update, full, width)[0] if width != cfg.student_dim else update
@@ -248,7 +197,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     ``splits`` may name both validation and test, so that protocols whose models stay on
     the devices can report the test score of the round later chosen on validation.
     """
-    cfg, data = _setup(context)
+    cfg, data = setup(context)
     content = unpack(msg.content)
     splits = str(config_of(content, "config", "splits", str)).split(",")
     if not splits or any(s not in ("valid", "test") for s in splits):

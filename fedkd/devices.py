@@ -315,18 +315,24 @@ def _json_rows(file: Path, src: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _whole(raw: Any) -> int | None:
+    """``raw`` as an integer, or None if it is not one: ``int()`` alone would take ``True`` as 1
+    and truncate ``2.5`` to 2, and a trace with either is a broken trace, not a number."""
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        return None
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
 def _parse_record(record: Mapping[str, Any], src: str, where: str) -> tuple[int, DeviceProfile]:
     def fail(field: str, value: Any, expected: str) -> TraceError:
         return TraceError(f"{src}: {where}: field {field!r} has invalid value {value!r}: expected {expected}")
 
     raw = record["client"]
-    try:
-        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError
-        pid = int(raw)
-    except (TypeError, ValueError):
-        raise fail("client", raw, "an integer partition id >= 0") from None
-    if pid < 0:
+    pid = _whole(raw)
+    if pid is None or pid < 0:
         raise fail("client", raw, "an integer partition id >= 0")
     where = f"{where} (client {pid})"
     tier = record["tier"]
@@ -352,12 +358,9 @@ def _parse_record(record: Mapping[str, Any], src: str, where: str) -> tuple[int,
             raise fail("online_rounds", rounds_raw, "a list of rounds (JSON) or '1;2;5' (CSV)")
         rounds = []
         for r in rounds_raw:
-            try:
-                if isinstance(r, bool) or (isinstance(r, float) and not r.is_integer()):
-                    raise ValueError
-                ri = int(r)
-            except (TypeError, ValueError):
-                raise fail("online_rounds", rounds_raw, "integer rounds >= 1") from None
+            ri = _whole(r)
+            if ri is None:
+                raise fail("online_rounds", rounds_raw, "integer rounds >= 1")
             if ri < 1:
                 raise fail("online_rounds", rounds_raw, "integer rounds >= 1 (rounds are 1-based)")
             rounds.append(ri)

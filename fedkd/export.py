@@ -49,7 +49,8 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,29 @@ def _check_max_len(max_len: Any, cfg: Any) -> int:
     return int(max_len)
 
 
+def _prepare(model: Any, config: Any, path: str | os.PathLike, max_len: Any, suffix: str, kind: str):
+    """What every exporter checks before it writes: the file's suffix, the model and its window.
+    Returns ``(path, module, cfg, max_len, shape metadata)``."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{kind} files end in {suffix}, got {path.name}")
+    module, cfg = _as_model(model, config)
+    max_len = _check_max_len(max_len, cfg)
+    return path, module, cfg, max_len, _shape_meta(cfg, max_len)
+
+
+@contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """Export in eval mode (no dropout in the graph), then hand the caller's module back in the
+    mode it came in: a training loop may export between steps."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _example(cfg: Any, max_len: int):
     import torch
 
@@ -193,15 +217,8 @@ def export_torchscript(model: Any, path: str | os.PathLike, *, max_len: int | No
     """
     import torch
 
-    path = Path(path)
-    if path.suffix != ".pt":
-        raise ValueError(f"TorchScript files end in .pt, got {path.name}")
-    module, cfg = _as_model(model, config)
-    max_len = _check_max_len(max_len, cfg)
-    shape = _shape_meta(cfg, max_len)
-    was_training = module.training
-    module.eval()
-    try:
+    path, module, cfg, max_len, shape = _prepare(model, config, path, max_len, ".pt", "TorchScript")
+    with _eval_mode(module):
         hist, seen = _example(cfg, max_len)
         with torch.no_grad(), warnings.catch_warnings():
             # tracing warns about tuple unpacking of a fixed-size dim; torch 2.13 marks TorchScript
@@ -211,8 +228,6 @@ def export_torchscript(model: Any, path: str | os.PathLike, *, max_len: int | No
             scripted = torch.jit.script(topk_module(traced))
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.jit.save(scripted, str(path), _extra_files={_META_KEY: json.dumps(shape)})
-    finally:
-        module.train(was_training)
     return _write_sidecar(path, shape, "torchscript", "fp32", {"torch": torch.__version__})
 
 
@@ -237,17 +252,10 @@ def export_onnx(model: Any, path: str | os.PathLike, *, max_len: int | None = No
     import onnx
     import torch
 
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"ONNX files end in .onnx, got {path.name}")
-    module, cfg = _as_model(model, config)
-    max_len = _check_max_len(max_len, cfg)
-    shape = _shape_meta(cfg, max_len)
+    path, module, cfg, max_len, shape = _prepare(model, config, path, max_len, ".onnx", "ONNX")
     path.parent.mkdir(parents=True, exist_ok=True)
     fp32_path = path.with_name(path.stem + ".fp32-tmp.onnx") if int8 else path
-    was_training = module.training
-    module.eval()
-    try:
+    with _eval_mode(module):
         hist, seen = _example(cfg, max_len)
         with warnings.catch_warnings():
             # the legacy exporter announces its own deprecation and traces tuple unpacking
@@ -258,8 +266,6 @@ def export_onnx(model: Any, path: str | os.PathLike, *, max_len: int | None = No
                 output_names=["scores", "ids"], do_constant_folding=True,
                 dynamic_axes={"history": {0: "batch"}, "seen": {0: "batch", 1: "num_seen"},
                               "scores": {0: "batch", 1: "k"}, "ids": {0: "batch", 1: "k"}})
-    finally:
-        module.train(was_training)
     extra = {"torch": torch.__version__, "onnx_opset": ONNX_OPSET}
     if int8:
         import onnxruntime

@@ -1,10 +1,10 @@
 """Fault injection: which fault a client suffers in a round, and what a corrupt reply looks like.
 
 Real fleets crash, hang, send garbage and sometimes lie. fedkd injects these faults in the
-real ClientApp (``clients/client_app.py``) so that the server meets them exactly as it would
-in a deployment: a crash is an exception (Flower turns it into an error reply), a hang is a
-sleep past the server's ``round-timeout``, a corrupt reply is a reply with broken arrays or
-metrics, and a malicious client sends a well-formed but scaled update.
+real ClientApp (Flower mods in ``clients/mods/faults.py``) so that the server meets them
+exactly as it would in a deployment: a crash is an exception (Flower turns it into an error
+reply), a hang is a sleep past the server's ``round-timeout``, a corrupt reply is a reply
+with broken arrays or metrics, and a malicious client sends a well-formed but scaled update.
 
 Which fault a client suffers is a pure function of ``(seed, round, partition id)``
 (:func:`draw_fault`), from its own random stream, so a faulty run repeats exactly, the

@@ -28,8 +28,15 @@ def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str) -> list
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / name)
+        paths.append(save_figure(fig, out_dir / name))
     return paths
+
+
+def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out, write (making its folder) and close ``fig``; returns ``path``. Closing matters:
+    pyplot keeps every open figure alive, and a sweep's report draws many."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedkd.plots import plt
+from fedkd.plots import plt, save_figure
 from fedkd.stats import paired_bootstrap
 from simulations import ROOT
 from simulations.runs import Run, load_runs, split_seed
@@ -145,9 +145,7 @@ def deadline_plot(runs: dict[str, Run], out: Path) -> list[dict]:
         a.set_xlabel("round deadline (simulated s, log scale)")
         a.grid(alpha=0.3)
     fig.suptitle("Deadline sweep: mixed fleet, nested widths, uniform selection")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
     return points
 
 

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fedkd.plots import plt
+from fedkd.plots import plt, save_figure
 from simulations import ROOT
 from simulations.docsplice import splice
 from simulations.runs import Run, load_runs, split_seed
@@ -209,11 +209,7 @@ def plot(runs: Mapping[str, Mapping[int, Run]], path: Path) -> Path:
     ax.set_title("Bytes to accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,10 +58,7 @@ def table(folder: Path) -> tuple[str, list[dict]]:
 
 
 def plot(points: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedkd.plots import plt, save_figure  # here: importing this module stays cheap
 
     dp = [p for p in points if p["epsilon"] is not None]
     finite = [p["epsilon"] for p in dp if math.isfinite(p["epsilon"])]
@@ -90,11 +87,7 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

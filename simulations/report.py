@@ -227,7 +227,7 @@ def _points(rows: Sequence[Mapping], curve: str, x: str) -> dict[float, tuple[fl
 
 
 def _plot_curves(data: dict, path: Path, *, curve: str, xlabel: str, title: str) -> None:
-    plt = _pyplot()
+    from fedkd.plots import plt, save_figure  # here: `fedkd run` need not import matplotlib
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for config, (xs, mean, std) in data.items():
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=config)
@@ -237,13 +237,11 @@ def _plot_curves(data: dict, path: Path, *, curve: str, xlabel: str, title: str)
     ax.set_ylabel(f"{curve} (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_bars(rows: Sequence[ConfigRow], metric: str, path: Path, *, title: str) -> None:
-    plt = _pyplot()
+    from fedkd.plots import plt, save_figure  # here: `fedkd run` need not import matplotlib
     shown = [r for r in rows if r.stats[metric] is not None]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(shown) + 2), 4.5))
     ax.bar(range(len(shown)), [r.stats[metric].mean for r in shown],
@@ -253,19 +251,7 @@ def _plot_bars(rows: Sequence[ConfigRow], metric: str, path: Path, *, title: str
     ax.set_title(title)
     ax.set_ylabel(f"{metric} (mean ± sd over seeds)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _pyplot():
-    """matplotlib only when plotting, so that ``fedkd run`` does not pay for importing it."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless machines and CI have no display
-    import matplotlib.pyplot as plt
-
-    return plt
+    save_figure(fig, path)
 
 
 # --- writing ----------------------------------------------------------------------------

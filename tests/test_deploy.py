@@ -191,7 +191,7 @@ def test_device_commands_without_tls():
 def test_clientapp_reads_partition_and_device_data_path_from_node_config(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from clients.client_app import _setup
+    from clients.node import setup
     data = tmp_path / "log.csv"
     data.write_text("user,item,timestamp\n" + "".join(f"{u},{(u * 3 + t) % 7},{t}\n"
                                                       for u in range(10) for t in range(5)))
@@ -200,10 +200,10 @@ def test_clientapp_reads_partition_and_device_data_path_from_node_config(tmp_pat
     def ctx(node_config):
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
-    cfg, client = _setup(ctx({"partition-id": 1, "num-partitions": 3, "data-path": str(data)}))
+    cfg, client = setup(ctx({"partition-id": 1, "num-partitions": 3, "data-path": str(data)}))
     assert cfg.data_path == str(data) and client.partition_id == 1 and len(client.users) == 3
     with pytest.raises(ValueError, match="no 'partition-id' in its node config.*--node-config"):
-        _setup(ctx({"data-path": str(data)}))
+        setup(ctx({"data-path": str(data)}))
 
 
 # ------------------------------------------------------------------------------- slow: real fleets
@@ -226,6 +226,8 @@ def test_deploy_local_three_supernodes_run_two_rounds_then_everything_stops(loop
     assert all(int(r["aggregated"]) == 3 and len(r["model_digest"]) == 16 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["clients"] == 3 and summary["clients_trained"] == 3 and summary["rounds"] == 2
+    # end-of-run steps run in the ServerApp, so a deployment (`flwr run` against a SuperLink) has them too
+    assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40
     assert sorted(int(r["partition_id"]) for r in _rows(out / "test_per_client.csv")) == [0, 1, 2]
     assert tomllib.loads((loopback.state / "run-config.toml").read_text())["users-per-client"] == 14
     pids = json.loads((loopback.state / "pids.json").read_text())

@@ -44,6 +44,7 @@ def test_two_rounds_write_a_complete_results_folder(tmp_path):
         assert float(r["steps_mean_strong"]) == float(r["steps_max_strong"]) == 16
         assert 0.0 <= float(r["val_ndcg"]) <= float(r["val_hr"]) <= 1.0
     assert summary["test_users"] == 40
+    assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40  # from the ServerApp
     assert (out / "rejections.jsonl").read_text() == ""
     assert summary["teacher"]["cached"] is False
     assert summary["train_bytes_total"] == sum(int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows)

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from wire import Content, describe, message_nbytes, pack, unpack
+from wire import Content, describe, garble, message_nbytes, message_payload, pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +49,14 @@ def test_byte_counts_do_not_depend_on_flowers_random_ids():
     raw = sum(len(o.deflate()) for o in get_all_nested_objects(
         Message(pack(_content(1_000)), dst_node_id=2**64 - 1, message_type="train")).values())
     assert 0 <= sizes.pop() - raw <= 5 * 9  # the real serialisation, the 5 ids at worst-case width
+
+
+def test_a_garbled_array_is_saved_as_raw_bytes_not_a_crash():
+    """With wire-payloads on, an undecodable reply (fault-corrupt-kinds undecodable) stopped the
+    ServerApp in the audit, before the server could reject it."""
+    msg = Message(garble(pack(_content(10)), "student"), dst_node_id=2, message_type="train")
+    payload = message_payload(msg)
+    assert not [k for k in payload if k.startswith("array:")]
+    raw = payload["undecodable:student/codes"]
+    assert raw.dtype == np.uint8 and raw.tobytes().startswith(b"\x93NUMPY-garbled")
+    assert payload["metric:metrics/num-examples"] == 12

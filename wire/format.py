@@ -183,11 +183,16 @@ def describe_message(msg: Message) -> dict:
 def message_payload(msg: Message) -> dict[str, np.ndarray]:
     """Every value a message carries, as arrays named ``array:<record>/<key>``,
     ``config:<record>/<key>`` and ``metric:<record>/<key>`` (scalars as 0-d arrays), for
-    saving with ``np.savez`` and auditing what actually crossed."""
+    saving with ``np.savez`` and auditing what actually crossed. An array whose bytes are no
+    ``.npy`` file (a garbled reply) is kept as raw bytes, ``undecodable:<record>/<key>``: the
+    audit must record it, and the server rejects it later with its own reason."""
     rd, out = msg.content, {}
     for name, rec in rd.array_records.items():
         for k, a in rec.items():
-            out[f"array:{name}/{k}"] = a.numpy()
+            try:
+                out[f"array:{name}/{k}"] = a.numpy()
+            except Exception:  # noqa: BLE001 - whatever np.load makes of foreign bytes
+                out[f"undecodable:{name}/{k}"] = np.frombuffer(a.data, np.uint8).copy()
     for kind, records in (("config", rd.config_records), ("metric", rd.metric_records)):
         for name, rec in records.items():
             for k, v in rec.items():
