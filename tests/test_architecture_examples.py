@@ -17,6 +17,7 @@ from fedkd.codec import PayloadError, encode_update
 from fedkd.config import ExperimentConfig
 from fedkd.models import build_model
 from fedkd.server_opt import OPTIMIZERS, make_server_optimizer
+from server.kd_schedule import KDSchedule
 from server.protocols import PROTOCOLS, make_protocol
 from server.replies import Upload
 from server.transport import Node
@@ -55,9 +56,10 @@ def _flower_identity():
 def test_the_protocol_example_decodes_an_item_table_upload_into_a_full_update(ns):
     cfg = ExperimentConfig.from_flat({"student-dim": 8, "max-len": 10})
     full = cfg.student_model(30)
-    proto = make_protocol("item-table", cfg=cfg, cloud=SimpleNamespace(num_items=30, refines=False),
-                          student=build_model(full, seed=0), fleet=SimpleNamespace(full_model=full, width_of={0: 8}),
-                          aggregator=None, server_step=None)
+    cloud = SimpleNamespace(num_items=30, refines=False)
+    proto = make_protocol("item-table", cfg=cfg, cloud=cloud, student=build_model(full, seed=0),
+                          fleet=SimpleNamespace(full_model=full, width_of={0: 8}), aggregator=None,
+                          server_step=None, kd=KDSchedule(cfg, cloud))
     assert isinstance(proto, ns["ItemTableProtocol"])
     table = np.full((31, 8), 0.25, np.float32)
     node = Node(100, 0, 0, 10)
