@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, sweep
+from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, stop_cmd, sweep
 from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
                                  read_overrides)
 
@@ -69,6 +69,7 @@ def build_parser() -> Parser:
     deploy.add_parser(sub)
     export_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
+    stop_cmd.add_parser(sub)
     sub.add_parser("calibrate", add_help=False,
                    help="Measure this machine's step and top-10 times per student width "
                         "(writes a calibration profile; `fedkd calibrate --help`).")
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_cmd.main(args)
         elif args.command == "audit":
             return audit_cmd.main(args)
+        elif args.command == "stop":
+            return stop_cmd.main(args)
     except ValueError as exc:
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2

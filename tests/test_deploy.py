@@ -232,6 +232,17 @@ def test_deploy_local_three_supernodes_run_two_rounds_then_everything_stops(loop
     assert {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run"} <= set(pids)
     assert not [n for n, p in pids.items() if deploy.alive(p)]
     assert _fleet_processes(loopback.state) == []
+    # `fedkd stop` finds what to stop: the fleet's processes with their start times, and the
+    # Flower processes the ServerApp ran under (nearest first, up to the SuperLink of this fleet)
+    recorded = json.loads((loopback.state / "processes.json").read_text())["processes"]
+    assert {r["name"]: r["pid"] for r in recorded} == {n: p for n, p in pids.items() if n in {r["name"] for r in recorded}}
+    assert {"superlink", "supernode-0", "supernode-1", "supernode-2"} <= {r["name"] for r in recorded}
+    served = json.loads((out / "processes.json").read_text())["processes"]
+    assert [r["name"] for r in served] == ["flwr-serverapp", "flower-superexec", "flower-superlink"]
+    assert served[-1]["pid"] == pids["superlink"]
+    stop = subprocess.run([sys.executable, "-m", "simulations.cli", "stop", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert stop.returncode == 0 and "nothing to stop" in stop.stdout, stop.stdout + stop.stderr
     print(f"deploy local: {loopback.seconds:.0f}s")
 
 
