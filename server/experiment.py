@@ -57,6 +57,14 @@ class Experiment:
         first = self.restore() + 1 if cfg.resume else 1
         t_rounds = time.perf_counter() - self.wall_before
         bar = _progress(cfg, first - 1)
+        with _log_above(bar):
+            self.rounds(grid, first, t_rounds, bar)
+        bar.close()
+        return self.finish(grid)
+
+    def rounds(self, grid: Grid, first: int, t_rounds: float, bar) -> None:
+        """Rounds ``first`` .. ``num-rounds``, each ending with its rows, checkpoint and log line."""
+        cfg = self.cfg
         for r in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             if self.privacy is not None and self.privacy.refuses(r):
@@ -76,8 +84,6 @@ class Experiment:
             log.info("round %d/%d: val NDCG@%d %s, %d/%d aggregated, %d rejected, %.0f kB down %.0f kB up, %.1fs",
                      r, cfg.num_rounds, cfg.eval_k, _fmt(row["val_ndcg"]), row["aggregated"], row["participants"],
                      row["rejected"], row["bytes_down"] / 1e3, row["bytes_up"] / 1e3, timing["round_s"])
-        bar.close()
-        return self.finish(grid)
 
     def train_round(self, grid: Grid, r: int) -> dict:
         """One round of training under the configured protocol; returns its metrics row so far."""
@@ -242,8 +248,26 @@ def _fmt(v) -> str:
 
 
 def _progress(cfg: ExperimentConfig, done: int):
+    """The rounds' progress bar: only with ``progress`` on *and* stderr a terminal.
+
+    ``disable=None`` is tqdm's "off when not a TTY": under `flwr run` or a deployment (whose
+    ServerApp's stderr is a log file or a pipe) a bar redrawn with carriage returns would garble
+    the log, whatever ``progress`` says.
+    """
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.num_rounds, desc=f"fedkd {cfg.experiment_name}", unit="round", disable=not cfg.progress,
-               leave=True)
+    bar = tqdm(total=cfg.num_rounds, desc=f"fedkd {cfg.experiment_name}", unit="round",
+               disable=None if cfg.progress else True, leave=True)
     bar.update(done)
     return bar
+
+
+def _log_above(bar):
+    """While the bar is shown, fedkd's log lines to the terminal go through ``tqdm.write``: the bar
+    is cleared, the line printed, the bar redrawn below it, so a log line never continues the
+    bar's line. run.log (a file handler) is left as it is."""
+    import contextlib
+
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm(loggers=[log], tqdm_class=type(bar))
