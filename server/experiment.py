@@ -200,6 +200,7 @@ class Experiment:
         }
         if self.cloud.refines:
             summary["teacher_cloud_val_ndcg_final"] = self.cloud.teacher_score()
+        summary.update(self.test_model(best_round, best_state))
         if best_state is not None:  # the chosen global student, for `fedkd export` and later analysis
             save_student(self.out, best_state, self.fleet.full_model)
         for step in self.end_of_run:  # measurements on the finished run (membership attack, ...)
@@ -209,6 +210,23 @@ class Experiment:
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", k, test["hr"], k, test["ndcg"],
                  best_round, self.out)
         return summary
+
+    def test_model(self, best_round: int, best_state) -> dict:
+        """What ``test_hr@k`` / ``test_ndcg@k`` score, in words, and the saved float32 student's own
+        scores (``test_*_float32``): the devices score the student as they receive it
+        (``down-bits``, 8 by default), while ``student.pt`` and ``fedkd export`` are float32."""
+        cfg, k, fleet = self.cfg, self.cfg.eval_k, self.fleet
+        if best_state is None:
+            return {"test_model": f"each device's own model at round {best_round} (protocol {cfg.protocol}: the "
+                                  "models stay on the devices), scored on the devices"}
+        mixed = any(fleet.width_of[n.partition_id] != cfg.student_dim for n in fleet.nodes)
+        saved = self.evaluator.saved_test(best_state)
+        return {"test_model": f"the global student of round {best_round} as the devices received it "
+                              f"({cfg.student_bits}-bit{', each device its width' if mixed else ''}), scored on "
+                              "the devices",
+                "test_model_float32": "the same student as saved in student.pt (float32, full width: what "
+                                      "`fedkd export` ships), scored by the server on the same users' test items",
+                f"test_hr@{k}_float32": saved["hr"], f"test_ndcg@{k}_float32": saved["ndcg"]}
 
     # ------------------------------------------------------------------ checkpoints
     def parts(self) -> dict:
