@@ -48,8 +48,8 @@ def _fleet_processes(state: Path) -> list[str]:
     return out
 
 
-def _deploy_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "deploy", "local", "--nodes", "3",
+def _deploy_cmd(tmp: Path, name: str, *extra: str, nodes: int = 3) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "deploy", "local", "--nodes", str(nodes),
             "--state-dir", str(tmp / "state"), "--experiment-name", name, "--output-dir", str(tmp / "out"),
             "--cache-dir", str(tmp / "cache-deploy"), "--timeout", "480", *TINY, *extra]
 
@@ -266,7 +266,7 @@ def test_deployment_and_simulation_give_the_same_model(loopback):
 
 @pytest.mark.slow
 def test_a_supernode_dying_mid_run_fails_the_deployment_and_stops_every_process(tmp_path):
-    proc = subprocess.Popen(_deploy_cmd(tmp_path, "dies"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_deploy_cmd(tmp_path, "dies", nodes=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -293,8 +293,8 @@ def test_a_run_the_serverapp_fails_exits_nonzero_and_stops_every_process(tmp_pat
     """A value that passes validation but fails in the ServerApp (a cache-dir it cannot create)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache")), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache"), nodes=2), cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "NotADirectoryError" in proc.stdout  # the ServerApp's traceback, streamed by `flwr run`
     assert "ended as finished:failed" in proc.stderr and "no summary.json written" in proc.stderr
