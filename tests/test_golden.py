@@ -25,7 +25,8 @@ GOLDEN = Path(__file__).with_name("golden")
 # summary.json keys that are results of the run (not wall times, paths or the teacher's cache state)
 PINNED_SUMMARY = ("best_round", "best_val_ndcg", "test_hr@10", "test_ndcg@10", "test_users",
                   "test_hr@10_full_width", "test_ndcg@10_full_width", "tiers", "clients_trained",
-                  "train_bytes_total", "rejected_total", "stragglers_total", "sim_time_s", "dp_epsilon", "mia_auc")
+                  "train_bytes_total", "rejected_total", "stragglers_total", "sim_time_s", "dp_epsilon", "mia_auc",
+                  "test_hr@10_float32", "test_ndcg@10_float32")
 
 
 def pinned(run: Path) -> tuple[str, str]:
