@@ -64,6 +64,37 @@ class Evaluator:
         CsvLog(self.out / per_client).extend(res["rows"])
         return res
 
+    def saved_test(self, state) -> dict:
+        """Test HR/NDCG of ``state`` exactly as saved: float32, full width (``student.pt``, what
+        ``fedkd export`` ships), on the test item of every user of the fleet's devices.
+
+        Why the server scores it: the devices score the model they are sent, which is quantised
+        to ``down-bits`` (8 by default), so the devices' test score is not the saved model's.
+        A device decodes the student at the run's fixed bit width, so the float32 model cannot
+        be sent to it for scoring; the server builds the same per-user test items
+        (``fedkd.samples.eval_set``, as each device does from its partition) from its own copy of
+        the data, as the membership attack does. In a deployment whose devices hold other data
+        than the server's data-path, this is the score on the server's copy.
+        """
+        import numpy as np
+
+        from fedkd.local import set_state
+        from fedkd.metrics import evaluate_ranking
+        from fedkd.models import build_model
+        from fedkd.population import population
+        from fedkd.samples import eval_set
+
+        pop = population(self.cfg)
+        users = np.concatenate([pop.clients[n.partition_id] for n in sorted(self.fleet.nodes,
+                                                                            key=lambda n: n.partition_id)])
+        model = build_model(self.fleet.full_model, seed=None)
+        set_state(model, state)
+        res = evaluate_ranking(model, eval_set(pop.dataset.sequences, users, "test", self.cfg.max_len),
+                               k=self.cfg.eval_k)
+        n = int(res.n)
+        return {"hr": float(res.per_user_hr.sum()) / max(n, 1), "ndcg": float(res.per_user_ndcg.sum()) / max(n, 1),
+                "n": n}
+
     def evaluate(self, grid, state, splits: tuple[str, ...], r: int, *, full_width: bool = False,
                  nodes: list[Node] | None = None) -> dict:
         """Every client scores the model it would run: its own width's slice of ``state`` (the

@@ -59,6 +59,14 @@ class Experiment:
         t_rounds = time.perf_counter() - self.wall_before
         bar = _progress(cfg, first - 1)
         self.rounds_run = first - 1
+        with _log_above(bar):
+            self.rounds(grid, first, t_rounds, bar)
+        bar.close()
+        return self.finish(grid)
+
+    def rounds(self, grid: Grid, first: int, t_rounds: float, bar) -> None:
+        """Rounds ``first`` .. ``num-rounds`` (or to a stop), each ending with its rows, checkpoint and log line."""
+        cfg = self.cfg
         for r in range(first, cfg.num_rounds + 1):
             t0 = time.perf_counter()
             if self.privacy is not None and self.privacy.refuses(r):
@@ -89,8 +97,6 @@ class Experiment:
                          f"{cfg.stop_patience} validations without a better model" if ev.plateaued
                          else f"validation NDCG@{cfg.eval_k} reached {cfg.target_ndcg}")
                 break
-        bar.close()
-        return self.finish(grid)
 
     def train_round(self, grid: Grid, r: int) -> dict:
         """One round of training under the configured protocol; returns its metrics row so far."""
@@ -221,6 +227,7 @@ class Experiment:
             summary["target"] = {"val_ndcg": cfg.target_ndcg, **(ev.target or {"round": None})}
         if self.kd.gated_at is not None:
             summary["kd_gated_after_round"] = self.kd.gated_at
+        summary.update(self.test_model(best_round, best_state))
         if best_state is not None:  # the chosen global student, for `fedkd export` and later analysis
             save_student(self.out, best_state, self.fleet.full_model)
         for step in self.end_of_run:  # measurements on the finished run (membership attack, ...)
@@ -230,6 +237,23 @@ class Experiment:
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", k, test["hr"], k, test["ndcg"],
                  best_round, self.out)
         return summary
+
+    def test_model(self, best_round: int, best_state) -> dict:
+        """What ``test_hr@k`` / ``test_ndcg@k`` score, in words, and the saved float32 student's own
+        scores (``test_*_float32``): the devices score the student as they receive it
+        (``down-bits``, 8 by default), while ``student.pt`` and ``fedkd export`` are float32."""
+        cfg, k, fleet = self.cfg, self.cfg.eval_k, self.fleet
+        if best_state is None:
+            return {"test_model": f"each device's own model at round {best_round} (protocol {cfg.protocol}: the "
+                                  "models stay on the devices), scored on the devices"}
+        mixed = any(fleet.width_of[n.partition_id] != cfg.student_dim for n in fleet.nodes)
+        saved = self.evaluator.saved_test(best_state)
+        return {"test_model": f"the global student of round {best_round} as the devices received it "
+                              f"({cfg.student_bits}-bit{', each device its width' if mixed else ''}), scored on "
+                              "the devices",
+                "test_model_float32": "the same student as saved in student.pt (float32, full width: what "
+                                      "`fedkd export` ships), scored by the server on the same users' test items",
+                f"test_hr@{k}_float32": saved["hr"], f"test_ndcg@{k}_float32": saved["ndcg"]}
 
     # ------------------------------------------------------------------ checkpoints
     def parts(self) -> dict:
@@ -269,8 +293,26 @@ def _fmt(v) -> str:
 
 
 def _progress(cfg: ExperimentConfig, done: int):
+    """The rounds' progress bar: only with ``progress`` on *and* stderr a terminal.
+
+    ``disable=None`` is tqdm's "off when not a TTY": under `flwr run` or a deployment (whose
+    ServerApp's stderr is a log file or a pipe) a bar redrawn with carriage returns would garble
+    the log, whatever ``progress`` says.
+    """
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.num_rounds, desc=f"fedkd {cfg.experiment_name}", unit="round", disable=not cfg.progress,
-               leave=True)
+    bar = tqdm(total=cfg.num_rounds, desc=f"fedkd {cfg.experiment_name}", unit="round",
+               disable=None if cfg.progress else True, leave=True)
     bar.update(done)
     return bar
+
+
+def _log_above(bar):
+    """While the bar is shown, fedkd's log lines to the terminal go through ``tqdm.write``: the bar
+    is cleared, the line printed, the bar redrawn below it, so a log line never continues the
+    bar's line. run.log (a file handler) is left as it is."""
+    import contextlib
+
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    return logging_redirect_tqdm(loggers=[log], tqdm_class=type(bar))

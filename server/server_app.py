@@ -4,6 +4,7 @@ folder, run the rounds."""
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd import processes
 from fedkd.checks import check_experiment
 from fedkd.config import ExperimentConfig
 from fedkd.results import prepare_dir, write_json
@@ -36,7 +38,23 @@ def main(grid: Grid, context: Context) -> None:
             logging.getLogger("fedkd").info("previous results moved to %s", moved)
         write_json(out / "config.json", {"config": cfg.to_flat(), "python": sys.version.split()[0],
                                          "platform": platform.platform(), "versions": _versions()})
+    _record_flower_processes(out)
     Experiment(cfg, out).run(grid)
+
+
+def _record_flower_processes(out: Path) -> None:
+    """Under `flwr run` (or a deployment) write ``processes.json``: the Flower processes serving
+    this run, so that ``fedkd stop <results folder>`` can stop exactly them afterwards (Flower
+    leaves its local SuperLink running). Under ``fedkd run`` no Flower process is above the
+    ServerApp, nothing is left behind, and no file is written."""
+    me = [os.getpid()] if processes.flower_name(processes.command_line(os.getpid())) else []
+    chain = [e for pid in me + processes.flower_ancestors() if (e := processes.entry(pid)) is not None]
+    if not chain:
+        return
+    processes.write(out / processes.FILE, chain, note="the Flower processes that served this run (nearest "
+                    "first); `fedkd stop` on this folder stops them and what they started, by PID")
+    logging.getLogger("fedkd").info("Flower processes serving this run: %s; `fedkd stop %s` stops exactly these",
+                                    ", ".join(f"{e['name']} {e['pid']}" for e in chain), out)
 
 
 def _log_to(path: Path) -> None:

@@ -8,9 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, sweep
+from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, stop_cmd, sweep
 from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
                                  read_overrides)
+from simulations.runner import STARTUP_TIMEOUT_S
 
 __all__ = ["load_overrides", "main"]  # load_overrides: re-exported for sweep, baselines and older scripts
 
@@ -24,7 +25,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                     "written after every round; if the run is killed, the same command with "
                     "--resume continues after the last complete round and ends with the results "
                     "an uninterrupted run would have written.",
-        usage="fedkd run [--config FILE] [--num-cpus N] [--verbose] [--KEY VALUE ...]",
+        usage="fedkd run [--config FILE] [--num-cpus N] [--startup-timeout SECONDS] [--verbose] [--KEY VALUE ...]",
         formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides (flat kebab-case keys, as in simulations/*.toml); "
@@ -32,6 +33,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs the simulation engine may use (default: all).")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging.")
+    p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="SECONDS",
+                   help="Seconds the simulation engine may take to come up: to start Ray and its workers, "
+                        "and then to answer its first message (the teacher's training is not counted). "
+                        "Past it, or when the engine fails while starting, the run stops with a message "
+                        "and exit code 3 instead of hanging; 0 waits forever.")
     add_config_options(p.add_argument_group("experiment settings (also in [tool.flwr.app.config])"))
 
 
@@ -69,6 +75,7 @@ def build_parser() -> Parser:
     deploy.add_parser(sub)
     export_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
+    stop_cmd.add_parser(sub)
     sub.add_parser("calibrate", add_help=False,
                    help="Measure this machine's step and top-10 times per student width "
                         "(writes a calibration profile; `fedkd calibrate --help`).")
@@ -91,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             from simulations.runner import run_experiment  # Flower/Ray import only when needed
             _log_to_stderr()
             with blame(where):
-                out = run_experiment({**files, **typed}, num_cpus=args.num_cpus, verbose=args.verbose)
+                out = run_experiment({**files, **typed}, num_cpus=args.num_cpus, verbose=args.verbose,
+                                     startup_timeout=args.startup_timeout)
             print("\n".join(summary_lines(out)))
         elif args.command == "data":
             return data_cmd.main(args)
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_cmd.main(args)
         elif args.command == "audit":
             return audit_cmd.main(args)
+        elif args.command == "stop":
+            return stop_cmd.main(args)
     except ValueError as exc:
         print(f"fedkd: error: {exc}", file=sys.stderr)
         return 2

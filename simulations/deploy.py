@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedkd import processes
 from fedkd.config import ExperimentConfig, Scalar
 from simulations.options import (HelpFormatter, RawHelpFormatter, add_config_options, blame, config_values,
                                  read_overrides)
@@ -322,34 +323,8 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def _proc_stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state letter, start time) of a process, None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2:].split()
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    st = _proc_stat(pid)
-    return st is not None and st[1] not in ("Z", "X")
-
-
-def descendants(roots: Sequence[int]) -> set[int]:
-    """Every live process whose chain of parents reaches one of ``roots`` (from /proc)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := _proc_stat(int(d.name))) is not None:
-            parent[int(d.name)] = st[0]
-    out, frontier = set(), set(roots)
-    while frontier:
-        kids = {p for p, pp in parent.items() if pp in frontier and p not in out}
-        out |= kids
-        frontier = kids
-    return out
+# /proc helpers live in fedkd.processes (fedkd stop uses them too); the names stay importable here
+_proc_stat, alive, descendants = processes.proc_stat, processes.alive, processes.descendants
 
 
 def processes_with_marker(marker: str) -> set[int]:
@@ -443,7 +418,13 @@ class LocalFleet:
             self.seen.setdefault(pid, st[2])
 
     def _write_pids(self) -> None:
+        """``pids.json`` (name -> PID) and ``processes.json`` (with start times, for ``fedkd stop
+        STATE_DIR`` if this controller is killed before it can stop the fleet itself)."""
         (self.dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs.items()}, indent=1))
+        entries = [e for n, p in self.procs.items() if (e := processes.entry(p.pid, n)) is not None]
+        processes.write(self.dir / processes.FILE, entries,
+                        note="processes `fedkd deploy local` started; it stops them when it ends; if it was "
+                             "killed, `fedkd stop` on this folder stops them and what they started, by PID")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this fleet's SuperLink (killed with the fleet if interrupted)."""

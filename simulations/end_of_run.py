@@ -19,6 +19,11 @@ def summary_lines(out: Path) -> list[str]:
         lines.append(f"test HR@{k} {_num(s.get(f'test_hr@{k}'))}, NDCG@{k} {_num(s[f'test_ndcg@{k}'])} on "
                      f"{s.get('test_users', '?')} users: the model of round {s.get('best_round', '?')} "
                      f"(best validation NDCG@{k} {_num(s.get('best_val_ndcg'))})")
+    if "test_model" in s:  # which model that score is: the devices score the student as they receive it
+        lines.append(f"that is {s['test_model']}")
+    if f"test_ndcg@{k}_float32" in s:
+        lines.append(f"student.pt as saved (float32, what `fedkd export` ships): HR@{k} "
+                     f"{_num(s.get(f'test_hr@{k}_float32'))}, NDCG@{k} {_num(s[f'test_ndcg@{k}_float32'])}")
     if f"test_ndcg@{k}_full_width" in s:
         lines.append(f"test of the full-width student on every user: HR@{k} {_num(s.get(f'test_hr@{k}_full_width'))}, "
                      f"NDCG@{k} {_num(s[f'test_ndcg@{k}_full_width'])}")

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from fedkd.population import population
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("output-dir", "cache-dir", "data-path")
+STARTUP_TIMEOUT_S = 300.0  # `fedkd run --startup-timeout`: minutes on a loaded machine are normal, forever is not
+ENGINE_FAILED_EXIT = 3  # the exit code of a run whose simulation engine did not come up
 
 
 def overrides_toml(overrides: Mapping[str, Scalar]) -> str:
@@ -44,8 +49,13 @@ def resolve_overrides(overrides: Mapping[str, Scalar], *, base: Path | None = No
 
 
 def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = None,
-                   verbose: bool = False) -> Path:
-    """Run one experiment; return its results folder."""
+                   verbose: bool = False, startup_timeout: float = STARTUP_TIMEOUT_S) -> Path:
+    """Run one experiment; return its results folder.
+
+    ``startup_timeout`` (seconds, 0 = no limit) bounds how long the simulation engine may take
+    to come up (see :class:`EngineWatch`); an engine that does not come up, or fails while
+    starting, ends this process with exit code 3 and a message instead of a hang.
+    """
     overrides = resolve_overrides(overrides)
     if not sys.stderr.isatty():  # a bar redrawn with \r between log lines garbles a log file or pipe
         overrides["progress"] = False
@@ -86,12 +96,146 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
         from simulations.fast_dispatch import install
         install()
     logging.getLogger("fedkd").info("starting Flower simulation: %d clients on %d CPUs", num_clients, cpus)
-    _run_simulation(
-        num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        backend_name="ray", backend_config=backend, client_app_attr="clients.client_app:app",
-        server_app_attr="server.server_app:app", server_app_context=context, app_dir=str(APP_DIR),
-        run=run, verbose_logging=verbose, is_app=True)
     out = Path(cfg.output_dir) / cfg.experiment_name
+    with EngineWatch(startup_timeout, out) as watch:
+        try:
+            _run_simulation(
+                num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                backend_name="ray", backend_config=backend, client_app_attr="clients.client_app:app",
+                server_app_attr="server.server_app:app", server_app_context=context, app_dir=str(APP_DIR),
+                run=run, verbose_logging=verbose, is_app=True)
+        except Exception:
+            if watch.engine_error is not None:  # the ServerApp thread may wait for replies forever: exit
+                err = watch.engine_error
+                cause = f"{type(err).__name__}: {err}" + (f" <- {type(err.__cause__).__name__}: {err.__cause__}"
+                                                          if err.__cause__ is not None else "")
+                watch.fail(f"the simulation engine {'failed while starting' if watch.answered is None else 'crashed'}"
+                           f" ({cause})", started=watch.answered is not None)
+            raise
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without a summary in {out}; see {out / 'run.log'}")
     return out
+
+
+class EngineWatch:
+    """A watchdog on the simulation engine's start-up, so that an engine that never comes up
+    ends the run with a message and exit code 3 instead of a hang.
+
+    Why it is needed: Flower runs the ServerApp in a (non-daemon) thread and the engine in the
+    main thread. When Ray does not start (on a loaded machine it may miss its own 30 s), the
+    engine raises while the ServerApp waits, without a timeout, for its first replies; the
+    process then never exits. When Ray hangs instead, nothing happens at all.
+
+    The engine counts as up once a ClientApp has answered its first message. Two clocks, each
+    ``timeout`` seconds: from the start of the simulation until the engine's worker threads
+    start (Ray initialised and the ClientApp actors requested), and from the first message a
+    worker takes until the first reply (the actors' processes started and loaded the
+    ClientApp). The ServerApp's own start-up (the teacher, which may train for minutes) is on
+    neither clock. Hooks wrap ``vce_api.worker`` and ``vce.start_vce`` (flwr 1.41) for the
+    duration of one run and are removed afterwards.
+    """
+
+    def __init__(self, timeout: float, out: Path) -> None:
+        self.timeout, self.out = float(timeout), out
+        self.t0 = time.monotonic()
+        self.built: float | None = None     # the engine's first worker thread started
+        self.taken: float | None = None     # a worker took the first message
+        self.answered: float | None = None  # the first reply came back
+        self.engine_error: BaseException | None = None
+        self._done = threading.Event()
+        self._restore: list = []
+
+    def __enter__(self) -> EngineWatch:
+        from flwr.server.superlink.fleet import vce
+        from flwr.server.superlink.fleet.vce import vce_api
+
+        watch, worker, start_vce = self, vce_api.worker, vce.start_vce
+
+        def watched_worker(inbox, outbox, *args, **kwargs):
+            if watch.built is None:
+                watch.built = time.monotonic()
+            return worker(_Taking(inbox, watch), _Answering(outbox, watch), *args, **kwargs)
+
+        def watched_start_vce(*args, **kwargs):
+            try:
+                return start_vce(*args, **kwargs)
+            except BaseException as exc:
+                watch.engine_error = exc
+                raise
+
+        self._restore = [(vce_api, "worker", worker), (vce, "start_vce", start_vce)]
+        vce_api.worker, vce.start_vce = watched_worker, watched_start_vce
+        if self.timeout > 0:
+            threading.Thread(target=self._watch, name="fedkd-engine-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        for module, name, original in self._restore:
+            setattr(module, name, original)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.25):
+            if self.answered is not None:
+                return
+            now = time.monotonic()
+            if self.built is None and now - self.t0 > self.timeout:
+                self.fail(f"the simulation engine did not come up: Ray had not started its workers after "
+                          f"{self.timeout:.0f} s")
+            if self.taken is not None and now - self.taken > self.timeout:
+                self.fail(f"the simulation engine did not come up: no ClientApp answered its first message "
+                          f"within {self.timeout:.0f} s")
+
+    def fail(self, what: str, *, started: bool = False) -> None:
+        """Say what happened, stop the engine's processes, and end this process (exit code 3).
+
+        ``os._exit``: the ServerApp thread is blocked waiting for replies that will never come,
+        and a normal exit would wait for it forever.
+        """
+        if started:
+            msg = f"{what}. The rounds so far are in {self.out} (run.log; `--resume` continues after a checkpoint)"
+        else:
+            msg = (f"{what} (--startup-timeout {self.timeout:g}). The machine may be overloaded: run the "
+                   f"command again, give --startup-timeout more seconds (0 waits forever) or fewer --num-cpus. "
+                   f"Nothing was trained; the log so far is in {self.out / 'run.log'}")
+        logging.getLogger("fedkd").error("%s", msg)
+        print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
+        from fedkd.processes import descendants
+        for pid in descendants([os.getpid()]):  # Ray's GCS, raylet and workers: started by this process
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        sys.stdout.flush()
+        os._exit(ENGINE_FAILED_EXIT)
+
+
+class _Taking:
+    """The engine's inbox, noting when a worker first takes a message."""
+
+    def __init__(self, queue, watch: EngineWatch) -> None:
+        self.queue, self.watch = queue, watch
+
+    def get(self, *args, **kwargs):
+        msg = self.queue.get(*args, **kwargs)
+        if self.watch.taken is None:
+            self.watch.taken = time.monotonic()
+        return msg
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
+
+
+class _Answering:
+    """The engine's outbox, noting the first reply."""
+
+    def __init__(self, queue, watch: EngineWatch) -> None:
+        self.queue, self.watch = queue, watch
+
+    def put(self, *args, **kwargs):
+        if self.watch.answered is None:
+            self.watch.answered = time.monotonic()
+        return self.queue.put(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)

@@ -48,8 +48,8 @@ def _fleet_processes(state: Path) -> list[str]:
     return out
 
 
-def _deploy_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "deploy", "local", "--nodes", "3",
+def _deploy_cmd(tmp: Path, name: str, *extra: str, nodes: int = 3) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "deploy", "local", "--nodes", str(nodes),
             "--state-dir", str(tmp / "state"), "--experiment-name", name, "--output-dir", str(tmp / "out"),
             "--cache-dir", str(tmp / "cache-deploy"), "--timeout", "480", *TINY, *extra]
 
@@ -234,6 +234,17 @@ def test_deploy_local_three_supernodes_run_two_rounds_then_everything_stops(loop
     assert {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run"} <= set(pids)
     assert not [n for n, p in pids.items() if deploy.alive(p)]
     assert _fleet_processes(loopback.state) == []
+    # `fedkd stop` finds what to stop: the fleet's processes with their start times, and the
+    # Flower processes the ServerApp ran under (nearest first, up to the SuperLink of this fleet)
+    recorded = json.loads((loopback.state / "processes.json").read_text())["processes"]
+    assert {r["name"]: r["pid"] for r in recorded} == {n: p for n, p in pids.items() if n in {r["name"] for r in recorded}}
+    assert {"superlink", "supernode-0", "supernode-1", "supernode-2"} <= {r["name"] for r in recorded}
+    served = json.loads((out / "processes.json").read_text())["processes"]
+    assert [r["name"] for r in served] == ["flwr-serverapp", "flower-superexec", "flower-superlink"]
+    assert served[-1]["pid"] == pids["superlink"]
+    stop = subprocess.run([sys.executable, "-m", "simulations.cli", "stop", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert stop.returncode == 0 and "nothing to stop" in stop.stdout, stop.stdout + stop.stderr
     print(f"deploy local: {loopback.seconds:.0f}s")
 
 
@@ -257,7 +268,7 @@ def test_deployment_and_simulation_give_the_same_model(loopback):
 
 @pytest.mark.slow
 def test_a_supernode_dying_mid_run_fails_the_deployment_and_stops_every_process(tmp_path):
-    proc = subprocess.Popen(_deploy_cmd(tmp_path, "dies"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_deploy_cmd(tmp_path, "dies", nodes=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -284,8 +295,8 @@ def test_a_run_the_serverapp_fails_exits_nonzero_and_stops_every_process(tmp_pat
     """A value that passes validation but fails in the ServerApp (a cache-dir it cannot create)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache")), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache"), nodes=2), cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "NotADirectoryError" in proc.stdout  # the ServerApp's traceback, streamed by `flwr run`
     assert "ended as finished:failed" in proc.stderr and "no summary.json written" in proc.stderr

@@ -1,37 +1,51 @@
-"""A real Flower simulation (ServerApp + ClientApps on the Ray engine), 2 rounds, small fleet.
+"""Real Flower simulations (ServerApp + ClientApps on the Ray engine), 2 rounds, small fleet.
 
-Runs the CLI in a subprocess, as a user would, so Ray starts and stops cleanly per test.
+Runs the CLI in a subprocess, as a user would, so Ray starts and stops cleanly per run. Where
+a test needs a run that a golden case already is (the default experiment, the logit protocol),
+it reads that case's results folder (``golden``, tests/conftest.py) instead of running its own.
 """
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from e2e_runs import BASE, ROOT, Run, run_case
+
 pytestmark = pytest.mark.slow
 
 
+def _short_end(run: Run) -> None:
+    """A run ends with a few lines; the whole summary stays in summary.json."""
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) <= 15 and lines[-1].startswith(f"results: {run.out} "), run.stdout
+
+
 def _run(tmp_path: Path, name: str, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
-           "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
-           "--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2",
-           "--teacher-epochs", "2", "--progress", "false", *extra]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.strip().splitlines()  # a short end of run; the whole summary stays in summary.json
-    assert len(lines) <= 15 and lines[-1].startswith(f"results: {tmp_path / 'out' / name} "), proc.stdout
-    return tmp_path / "out" / name
+    """A run of its own: 50 synthetic users, 80 items, 2 rounds, plus ``extra`` options."""
+    flat = {**BASE, **dict(zip((a.removeprefix("--") for a in extra[::2]), extra[1::2]))}
+    run = run_case(name, tmp_path / "out", tmp_path / "cache", flat=flat)
+    _short_end(run)
+    return run.out
 
 
-def test_two_rounds_write_a_complete_results_folder(tmp_path):
-    out = _run(tmp_path, "e2e")
-    for name in ("config.json", "metrics.csv", "summary.json", "metrics_vs_round.png",
-                 "metrics_vs_bytes.png", "test_per_client.csv", "wire.jsonl", "run.log", "rejections.jsonl"):
+def test_two_rounds_write_a_complete_results_folder(golden, faults_rerun):
+    run = golden["default"]  # 50 synthetic users, 80 items, 2 rounds: this test's experiment
+    _short_end(run)
+    out = run.out
+    for name in ("config.json", "metrics.csv", "summary.json", "metrics_vs_round.png", "student.pt", "student.json",
+                 "metrics_vs_bytes.png", "test_per_client.csv", "wire.jsonl", "run.log", "rejections.jsonl",
+                 "timing.csv", "checkpoint.pt"):
         assert (out / name).is_file(), name
+    assert not (out / "processes.json").exists()  # `fedkd run` leaves no Flower process behind to record
+    # the README's results table names every file a default run writes
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| file | what it holds |"):readme.index("Running again moves the previous folder")]
+    assert [p.name for p in sorted(out.iterdir()) if f"`{p.name}`" not in table] == []
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
@@ -50,17 +64,28 @@ def test_two_rounds_write_a_complete_results_folder(tmp_path):
     assert summary["train_bytes_total"] == sum(int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows)
     per_client = list(csv.DictReader((out / "test_per_client.csv").open()))
     assert sorted(int(r["partition_id"]) for r in per_client) == list(range(40))
+    # which model the test score is: the 8-bit student the devices received; student.pt's own score beside it
+    assert summary["test_model"].startswith("the global student of round 2 as the devices received it (8-bit)")
+    assert "student.pt" in summary["test_model_float32"]
+    assert 0 < summary["test_ndcg@10_float32"] <= summary["test_hr@10_float32"] <= 1
+    assert abs(summary["test_ndcg@10_float32"] - summary["test_ndcg@10"]) < 0.1  # the same student, rounded
+    assert any(line.startswith("student.pt as saved (float32") for line in run.stdout.splitlines())
     # a second run reuses the cached teacher and moves the old results aside, never deleting them
-    out2 = _run(tmp_path, "e2e")
-    assert json.loads((out2 / "summary.json").read_text())["teacher"]["cached"] is True
-    assert len(list((tmp_path / "out").glob("e2e.old-*"))) == 1
+    # (faults_rerun: a run over a copy of an earlier run of its experiment, with the same cache)
+    again = faults_rerun.out
+    _short_end(faults_rerun)
+    assert json.loads((again / "summary.json").read_text())["teacher"]["cached"] is True
+    assert len(list(again.parent.glob(f"{again.name}.old-*"))) == 1
 
 
-def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(tmp_path):
+def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(golden):
     """Logit-only FD with teacher refinement: no model crosses the wire in either direction,
-    the devices' models persist between rounds in Flower's node state, and the teacher moves."""
-    out = _run(tmp_path, "fd", "--protocol", "logits", "--teacher-refine-steps", "20",
-               "--teacher-refine-lr", "0.01", "--num-rounds", "3")
+    the devices' models persist between rounds in Flower's node state, and the teacher moves.
+    The golden case logits-refine is this experiment (protocol logits, 20 refinement steps at
+    lr 0.01, 3 rounds)."""
+    run = golden["logits-refine"]
+    _short_end(run)
+    out = run.out
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protocol"] == "logits" and summary["rejected_total"] == 0
@@ -78,11 +103,16 @@ def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(tmp_path
     # the refined teacher changes: its cloud validation score is not frozen at the cached teacher's
     assert all(r["teacher_refine_loss"] != "" for r in rows)
     assert summary["teacher_cloud_val_ndcg_final"] != pytest.approx(summary["teacher"]["best_valid_ndcg"], abs=1e-9)
+    # no global student, so no student.pt and no float32 score: the test score is the devices' own models'
+    assert summary["test_model"].startswith("each device's own model at round") and "test_ndcg@10_float32" not in summary
+    assert not (out / "student.pt").exists()
 
 
 def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
     """A trace decides who is online each round; weak devices train a width-4 slice and fit
-    fewer steps under the deadline; simulated time adds up round by round."""
+    fewer steps under the deadline; simulated time adds up round by round. Aggregated with the
+    coordinate-wise trimmed mean, ring by ring of the nested widths (the robust aggregation
+    that test_reliability_e2e's faulty run, now the golden case, no longer uses)."""
     trace = tmp_path / "trace.csv"
     rows = ["client,tier,speed,memory_mb,uplink_kbps,downlink_kbps,availability,online_rounds"]
     for c in range(40):
@@ -91,7 +121,7 @@ def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
         rows.append(f"{c},{tier},{speed},{mem},500,5000,{0.0 if c == 1 else 1.0},{online}")
     trace.write_text("\n".join(rows) + "\n")
     out = _run(tmp_path, "mixed", "--device-trace", str(trace), "--student-widths", "4,16",
-               "--tier-steps", "16,16", "--round-deadline", "0.6", "--min-steps", "2")
+               "--tier-steps", "16,16", "--round-deadline", "0.6", "--min-steps", "2", "--aggregation", "trimmed-mean")
     metrics = list(csv.DictReader((out / "metrics.csv").open()))
     summary = json.loads((out / "summary.json").read_text())
     assert [int(r["online"]) for r in metrics] == [38, 39]  # client 0 joins in round 2, client 1 never
@@ -102,12 +132,16 @@ def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
     assert all(float(r["steps_max_weak"]) < float(r["steps_max_strong"]) == 16 for r in metrics)
     assert weak["aggregated"] + weak["stragglers"] == weak["participants"] == 19 + 20
     assert "test_ndcg@10_full_width" in summary and (out / "test_per_client_full_width.csv").is_file()
+    assert json.loads((out / "config.json").read_text())["config"]["aggregation"] == "trimmed-mean"
+    assert summary["test_model"].endswith("(8-bit, each device its width), scored on the devices")
 
 
-def test_a_finished_run_exports_its_student_for_devices(tmp_path):
+def test_a_finished_run_exports_its_student_for_devices(golden, tmp_path):
     """The chosen student is saved with the results and `fedkd export` turns it into an ONNX file
-    whose top-10 equals the PyTorch student's on the run's own users."""
-    out = _run(tmp_path, "exp", "--num-rounds", "1", "--kd-weight", "0")
+    whose top-10 equals the PyTorch student's on the run's own users. (A copy of the golden
+    default run: the export writes into the results folder.)"""
+    out = tmp_path / "exp"
+    shutil.copytree(golden["default"].out, out)
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "export", str(out)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -72,13 +72,18 @@ def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path):
     assert len({r["bytes_up"] for r in rows}) == 1
 
 
-def test_naive_soft_labels_are_float32_distributions_over_every_item(tmp_path):
-    out = _run(tmp_path, "naive", "--soft-label-format", "full", "--num-rounds", "1")
-    (row,) = _check_columns(out)
+def test_naive_soft_labels_are_float32_distributions_over_every_item(naive_labels_local_dp):
+    """(The shared run also has local DP on, for test_privacy_e2e: it changes the updates sent
+    up, not the labels sent down.)"""
+    out = naive_labels_local_dp.out
+    rows = _check_columns(out)
+    assert len(rows) == 2
     from fedkd.config import ExperimentConfig
     from fedkd.population import population
 
     cfg = ExperimentConfig.from_flat(json.loads((out / "config.json").read_text())["config"])
+    assert cfg.soft_label_format == "full"
     items = population(cfg).dataset.num_items
-    per_client = int(row["bytes_down_soft_labels"]) / int(row["participants"])
-    assert 64 * items * 4 <= per_client < 64 * items * 4 + 1000  # the array and its framing
+    for row in rows:  # the whole proxy batch every round: no cache for full distributions
+        per_client = int(row["bytes_down_soft_labels"]) / int(row["participants"])
+        assert 64 * items * 4 <= per_client < 64 * items * 4 + 1000  # the array and its framing

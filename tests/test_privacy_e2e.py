@@ -112,8 +112,10 @@ def test_central_dp_stops_at_the_budget_with_a_clear_message(tmp_path):
     assert summary["best_round"] in (1, 2)
 
 
-def test_local_dp_noises_every_update_on_the_device(tmp_path):
-    out = _run(tmp_path, "ldp", "--dp-mode", "local", "--dp-noise-multiplier", "0.5", "--dp-clip-norm", "0.5")
+def test_local_dp_noises_every_update_on_the_device(naive_labels_local_dp):
+    """dp-mode local, z = 0.5, C = 0.5, 2 rounds (the shared run also sends float32 soft labels,
+    for test_e2e_communication: they go down, the noised updates up)."""
+    out = naive_labels_local_dp.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["mode"] == "local" and summary["privacy"]["releases"] == 2  # every client, 2 rounds
     assert summary["dp_epsilon"] == pytest.approx(epsilon_for(0.5, 1.0, 2, 1e-5))

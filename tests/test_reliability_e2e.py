@@ -3,7 +3,9 @@ the same seed gives the same metrics.csv, and a run killed with SIGKILL resumes 
 metrics.csv of an uninterrupted run.
 
 Each run goes through the CLI in a subprocess (its own Ray instance, in its own process
-group so that a SIGKILL takes Ray's processes down with it).
+group so that a SIGKILL takes Ray's processes down with it). The uninterrupted faulty run is
+the golden case faults-norm-bound (tests/conftest.py), and the same-seed rerun is shared with
+test_e2e (``faults_rerun``).
 """
 
 import csv
@@ -17,47 +19,37 @@ from pathlib import Path
 
 import pytest
 
+from e2e_runs import BASE, CASES, ROOT, cli_args, run_case
 from fedkd.config import ExperimentConfig
 from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 # 40 clients, 3 rounds; 20% crash, 15% corrupt replies (seed 0 draws every kind), one malicious client,
-# robust aggregation on.
-FAULTY = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 3, "teacher-epochs": 2,
-          "fault-crash": 0.2, "fault-corrupt": 0.15, "fault-malicious": "3", "aggregation": "trimmed-mean",
-          "norm-bound": 3.0, "progress": False}
+# its update bounded by norm (3x the round's median). The golden case of that name.
+NAME = "faults-norm-bound"
+FAULTY = {**BASE, **CASES[NAME]}
 
 
-def _cmd(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name, "--output-dir", str(out),
-            "--cache-dir", str(cache)]
-    for k, v in flat.items():
-        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return args + list(extra)
+def _cmd(out: Path, cache: Path, name: str, flat: dict) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name, "--output-dir", str(out),
+            "--cache-dir", str(cache), *cli_args(flat)]
 
 
-def _run(out: Path, cache: Path, name: str, flat: dict, *extra: str) -> Path:
-    proc = subprocess.Popen(_cmd(out, cache, name, flat, *extra), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _run(out: Path, cache: Path, name: str, flat: dict) -> Path:
     try:  # minutes on a busy 2-core machine, well under one when idle
-        _, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # with its Ray processes (a Ray that fails to start hangs)
-        _, err = proc.communicate()
-        pytest.fail(f"run {name} timed out: {err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return out / name
+        return run_case(name, out, cache, flat=flat).out
+    except RuntimeError as exc:  # timed out (its process group killed: a Ray that fails to start hangs) or failed
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")  # the teacher is trained once for the module
+def cache(golden) -> Path:
+    return golden.cache  # the teacher of the golden runs (the faulty run's own)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache) -> Path:
-    return _run(tmp_path_factory.mktemp("ref"), cache, "faulty", FAULTY)
+def reference(golden) -> Path:
+    return golden[NAME].out
 
 
 def _rejections(out: Path) -> list[dict]:
@@ -95,8 +87,8 @@ def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(
     assert res["messages"] == 120 and not res["missing"] and not res["unplanned"]
 
 
-def test_the_same_seed_gives_an_identical_metrics_csv(reference, tmp_path, cache):
-    again = _run(tmp_path, cache, "faulty", FAULTY)
+def test_the_same_seed_gives_an_identical_metrics_csv(reference, faults_rerun):
+    again = faults_rerun.out
     assert (again / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert _reasons(again) == _reasons(reference)
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, again))
@@ -104,7 +96,7 @@ def test_the_same_seed_gives_an_identical_metrics_csv(reference, tmp_path, cache
 
 
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, tmp_path, cache):
-    name = "faulty"
+    name = NAME
     proc = subprocess.Popen(_cmd(tmp_path, cache, name, FAULTY), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     timing = tmp_path / name / "timing.csv"
@@ -120,7 +112,7 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, 
         proc.wait()
     killed_rows = (tmp_path / name / "metrics.csv").read_text().count("\n") - 1
     assert 2 <= killed_rows <= 3 and not (tmp_path / name / "summary.json").exists()
-    out = _run(tmp_path, cache, name, FAULTY, "--resume")
+    out = _run(tmp_path, cache, name, {**FAULTY, "resume": True})
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert _reasons(out) == _reasons(reference)  # each rejection once, none lost or repeated
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))

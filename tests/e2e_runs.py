@@ -1,0 +1,67 @@
+"""Real runs through the CLI, shared by the end-to-end tests (see conftest.py).
+
+Every ``fedkd run`` in a test costs a Python start, Flower's imports and a Ray start: tens of
+seconds on 2 cores, for runs whose rounds take a few. So the golden cases (tests/test_golden.py)
+are the runs most end-to-end tests inspect: a test that needs "a finished default run" or "a
+run of the logit protocol" reads the golden case's results folder instead of running its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-epochs": 2, "progress": False}
+CASES: dict[str, dict] = {
+    "default": {},
+    "nested-deadline": {"student-widths": "4,16", "tier-memory-mb": "0.03,1", "tier-speed": "0.1,1",
+                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2},
+    "secagg": {"secure-aggregation": True, "clients-per-round": 10},
+    "logits-refine": {"protocol": "logits", "teacher-refine-steps": 20, "teacher-refine-lr": 0.01,
+                      "num-rounds": 3},
+    "faults-norm-bound": {"fault-crash": 0.2, "fault-corrupt": 0.15, "fault-malicious": "3", "norm-bound": 3.0,
+                          "num-rounds": 3},
+    "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 1.0, "dp-clip-norm": 0.5,
+                   "clients-per-round": 10, "num-rounds": 3},
+}
+
+
+@dataclass
+class Run:
+    """A finished run: its results folder and what the command printed."""
+
+    out: Path
+    stdout: str
+    stderr: str
+
+
+def cli_args(flat: dict) -> list[str]:
+    """Flat config keys as `fedkd run` options."""
+    args = []
+    for k, v in flat.items():
+        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return args
+
+
+def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, timeout: float = 900) -> Run:
+    """One experiment through the CLI, as a user runs it, in its own process group so that a
+    hang can be killed with its Ray processes. ``flat`` defaults to the golden case ``name``."""
+    flat = {**BASE, **CASES[name]} if flat is None else flat
+    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
+           "--output-dir", str(out), "--cache-dir", str(cache), *cli_args(flat)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:  # minutes on a busy 2-core machine, well under one when idle
+        stdout, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise RuntimeError(f"run {name} timed out: {err[-3000:]}") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {name} failed: {err[-4000:]}")
+    return Run(out / name, stdout, err)
