@@ -35,6 +35,12 @@ the sidecar, whose embedded facts differ, or whose graph does not answer a probe
 exactly ``num_items`` rankable items: a device learns it got the wrong tensors at load
 time, not from silently wrong recommendations.
 
+Compression: ``export_onnx(precision=...)`` stores weights at fp32, fp16, bf16 or int8 and,
+by default, stores zeros as bit masks (``fedkd.onnx_storage``), so a student pruned by
+``fedkd.prune`` (and recovered by ``fedkd.recover``; ``fedkd.compress`` composes them) is a
+smaller file with the same graph signature. The sidecar's ``storage`` lists how each rewritten
+tensor is kept; ``fedkd export`` adds ``compression`` (what was pruned, recovered, on which data).
+
 Loading is light: this module imports only the standard library and numpy at the top.
 The ONNX path of :class:`Recommender` needs onnxruntime + numpy; the TorchScript path needs
 ``torch.jit.load``; neither imports fedkd.train, fedkd.models or Flower. Exporting needs
@@ -55,8 +61,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXPORT_SCHEMA", "PRECISIONS", "Recommender", "export_onnx", "export_torchscript", "read_sidecar", "sha256_file",
-           "sidecar_path", "topk_module"]
+__all__ = ["EXPORT_SCHEMA", "PRECISIONS", "Recommender", "export_onnx", "export_torchscript", "read_sidecar",
+           "sha256_file", "sidecar_path", "topk_module"]
 
 EXPORT_SCHEMA = 1  # bump when the graph signature or the sidecar's meaning changes
 _META_KEY = "fedkd_export"  # key of the embedded metadata (ONNX metadata_props / TorchScript extra file)

@@ -156,7 +156,10 @@ def _rebuild(b: _Builder, values: str, layout: str, mask: np.ndarray, shape: tup
              out: str, hint: str) -> None:
     """``out`` = the full tensor from the kept ``values`` (already in ``dtype``) and the mask."""
     onoff = _unpack(b, mask, hint)
-    idx = onoff if layout == "uniform" else b.node("Mul", [b.node("CumSum", [onoff, b.const("axis0", np.array(0, np.int32))]), onoff])
+    if layout == "uniform":  # one stored value: the mask itself indexes [0, value]
+        idx = onoff
+    else:  # k-th kept unit -> k (1-based), a dropped one -> 0, the prepended zero
+        idx = b.node("Mul", [b.node("CumSum", [onoff, b.const("axis0", np.array(0, np.int32))]), onoff])
     if layout in ("elements", "uniform"):
         table = b.node("Concat", [_zeros_like_unit(b, dtype, (1,)), values], axis=0)  # (nnz + 1,)
         b.node("Reshape", [b.node("Gather", [table, idx], axis=0), b.const("shape_" + "x".join(map(str, shape)),
@@ -182,14 +185,15 @@ def _kept(a: np.ndarray, layout: str, mask: np.ndarray) -> np.ndarray:
 def encode_zeros(proto) -> dict[str, dict]:
     """Store every initializer (but those an earlier pass made) in its cheapest zero layout;
     returns what was done per tensor: ``{name: {layout, dtype, bytes_before, bytes_after}}``."""
+    from onnx import numpy_helper
+
     b = _Builder(proto)
     done = {}
-    for name in [t.name for t in proto.graph.initializer]:
+    for t in list(proto.graph.initializer):
+        name = t.name
         if name.startswith(MADE):
             continue
-        from onnx import numpy_helper
-
-        a = numpy_helper.to_array(_initializers(proto)[name])
+        a = numpy_helper.to_array(t)
         if a.size < 64 or a.dtype.kind not in "fiu" or a.dtype.itemsize > 8:
             continue
         layout, mask, nbytes = _layout(a)

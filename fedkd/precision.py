@@ -1,8 +1,9 @@
 """What storing a student at a lower precision does to its weights, as a differentiable stand-in.
 
 :func:`stored` rounds a weight as the exporter stores it (``fedkd.onnx_storage``): fp16 and
-bf16 by a cast, int8 symmetrically, with one scale per item row for the item table and one
-per tensor for every other matrix (onnxruntime's ``quantize_dynamic``, QInt8). int8 also
+bf16 by a cast; int8 as the int8 file stores it: the item table symmetrically with one scale
+per item row, every Linear weight symmetrically with one scale per tensor and the position
+table as uint8 over its range (onnxruntime's ``quantize_dynamic``, QInt8 weights). int8 also
 quantises activations: onnxruntime's dynamic quantisation maps the input of each MatMul to
 uint8 with a per-tensor range of the batch at hand, which :func:`fake_precision` mimics on the
 inputs of the Linear layers.

@@ -127,7 +127,8 @@ def main(args: argparse.Namespace) -> int:
 def _print_record(record: dict) -> None:
     if record["prune"]:
         p = record["prune"]
-        print(f"pruned {p['kind']}: {p['pruned']:,} of {p['total']:,} ({p['achieved']:.1%}, asked {p['requested']:.1%})")
+        print(f"pruned {p['kind']}: {p['pruned']:,} of {p['total']:,} ({p['achieved']:.1%}, "
+              f"asked {p['requested']:.1%})")
     r = record["recovery"]
     if r:
         print(f"recovered {r['steps']} steps ({r['loss']}, T={r['temperature']:g}, {r['precision_aware']}-aware) on "
