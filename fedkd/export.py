@@ -35,6 +35,12 @@ the sidecar, whose embedded facts differ, or whose graph does not answer a probe
 exactly ``num_items`` rankable items: a device learns it got the wrong tensors at load
 time, not from silently wrong recommendations.
 
+Compression: ``export_onnx(precision=...)`` stores weights at fp32, fp16, bf16 or int8 and,
+by default, stores zeros as bit masks (``fedkd.onnx_storage``), so a student pruned by
+``fedkd.prune`` (and recovered by ``fedkd.recover``; ``fedkd.compress`` composes them) is a
+smaller file with the same graph signature. The sidecar's ``storage`` lists how each rewritten
+tensor is kept; ``fedkd export`` adds ``compression`` (what was pruned, recovered, on which data).
+
 Loading is light: this module imports only the standard library and numpy at the top.
 The ONNX path of :class:`Recommender` needs onnxruntime + numpy; the TorchScript path needs
 ``torch.jit.load``; neither imports fedkd.train, fedkd.models or Flower. Exporting needs
@@ -56,8 +62,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXPORT_SCHEMA", "Recommender", "export_onnx", "export_torchscript", "read_sidecar", "sha256_file",
-           "sidecar_path", "topk_module"]
+__all__ = ["EXPORT_SCHEMA", "PRECISIONS", "Recommender", "export_onnx", "export_torchscript", "read_sidecar",
+           "sha256_file", "sidecar_path", "topk_module"]
 
 EXPORT_SCHEMA = 1  # bump when the graph signature or the sidecar's meaning changes
 _META_KEY = "fedkd_export"  # key of the embedded metadata (ONNX metadata_props / TorchScript extra file)
@@ -231,85 +237,117 @@ def export_torchscript(model: Any, path: str | os.PathLike, *, max_len: int | No
     return _write_sidecar(path, shape, "torchscript", "fp32", {"torch": torch.__version__})
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
 def export_onnx(model: Any, path: str | os.PathLike, *, max_len: int | None = None, int8: bool = False,
-                config: Any = None) -> dict[str, Any]:
+                precision: str | None = None, compact: bool = True, config: Any = None,
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` as an ONNX file (``.onnx``) plus its sidecar; return the sidecar.
 
     Uses the TorchScript-based exporter (``dynamo=False``): the dynamo exporter needs the
     ``onnxscript`` package, which fedkd does not depend on. Opset :data:`ONNX_OPSET`, a
     dynamic batch axis and a dynamic ``seen`` width; the window is fixed at ``max_len``.
 
-    ``int8=True`` stores every weight as int8, in two steps; only the int8 file is kept:
+    ``precision`` (``int8=True`` is ``precision="int8"``) is how the weights are stored:
 
-    1. the item table, which is most of the student and is read twice (the history lookup
-       and the tied output layer), is stored once as int8 with one scale per item and
-       dequantised in the graph (:func:`_int8_item_table`). Left to ``quantize_dynamic``
-       it would be stored twice (an int8 copy for the Gather, a transposed one for the
-       Gemm) under one scale for the whole table;
-    2. ``onnxruntime.quantization.quantize_dynamic`` (QInt8) quantises the remaining
-       MatMul/Gemm/Gather weights (the transformer), activations quantised on the fly.
+    * ``fp32``: as trained;
+    * ``fp16`` / ``bf16``: 16-bit initializers cast to float32 in the graph, computed in
+      float32 (why: ``fedkd.onnx_storage``);
+    * ``int8``: the item table, which is most of the student and is read twice (the history
+      lookup and the tied output layer), once as int8 with one fp16 scale per item
+      (``fedkd.onnx_storage.int8_item_table``); then ``onnxruntime.quantization.quantize_dynamic``
+      (QInt8) quantises the remaining MatMul/Gather weights, activations quantised on the fly.
+
+    ``compact`` (default) stores zeros as bit masks and shortens value names
+    (``fedkd.onnx_storage``): lossless, and what makes a pruned student (``fedkd.prune``) a
+    smaller file. ``compact=False`` with fp32 writes the exporter's file as it comes.
+    ``extra`` is merged into the sidecar (``fedkd export`` records its compression there).
     """
     import onnx
     import torch
 
-    path, module, cfg, max_len, shape = _prepare(model, config, path, max_len, ".onnx", "ONNX")
+    from fedkd import onnx_storage
+
+    precision = _check_precision(precision, int8)
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"ONNX files end in .onnx, got {path.name}")
+    module, cfg = _as_model(model, config)
+    max_len = _check_max_len(max_len, cfg)
+    shape = _shape_meta(cfg, max_len)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fp32_path = path.with_name(path.stem + ".fp32-tmp.onnx") if int8 else path
-    with _eval_mode(module):
+    tmp_path = path.with_name(path.stem + ".tmp.onnx")
+    was_training = module.training
+    module.eval()
+    try:
         hist, seen = _example(cfg, max_len)
         with warnings.catch_warnings():
             # the legacy exporter announces its own deprecation and traces tuple unpacking
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                topk_module(module), (hist, seen, torch.tensor(10, dtype=torch.int64)), str(fp32_path),
+                topk_module(module), (hist, seen, torch.tensor(10, dtype=torch.int64)), str(tmp_path),
                 dynamo=False, opset_version=ONNX_OPSET, input_names=["history", "seen", "k"],
                 output_names=["scores", "ids"], do_constant_folding=True,
                 dynamic_axes={"history": {0: "batch"}, "seen": {0: "batch", 1: "num_seen"},
                               "scores": {0: "batch", 1: "k"}, "ids": {0: "batch", 1: "k"}})
-    extra = {"torch": torch.__version__, "onnx_opset": ONNX_OPSET}
-    if int8:
-        import onnxruntime
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quant_log = logging.getLogger()  # quantize_dynamic advises pre-processing through the root logger
-        level = quant_log.level
-        quant_log.setLevel(logging.ERROR)
-        try:
-            proto = onnx.load(str(fp32_path))
-            _int8_item_table(proto, "model.item_emb.weight")
-            quantize_dynamic(proto, path, weight_type=QuantType.QInt8)
-        finally:
-            quant_log.setLevel(level)
-            fp32_path.unlink(missing_ok=True)
-        extra["onnxruntime_quantization"] = onnxruntime.__version__
-    proto = onnx.load(str(path))
+    finally:
+        module.train(was_training)
+    extra = {"torch": torch.__version__, "onnx_opset": ONNX_OPSET, **(extra or {})}
+    try:
+        proto = onnx.load(str(tmp_path))
+        storage: dict[str, dict] = {}
+        if compact or precision != "fp32":
+            onnx_storage.constants_to_initializers(proto)
+        if precision in ("fp16", "bf16"):
+            storage.update(onnx_storage.store_precision(proto, precision))
+        elif precision == "int8":
+            storage.update(onnx_storage.int8_item_table(proto, "model.item_emb.weight"))
+            proto = _quantize_dynamic(proto, tmp_path)
+            extra["onnxruntime_quantization"] = _ort_version()
+        if compact:
+            storage.update(onnx_storage.encode_zeros(proto))
+            onnx_storage.minify_names(proto)
+            extra["storage"] = {k: v for k, v in storage.items() if v["layout"] != "dense" or v["dtype"] != "float32"}
+    finally:
+        tmp_path.unlink(missing_ok=True)
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = _META_KEY, json.dumps(shape)
     proto.producer_name = "fedkd.export"
     onnx.save(proto, str(path))
-    return _write_sidecar(path, shape, "onnx", "int8" if int8 else "fp32", extra)
+    return _write_sidecar(path, shape, "onnx", precision, extra)
 
 
-def _int8_item_table(proto: Any, name: str) -> None:
-    """Replace the fp32 initializer ``name`` (an ``(N + 1, D)`` table) by an int8 copy with a
-    symmetric per-row scale and a ``DequantizeLinear`` node that recreates ``name`` in the
-    graph, so every consumer keeps working and the file holds the table once, at 1 byte a
-    value. An all-zero row (the padding id's, at init) gets scale 1 and stays exactly zero."""
-    from onnx import helper, numpy_helper
+def _check_precision(precision: str | None, int8: bool) -> str:
+    if precision is None:
+        return "int8" if int8 else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if int8 and precision != "int8":
+        raise ValueError(f"int8=True contradicts precision={precision!r}")
+    return precision
 
-    inits = {t.name: t for t in proto.graph.initializer}
-    if name not in inits:
-        raise ValueError(f"ONNX graph has no initializer {name!r} to quantise")
-    table = numpy_helper.to_array(inits[name]).astype(np.float32)  # (N + 1, D)
-    peak = np.abs(table).max(axis=1)  # (N + 1,)
-    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
-    proto.graph.initializer.remove(inits[name])
-    proto.graph.initializer.extend([numpy_helper.from_array(q, name + "_int8"),
-                                    numpy_helper.from_array(scale, name + "_scale")])  # zero point: 0
-    proto.graph.node.insert(0, helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
-                                                name=name + "/dequantize", axis=0))
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _quantize_dynamic(proto: Any, tmp_path: Path) -> Any:
+    """onnxruntime's dynamic int8 quantisation of ``proto`` (its MatMul and Gather weights)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quant_log = logging.getLogger()  # quantize_dynamic advises pre-processing through the root logger
+    level = quant_log.level
+    quant_log.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(proto, tmp_path, weight_type=QuantType.QInt8)
+    finally:
+        quant_log.setLevel(level)
+    return onnx.load(str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ scheduling or evaluation logic: one batch in, one optimiser step, the loss out.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedkd.metrics import EvalSetLike, evaluate_ranking
+
+log = logging.getLogger("fedkd")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (per step, from lr down to 0 over `epochs`)
     warmup_epochs: float = 0.0  # linear warm-up from 0 over this many epochs (cosine or constant after)
     min_epochs: int = 0  # never stop early before this many epochs
+    # Mixed precision: bf16 autocast of forward and loss on a CUDA device (weights, optimiser
+    # state and gradients stay fp32). Ignored, with a warning, on a CPU. bf16 and not fp16:
+    # the models' finite masks (finfo(float32).min) overflow fp16 to -inf, and an all-padding
+    # attention row would turn into NaN; bf16 has float32's range and needs no loss scaling.
+    amp: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -73,7 +81,7 @@ class TrainResult:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor, target: torch.Tensor, *,
                kd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, kd_weight: float = 0.0,
-               temperature: float = 1.0, clip_norm: float | None = None) -> float:
+               temperature: float = 1.0, clip_norm: float | None = None, amp: bool = False) -> float:
     """One optimiser step on next-item cross-entropy, plus optional distillation.
 
     The KD term is scaled by ``T**2`` so its gradients keep the CE term's magnitude as the
@@ -87,6 +95,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor,
     kd : (kd_hist (P, L), kd_ids (P, k) int64, kd_probs (P, k) float32) teacher soft labels.
     clip_norm : clip the gradient's global norm to this before stepping (None = no clipping);
         federated clients use it so that a large local learning rate cannot blow a step up.
+    amp : bf16 autocast of the forward pass and the loss (callers pass it on CUDA only; see
+        ``TrainConfig.amp``).
 
     Returns
     -------
@@ -94,18 +104,28 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, hist: torch.Tensor,
     """
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(hist), target)  # model(hist): (B, N + 1)
-    if kd is not None and kd_weight > 0:
-        from fedkd.distill import kd_loss  # lazy: distillation is optional for central training
+    with torch.autocast(hist.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = F.cross_entropy(model(hist), target)  # model(hist): (B, N + 1)
+        if kd is not None and kd_weight > 0:
+            from fedkd.distill import kd_loss  # lazy: distillation is optional for central training
 
-        kd_hist, kd_ids, kd_probs = kd
-        loss = loss + kd_weight * temperature ** 2 * kd_loss(model(kd_hist), kd_ids, kd_probs,
-                                                             temperature=temperature)
+            kd_hist, kd_ids, kd_probs = kd
+            loss = loss + kd_weight * temperature ** 2 * kd_loss(model(kd_hist), kd_ids, kd_probs,
+                                                                 temperature=temperature)
     loss.backward()
     if clip_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
     opt.step()
     return float(loss.detach())
+
+
+def use_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether ``cfg.amp`` applies on ``device``: on a GPU only; on a CPU it says so and trains fp32
+    (CPU autocast runs bf16 matmuls through slow paths and buys no memory a CPU lacks)."""
+    if cfg.amp and device.type != "cuda":
+        log.warning("amp (bf16 mixed precision) needs a CUDA GPU; this teacher trains on %s in float32", device)
+        return False
+    return cfg.amp
 
 
 def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,6 +155,7 @@ def train_central(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid:
     best_state, best_epoch, best_ndcg, bad = _cpu_copy(model), 0, -np.inf, 0
     start = time.perf_counter()
     scheduled = cfg.lr_schedule != "constant" or cfg.warmup_epochs > 0
+    amp = use_amp(cfg, device)
     steps_per_epoch, step = -(-S // cfg.batch_size), 0
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -148,7 +169,8 @@ def train_central(model: nn.Module, train: tuple[np.ndarray, np.ndarray], valid:
                     for group in opt.param_groups:
                         group["lr"] = cfg.lr * lr_factor(cfg, step, steps_per_epoch)
                     step += 1
-                total += len(idx) * train_step(model, opt, hist_all[idx].to(device), target_all[idx].to(device))
+                total += len(idx) * train_step(model, opt, hist_all[idx].to(device), target_all[idx].to(device),
+                                               amp=amp)
             train_seconds = time.perf_counter() - t0
             res = evaluate_ranking(model, valid, k=10)
             record = {"epoch": epoch, "loss": total / S, "valid_hr": res.hr, "valid_ndcg": res.ndcg,

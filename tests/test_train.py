@@ -199,3 +199,31 @@ def test_corrupt_teacher_cache_is_retrained(tmp_path):
     assert info["cached"] is False
     _, again = teacher.load_or_train(MODEL, FAST, "fp", train, valid, cache_dir=tmp_path)  # rewritten, readable
     assert again["cached"] is True
+
+
+def test_amp_on_a_cpu_warns_and_trains_exactly_as_fp32(caplog):
+    """Mixed precision is GPU-only: on a CPU it says so and changes nothing, bit for bit."""
+    _, train, valid, _ = TASK
+    a = train_central(build_model(MODEL, seed=0), train, valid, replace(FAST, epochs=1))
+    with caplog.at_level("WARNING", logger="fedkd"):
+        b = train_central(build_model(MODEL, seed=0), train, valid, replace(FAST, epochs=1, amp=True))
+    assert any("needs a CUDA GPU" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
+def test_amp_default_leaves_cached_teachers_valid():
+    """A teacher cached before `amp` existed keeps its key; one trained with amp gets another."""
+    base = teacher.teacher_cache_key(MODEL, FAST, "abc")
+    assert "amp" not in teacher._train_key(FAST)
+    assert base != teacher.teacher_cache_key(MODEL, replace(FAST, amp=True), "abc")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast is exercised on a CUDA GPU only")
+def test_amp_on_a_gpu_trains_to_a_comparable_model():
+    _, train, valid, test = TASK
+    res = {}
+    for amp in (False, True):
+        model = build_model(MODEL, seed=0).cuda()
+        train_central(model, train, valid, replace(FAST, epochs=10, amp=amp))
+        res[amp] = evaluate_ranking(model, test, k=10).hr
+    assert res[True] >= res[False] - 0.1, res
