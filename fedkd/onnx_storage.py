@@ -10,12 +10,14 @@ in memory, and a request costs what it cost before.
 Passes, applied by :func:`store` in this order:
 
 1. **precision** (``fp16`` / ``bf16``): float initializers stored at 16 bits and cast back to
-   float32 in the graph, so onnxruntime computes in float32 as before. Why a cast, not an
-   fp16 graph: onnxconverter-common (the usual float16 converter) is not installed here, and
-   onnxruntime's CPU provider has few fp16 and no bf16 kernels for MatMul, LayerNormalization
-   or TopK, so a 16-bit graph would either fail or be cast back op by op; what a phone saves
-   is the download and the flash, which the 16-bit storage gives. A tensor with values
-   outside fp16's range (the ``finfo.min / 2`` padding scores) stays float32.
+   float32 in the graph, so onnxruntime computes in float32 as before. Why a cast, not a
+   16-bit graph: onnxconverter-common (the usual float16 converter) is not installed here;
+   an fp16 graph would overflow the models' finite masks and floor scores
+   (``finfo(float32).min``) to ``-inf``, and all-padding attention rows to NaN; onnxruntime
+   1.32's CPU provider has no bf16 kernel for MatMul, Gemm, Add, Erf, Softmax or TopK
+   (checked: the session is refused), while it runs Cast from bf16; and what a phone saves is
+   the download and the flash, which 16-bit storage gives. A tensor with values outside
+   fp16's range (the ``finfo.min / 2`` padding scores) stays float32.
    ``int8``: the item table as int8 with one fp16 scale per row (:func:`int8_item_table`),
    the rest through onnxruntime's ``quantize_dynamic`` (done by ``fedkd.export``).
 2. **zeros** (:func:`encode_zeros`): a tensor whose zeros form whole rows (pruned items),
