@@ -174,19 +174,14 @@ class Experiment:
     def validate_round(self, grid: Grid, r: int) -> dict:
         """Validation columns (every eval-every rounds, the last, and test-rounds), and the extra tests."""
         cfg, row = self.cfg, {"val_hr": "", "val_ndcg": "", "eval_bytes": 0}
-        if self.kd.varies:
-            row["kd_weight"] = self.kd.weight(r)
-        if r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds:
+        validated = r % cfg.eval_every == 0 or r == cfg.num_rounds or r in cfg.extra_test_rounds
+        if validated:
             with self.profile.timed("validate_s"):
                 ev = self.evaluator.validate(grid, self.protocol.state, r)
             row.update(val_hr=ev["hr"], val_ndcg=ev["ndcg"], eval_bytes=ev["bytes"])
-            if cfg.val_smoothing > 1:
-                row["val_ndcg_smoothed"] = ev["smoothed"]
-            row.update(self.kd.observe(r, self.protocol.state))
-        elif cfg.val_smoothing > 1:
-            row["val_ndcg_smoothed"] = ""
-        if cfg.kd_schedule == "gate" and cfg.kd_weight > 0 and row["val_ndcg"] == "":
-            row.update(student_cloud_val_ndcg="", teacher_cloud_val_ndcg="")
+        if cfg.val_smoothing > 1:
+            row["val_ndcg_smoothed"] = ev["smoothed"] if validated else ""
+        row.update(self.kd.observe(r, self.protocol.state if validated else None))
         if self.cloud.refines:
             row["teacher_cloud_val_ndcg"] = self.cloud.teacher_score() if row["val_ndcg"] != "" else ""
         if r in cfg.extra_test_rounds and r != cfg.num_rounds:

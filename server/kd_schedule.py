@@ -50,9 +50,14 @@ class KDSchedule:
         return 0.0 if self.gated_at is not None and r > self.gated_at else base  # gate
 
     def observe(self, r: int, state: dict | None) -> dict:
-        """After round ``r``'s validation: the gate's comparison (metrics columns; none otherwise)."""
+        """Round ``r``'s metrics columns: the weight when it varies and, with the gate, the
+        comparison that may close it (``state`` is the validated student; None in a round
+        without validation, whose gate columns stay empty)."""
+        cols = {"kd_weight": self.weight(r)} if self.varies else {}
         if self.cfg.kd_schedule != "gate" or self.cfg.kd_weight == 0:
-            return {}
+            return cols
+        if state is None:
+            return {**cols, "student_cloud_val_ndcg": "", "teacher_cloud_val_ndcg": ""}
         if self.teacher_val is None or self.cloud.refines:  # a refined teacher moves
             self.teacher_val = self.cloud.teacher_score()
         set_state(self.student, state)
@@ -62,7 +67,7 @@ class KDSchedule:
             log.info("kd gate: after round %d the student passes the teacher on the cloud users' validation "
                      "(NDCG@%d %.4f > %.4f); distillation off from round %d", r, self.cfg.eval_k, student_val,
                      self.teacher_val, r + 1)
-        return {"student_cloud_val_ndcg": student_val, "teacher_cloud_val_ndcg": self.teacher_val}
+        return {**cols, "student_cloud_val_ndcg": student_val, "teacher_cloud_val_ndcg": self.teacher_val}
 
     def state_dict(self) -> dict:
         return {"gated_at": self.gated_at, "teacher_val": self.teacher_val}

@@ -87,7 +87,9 @@ def test_gate_closes_for_good_once_the_student_passes_the_teacher(monkeypatch):
         cols = kd.observe(r, {})
     assert weights == [1.0, 1.0, 1.0, 0.0]  # round 3's validation passed 0.30: off from round 4
     assert kd.gated_at == 3 and kd.weight(50) == 0.0  # the dip in round 4 does not reopen it
-    assert cols == {"student_cloud_val_ndcg": 0.20, "teacher_cloud_val_ndcg": 0.30}
+    assert cols == {"kd_weight": 0.0, "student_cloud_val_ndcg": 0.20, "teacher_cloud_val_ndcg": 0.30}
+    assert kd.observe(5, None) == {"kd_weight": 0.0, "student_cloud_val_ndcg": "", "teacher_cloud_val_ndcg": ""}
+    assert KDSchedule(cfg(), cloud).observe(1, {}) == {}  # constant: no columns, metrics.csv as before
     again = KDSchedule(cfg(**{"kd-schedule": "gate"}), cloud)
     again.load_state_dict(kd.state_dict())
     assert again.weight(4) == 0.0 and again.weight(3) == 1.0
