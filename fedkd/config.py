@@ -102,6 +102,10 @@ class ExperimentConfig:
     server_beta_1: float = _opt(0.9, "fedadam, fedyogi: first-moment decay (Flower's beta_1).")
     server_beta_2: float = _opt(0.99, "fedadam, fedyogi: second-moment decay (Flower's beta_2).")
     server_tau: float = _opt(0.001, "fedadam, fedyogi, fedadagrad: adaptivity tau (Flower's tau).")
+    server_lr_schedule: str = _opt("constant", "Server learning rate over the run: constant | cosine (from "
+                                               "server-lr in round 1 to server-lr x server-lr-final in the "
+                                               "last) | step (x server-lr-final from the second half on).")
+    server_lr_final: float = _opt(0.1, "server-lr-schedule cosine or step: the final factor on server-lr.")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
@@ -423,6 +427,12 @@ def _validate(c: ExperimentConfig) -> None:
         v = getattr(c, name)
         _check(0 <= v < 1, name.replace("_", "-"), v, "a number in [0, 1)")
     _check(math.isfinite(c.server_tau) and c.server_tau > 0, "server-tau", c.server_tau, "a finite number > 0")
+    _check(c.server_lr_schedule in {"constant", "cosine", "step"}, "server-lr-schedule", c.server_lr_schedule,
+           "constant, cosine or step")
+    _check(math.isfinite(c.server_lr_final) and 0 <= c.server_lr_final <= 1, "server-lr-final",
+           c.server_lr_final, "a number in [0, 1]")
+    _check(c.server_lr_schedule == "constant" or c.protocol == "params", "server-lr-schedule",
+           c.server_lr_schedule, f"constant with protocol = {c.protocol} (it scales the server optimizer's step)")
     _check(c.server_optimizer == "fedavg" or c.protocol == "params", "server-optimizer", c.server_optimizer,
            f"fedavg with protocol = {c.protocol} (a server optimizer steps the global student's parameters)")
     _check(c.kd_schedule in {"constant", "linear", "exp", "gate"}, "kd-schedule", c.kd_schedule,

@@ -28,6 +28,7 @@ from fedkd import streams
 from fedkd.aggregate import apply_update, combine
 from fedkd.nested import embed, sub_layout
 from fedkd.privacy import PrivacyAccountant, noisy_mean, private_sum
+from fedkd.server_opt import lr_scale
 from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.streams import Stream
 from server.replies import Upload
@@ -157,16 +158,41 @@ class CentralDP:
 
 
 class FedAvgStep:
-    """The plain server step: ``state + server_lr * mean update`` (FedAvg at server-lr 1)."""
+    """The plain server step: ``state + server_lr * mean update`` (FedAvg at server-lr 1), in
+    float32 as before the server optimizers existed, so those runs stay byte-identical."""
 
     def __init__(self, server_lr: float) -> None:
         self.server_lr = server_lr
 
-    def step(self, state: dict, update: dict) -> dict:
-        return apply_update(state, update, self.server_lr)
+    def step(self, state: dict, update: dict, *, server_round: int | None = None, scale: float = 1.0) -> dict:
+        return apply_update(state, update, self.server_lr * scale)
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class ServerStep:
+    """The server optimizer of :mod:`fedkd.server_opt` (or :class:`FedAvgStep`) with its learning
+    rate following ``server-lr-schedule`` over the run's rounds."""
+
+    def __init__(self, optimizer, *, schedule: str = "constant", num_rounds: int = 1, final: float = 1.0) -> None:
+        self.optimizer, self.schedule, self.num_rounds, self.final = optimizer, schedule, num_rounds, final
+
+    def scale(self, r: int) -> float:
+        return lr_scale(self.schedule, r, num_rounds=self.num_rounds, final=self.final)
+
+    def step(self, state: dict, update: dict, r: int) -> dict:
+        return self.optimizer.step(state, update, server_round=r, scale=self.scale(r))
+
+    def columns(self, r: int) -> dict:
+        """Round ``r``'s metrics column: the factor on server-lr, when it varies."""
+        return {} if self.schedule == "constant" else {"server_lr_scale": self.scale(r)}
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

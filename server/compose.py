@@ -17,7 +17,7 @@ from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
 from fedkd.privacy import accountant_for
 from fedkd.server_opt import make_server_optimizer
-from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, WeightedMean
+from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, ServerStep, WeightedMean
 from server.attacks import membership_step
 from server.cloud import Cloud
 from server.evaluation import Evaluator
@@ -69,16 +69,18 @@ def make_server_step(cfg):
 
     ``fedavg`` keeps :class:`FedAvgStep` (float32 arithmetic, so runs from before the server
     optimizers existed stay byte-identical); the others are :mod:`fedkd.server_opt`, with
-    Flower's parameter names.
+    Flower's parameter names. Either follows ``server-lr-schedule`` over the rounds.
     """
     if cfg.server_optimizer == "fedavg":
-        return FedAvgStep(cfg.server_lr)
+        return ServerStep(FedAvgStep(cfg.server_lr), schedule=cfg.server_lr_schedule, num_rounds=cfg.num_rounds,
+                          final=cfg.server_lr_final)
     params = {"fedavgm": {"server_learning_rate": cfg.server_lr, "server_momentum": cfg.server_momentum},
               "fedadam": {"eta": cfg.server_lr, "beta_1": cfg.server_beta_1, "beta_2": cfg.server_beta_2,
                           "tau": cfg.server_tau},
               "fedadagrad": {"eta": cfg.server_lr, "tau": cfg.server_tau}}
     params["fedyogi"] = params["fedadam"]
-    return make_server_optimizer(cfg.server_optimizer, **params[cfg.server_optimizer])
+    return ServerStep(make_server_optimizer(cfg.server_optimizer, **params[cfg.server_optimizer]),
+                      schedule=cfg.server_lr_schedule, num_rounds=cfg.num_rounds, final=cfg.server_lr_final)
 
 
 def make_aggregator(cfg, exp, fleet: Fleet, accountant):

@@ -55,7 +55,7 @@ from fedkd.population import population
 from fedkd.proxy import build_proxy_set, decode_proxy, encode_proxy, round_rows, soft_labels
 from fedkd.samples import eval_set, train_samples
 from fedkd.schedule import select
-from fedkd.server_opt import make_server_optimizer
+from fedkd.server_opt import LR_SCHEDULES, lr_scale, make_server_optimizer
 from fedkd.teacher import load_or_train
 from simulations.cli import load_overrides
 
@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
             losses.append(res.mean_loss)
         mean_update, _ = combine(entries, full)
         # the landed server applies the update to its unquantised state; so do we
-        state = opt.step(state, mean_update, server_round=r)
+        scale = lr_scale(args.server_lr_schedule, r, num_rounds=args.rounds, final=args.server_lr_final)
+        state = opt.step(state, mean_update, server_round=r, scale=scale)
         row = {"round": r, "kd_weight": kd_w, "train_loss": float(np.nanmean(losses)),
                "round_s": time.perf_counter() - t0}
         if r % args.eval_every == 0 or r == args.rounds:
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> dict:
     set_state(model, best[2])
     te = evaluate_ranking(model, test, k=cfg.eval_k)
     vals = [c["val_ndcg"] for c in curve if "val_ndcg" in c]
-    out = {"tag": args.tag, "argv": args.argv, "server_opt": opt.name, "server_params": opt.params, "rounds_run": curve[-1]["round"],
+    out = {"tag": args.tag, "argv": args.argv, "server_opt": opt.name, "server_params": opt.params,
+           "server_lr_schedule": args.server_lr_schedule, "server_lr_final": args.server_lr_final, "rounds_run": curve[-1]["round"],
            "cloud_fraction": cfg.cloud_fraction, "seed": cfg.seed, "clients_per_round": cfg.clients_per_round,
            "local_lr": cfg.local_lr, "tier_steps": cfg.tier_steps, "kd_weight": cfg.kd_weight,
            "kd_schedule": args.kd_schedule, "kd_temperature": cfg.kd_temperature,
@@ -258,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-param", action="append", metavar="NAME=VALUE",
                    help="Server optimizer parameter (Flower's names: eta, beta_1, beta_2, tau, "
                         "server_learning_rate, server_momentum).")
+    p.add_argument("--server-lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="Factor on the server step over --rounds (fedkd.server_opt.lr_scale).")
+    p.add_argument("--server-lr-final", type=float, default=0.1, help="The schedule's final factor.")
     p.add_argument("--kd-schedule", choices=KD_SCHEDULES, default="constant")
     p.add_argument("--kd-decay-rounds", type=int, default=50)
     p.add_argument("--kd-decay", type=float, default=0.97)

@@ -24,14 +24,15 @@ def cfg(**kw) -> ExperimentConfig:
 
 # --- server optimizer -------------------------------------------------------------------
 def test_server_step_follows_the_config_with_flowers_names():
-    assert isinstance(make_server_step(cfg()), FedAvgStep)  # byte-identical to the runs before optimizers
+    # byte-identical to the runs before optimizers
+    assert isinstance(make_server_step(cfg()).optimizer, FedAvgStep)
     yogi = make_server_step(cfg(**{"server-optimizer": "fedyogi", "server-lr": 0.1, "server-beta-2": 0.9,
-                                   "server-tau": 0.01}))
+                                   "server-tau": 0.01})).optimizer
     assert isinstance(yogi, FedYogi)
     assert yogi.params == {"eta": 0.1, "eta_l": 0.0316, "beta_1": 0.9, "beta_2": 0.9, "tau": 0.01}
-    m = make_server_step(cfg(**{"server-optimizer": "fedavgm", "server-lr": 0.5, "server-momentum": 0.9}))
+    m = make_server_step(cfg(**{"server-optimizer": "fedavgm", "server-lr": 0.5, "server-momentum": 0.9})).optimizer
     assert isinstance(m, FedAvgM) and m.params == {"server_learning_rate": 0.5, "server_momentum": 0.9}
-    assert isinstance(make_server_step(cfg(**{"server-optimizer": "fedadagrad"})), FedAdagrad)
+    assert isinstance(make_server_step(cfg(**{"server-optimizer": "fedadagrad"})).optimizer, FedAdagrad)
 
 
 def test_a_configured_optimizer_steps_by_hand():
@@ -39,11 +40,36 @@ def test_a_configured_optimizer_steps_by_hand():
     opt = make_server_step(cfg(**{"server-optimizer": "fedadagrad", "server-lr": 0.1, "server-tau": 0.5}))
     x = {"w": np.array([1.0, 2.0], dtype=np.float32)}
     d1, d2 = {"w": np.array([0.5, -1.0], np.float32)}, {"w": np.array([0.5, 1.0], np.float32)}
-    x1 = opt.step(x, d1)
+    x1 = opt.step(x, d1, 1)
     np.testing.assert_allclose(x1["w"], [1 + 0.1 * 0.5 / (0.5 + 0.5), 2 + 0.1 * -1 / (1 + 0.5)], atol=1e-6)
-    x2 = opt.step(x1, d2)
+    x2 = opt.step(x1, d2, 2)
     v = np.array([0.5, 2.0])
     np.testing.assert_allclose(x2["w"], x1["w"] + 0.1 * np.array([0.5, 1.0]) / (np.sqrt(v) + 0.5), atol=1e-6)
+    assert opt.columns(2) == {}  # a constant learning rate adds no column
+
+
+def test_server_learning_rate_schedule_by_hand():
+    """Cosine over 5 rounds to 0.1 of server-lr: FedAvg at server-lr 0.5 takes steps 0.5 x scale."""
+    step = make_server_step(cfg(**{"server-lr": 0.5, "num-rounds": 5, "server-lr-schedule": "cosine",
+                                   "server-lr-final": 0.1}))
+    scales = [step.scale(r) for r in range(1, 6)]
+    want = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (r - 1) / 4)) for r in range(1, 6)]
+    np.testing.assert_allclose(scales, want)
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.1)
+    x, d = {"w": np.zeros(2, np.float32)}, {"w": np.ones(2, np.float32)}
+    for r in range(1, 6):
+        x = step.step(x, d, r)
+    np.testing.assert_allclose(x["w"], 0.5 * sum(want), rtol=1e-6)
+    assert step.columns(3) == {"server_lr_scale": pytest.approx(0.55)}
+    # step: full rate for the first half, the final factor after; FedYogi's eta is scaled the same way
+    yogi = make_server_step(cfg(**{"server-optimizer": "fedyogi", "server-lr": 0.1, "num-rounds": 4,
+                                   "server-lr-schedule": "step", "server-lr-final": 0.2}))
+    assert [yogi.scale(r) for r in (1, 2, 3, 4)] == [1.0, 1.0, 0.2, 0.2]
+    ref = make_server_step(cfg(**{"server-optimizer": "fedyogi", "server-lr": 0.02}))
+    x0 = {"w": np.array([1.0, -1.0], np.float32)}
+    for r in (1, 2):
+        yogi.step(x0, d, r), ref.step(x0, d, r)  # same moments
+    np.testing.assert_allclose(yogi.step(x0, d, 3)["w"], ref.step(x0, d, 3)["w"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("kw, key", [
@@ -52,6 +78,9 @@ def test_a_configured_optimizer_steps_by_hand():
     ({"server-beta-1": 1.0}, "server-beta-1"),
     ({"server-tau": 0.0}, "server-tau"),
     ({"kd-schedule": "cosine"}, "kd-schedule"),
+    ({"server-lr-schedule": "linear"}, "server-lr-schedule"),
+    ({"server-lr-final": 1.5}, "server-lr-final"),
+    ({"server-lr-schedule": "cosine", "protocol": "logits"}, "server-lr-schedule"),
     ({"kd-schedule": "gate", "protocol": "local"}, "kd-schedule"),
     ({"kd-schedule": "linear", "protocol": "logits"}, "kd-schedule"),
     ({"val-clients": 10, "protocol": "logits"}, "val-clients"),

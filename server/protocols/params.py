@@ -52,7 +52,8 @@ class ParamsProtocol(Protocol):
         fleet_view = self._ensemble(uploads, batch) if self.cloud.refines and uploads else None
         agg = self.aggregator(uploads, r)
         if agg.update is not None:
-            self.state = self.server_step.step(self.state, agg.update)
+            self.state = self.server_step.step(self.state, agg.update, r)
+        cols.update(self.server_step.columns(r))
         cols["norm_bounded"] = agg.bounded if uploads else 0
         if self.cloud.refines:
             cols["teacher_refine_loss"] = self.cloud.refine(batch, fleet_view, r) if fleet_view is not None else ""
