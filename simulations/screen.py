@@ -48,7 +48,8 @@ from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_state, encode_update, layout_of
 from fedkd.config import ExperimentConfig
 from fedkd.edge import client_data
-from fedkd.local import get_state, local_train, set_state
+from fedkd.fleet import distill
+from fedkd.local import ProxyBatch, get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.population import population
@@ -140,6 +141,21 @@ def run(args: argparse.Namespace) -> dict:
     steps_of = [cfg.tiers[d.tier][2] for d in data]
     opt = make_server_optimizer(args.server_opt, **parse_params(args.server_param or []))
     quant = not args.no_quant
+    warm = {}
+    if args.warm_start_steps:  # the server pre-trains the student before round 1 (cloud data only)
+        t_w = time.perf_counter()
+        sl = soft_labels(teacher, proxy, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+        private = train_samples([seqs[u][:-2] for u in cloud], cfg.max_len) if args.warm_start_private else None
+        torch.manual_seed(cfg.seed)
+        loss = distill(model, torch.optim.Adam(model.parameters(), lr=cfg.server_distill_lr),
+                       ProxyBatch(proxy, sl.ids, sl.probs), steps=args.warm_start_steps,
+                       kd_batch_size=cfg.kd_batch_size, temperature=cfg.kd_temperature,
+                       rng=np.random.default_rng([cfg.seed, 21]), private=private)
+        state = get_state(model)
+        warm = {"warm_loss": loss, "warm_val_ndcg10": evaluate_ranking(model, valid, k=cfg.eval_k).ndcg,
+                "warm_s": time.perf_counter() - t_w}
+        print(f"warm start: {args.warm_start_steps} steps, loss {loss:.3f}, edge val {warm['warm_val_ndcg10']:.4f}, "
+              f"{warm['warm_s']:.0f}s", flush=True)
 
     curve, best = [], (-1.0, 0, state)
     gated, target_round = False, None
@@ -228,6 +244,7 @@ def run(args: argparse.Namespace) -> dict:
            "target": args.target, "target_round": target_round,
            "teacher_edge_val_ndcg10": t_val, "teacher_edge_test_ndcg10": t_test,
            "teacher_cloud_val_ndcg10": tinfo["best_valid_ndcg"], "val_users": int(len(val_users)),
+           "warm_start_steps": args.warm_start_steps, "warm_start_private": args.warm_start_private, **warm,
            "wall_s": time.perf_counter() - t_start}
     print(json.dumps(out), flush=True)
     with (Path(args.out_dir) / "screen.jsonl").open("a") as f:
@@ -263,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="Factor on the server step over --rounds (fedkd.server_opt.lr_scale).")
     p.add_argument("--server-lr-final", type=float, default=0.1, help="The schedule's final factor.")
+    p.add_argument("--warm-start-steps", type=int, default=0,
+                   help="Before round 1 the server distils the teacher into the student on the proxy set.")
+    p.add_argument("--warm-start-private", action="store_true",
+                   help="The warm start also fits the cloud users' own training samples (CE).")
     p.add_argument("--kd-schedule", choices=KD_SCHEDULES, default="constant")
     p.add_argument("--kd-decay-rounds", type=int, default=50)
     p.add_argument("--kd-decay", type=float, default=0.97)
