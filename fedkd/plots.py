@@ -11,7 +11,10 @@ matplotlib.use("Agg")  # headless machines and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str) -> list[Path]:
+def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str,
+             references: dict[str, float] | None = None) -> list[Path]:
+    """Validation NDCG and HR against round and against megabytes; ``references`` (e.g. the
+    teacher's and popularity's validation NDCG on the same users) become dashed lines."""
     rows = [r for r in rows if r.get("val_ndcg") not in ("", None)]
     if not rows:
         return []
@@ -23,6 +26,8 @@ def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str) -> list
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(x, [r["val_ndcg"] for r in rows], marker="o", label=f"NDCG@{k}")
         ax.plot(x, [r["val_hr"] for r in rows], marker="s", label=f"HR@{k}")
+        for (name, value), color in zip((references or {}).items(), ("tab:red", "tab:gray", "tab:purple")):
+            ax.axhline(value, linestyle="--", color=color, label=f"{name} NDCG@{k}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation (full ranking, history masked)")
         ax.set_title(title)

@@ -24,6 +24,7 @@ from server.evaluation import Evaluator
 from server.fleet import Fleet
 from server.kd_schedule import KDSchedule
 from server.privacy import PrivacyBudget
+from server.references import reference_step
 from server.protocols import make_protocol
 from server.sampling import FixedSizeSampler, PoissonSampler
 
@@ -61,7 +62,9 @@ def compose(exp, grid: Grid) -> None:
                                  kd=exp.kd)
     initial = None if cfg.stateful_clients else get_state(exp.student)
     exp.evaluator = Evaluator(cfg, fleet, exp.transport, exp.out, initial_state=initial)
-    exp.end_of_run = [membership_step(cfg, exp.out)] if cfg.membership_attack else []
+    exp.end_of_run = [reference_step(cfg, cloud.teacher)]
+    if cfg.membership_attack:
+        exp.end_of_run.append(membership_step(cfg, exp.out))
 
 
 def make_server_step(cfg):

@@ -228,7 +228,8 @@ class Experiment:
         for step in self.end_of_run:  # measurements on the finished run (membership attack, ...)
             summary.update(step(best_state))
         write_json(self.out / "summary.json", summary)
-        plot_run(rows, self.out, k=k, title=cfg.experiment_name)
+        plot_run(rows, self.out, k=k, title=cfg.experiment_name,
+                 references={name: ref["val_ndcg"] for name, ref in summary.get("references", {}).items()})
         log.info("test HR@%d %.4f NDCG@%d %.4f (model of round %d); results in %s", k, test["hr"], k, test["ndcg"],
                  best_round, self.out)
         return summary

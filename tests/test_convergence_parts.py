@@ -217,3 +217,30 @@ def test_target_records_the_first_round_that_reaches_it():
     run(ev, 4)
     assert ev.target == {"round": 3}
     assert Scripted([0.1], **{}).target is None
+
+
+# --- reference scores at the end of a run ------------------------------------------------------
+def test_reference_scores_are_the_teacher_and_popularity_on_the_edge_users():
+    """The teacher entry scores the given model on the edge users' items; without a teacher
+    (kd-weight 0) there is only popularity, which is the same either way."""
+    import torch
+
+    from fedkd.metrics import evaluate_ranking
+    from fedkd.models import build_model
+    from fedkd.population import population
+    from fedkd.samples import eval_set
+    from server.references import reference_step
+
+    c = cfg(**{"synthetic-users": 40, "synthetic-items": 60})
+    pop = population(c)
+    teacher = build_model(c.teacher_model(pop.dataset.num_items), seed=3)
+    with_teacher = reference_step(c, teacher)(None)["references"]
+    alone = reference_step(c, None)(None)["references"]
+    assert set(with_teacher) == {"teacher", "popularity"} and set(alone) == {"popularity"}
+    assert with_teacher["popularity"] == alone["popularity"]
+    edge = sorted(int(u) for cl in pop.clients for u in cl)
+    assert len(edge) == 32 and not set(edge) & {int(u) for u in pop.cloud_users}
+    with torch.no_grad():
+        want = evaluate_ranking(teacher, eval_set(pop.dataset.sequences, edge, "test", c.max_len), k=10)
+    assert with_teacher["teacher"]["test_ndcg"] == pytest.approx(want.ndcg)
+    assert with_teacher["teacher"]["val_ndcg"] != with_teacher["teacher"]["test_ndcg"]

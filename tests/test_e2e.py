@@ -59,6 +59,12 @@ def test_two_rounds_write_a_complete_results_folder(golden, faults_rerun):
         assert 0.0 <= float(r["val_ndcg"]) <= float(r["val_hr"]) <= 1.0
     assert summary["test_users"] == 40
     assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40  # from the ServerApp
+    # the reference lines of the plot: teacher and popularity on the same edge users
+    refs = summary["references"]
+    assert set(refs) == {"teacher", "popularity"}
+    for ref in refs.values():
+        assert 0.0 < ref["val_ndcg"] <= ref["val_hr"] <= 1.0 and 0.0 < ref["test_ndcg"] <= ref["test_hr"] <= 1.0
+    assert refs["teacher"] != refs["popularity"]
     assert (out / "rejections.jsonl").read_text() == ""
     assert summary["teacher"]["cached"] is False
     assert summary["train_bytes_total"] == sum(int(r["bytes_down"]) + int(r["bytes_up"]) for r in rows)
