@@ -159,6 +159,11 @@ class ExperimentConfig:
     kd_batch_size: int = _opt(32, "Proxy samples per local step.")
     proxy_size: int = _opt(2048, "Public proxy set: prefixes drawn from cloud users' training histories.")
     proxy_batch: int = _opt(64, "Proxy samples (with soft labels) sent to each client per round.")
+    warm_start_steps: int = _opt(0, "Before round 1 the server distils the teacher into the global student for "
+                                    "this many Adam steps (server-distill-lr, kd-batch-size) on the proxy set: "
+                                    "no messages, cloud data only (0 = off; params protocol).")
+    warm_start_cloud: bool = _opt(False, "The warm start also fits the cloud users' own training samples "
+                                         "(next-item CE, teacher-batch-size per step), as the teacher did.")
     # --- wire -------------------------------------------------------------------------
     quant_bits: int = _opt(8, "Bits per value of the student (down) and updates (up): 2, 4, 8 or 32 (identity).")
     quant_stochastic: bool = _opt(True, "Stochastic (unbiased) rounding of uploads; downloads round to nearest.")
@@ -294,7 +299,7 @@ class ExperimentConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        if self.teacher_refine_steps > 0:
+        if self.teacher_refine_steps > 0 or self.warm_start_steps > 0:
             return True
         if self.kd_weight == 0:
             return False
@@ -441,6 +446,11 @@ def _validate(c: ExperimentConfig) -> None:
            f"constant with protocol = {c.protocol} (the schedule weighs the teacher's soft labels in local training)")
     _check(c.kd_schedule != "gate" or c.protocol == "params", "kd-schedule", c.kd_schedule,
            f"not gate with protocol = {c.protocol} (the gate scores the global student on the cloud users)")
+    _check(c.warm_start_steps >= 0, "warm-start-steps", c.warm_start_steps, "an integer >= 0")
+    _check(c.warm_start_steps == 0 or c.protocol == "params", "warm-start-steps", c.warm_start_steps,
+           f"0 with protocol = {c.protocol} (the warm start trains the global student before round 1)")
+    _check(not c.warm_start_cloud or c.warm_start_steps > 0, "warm-start-cloud", c.warm_start_cloud,
+           "false while warm-start-steps = 0")
     for name in ("kd_decay_rounds", "val_smoothing"):
         _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
     _check(c.val_clients == 0 or not c.stateful_clients, "val-clients", c.val_clients,

@@ -41,6 +41,7 @@ class Stream(IntEnum):
     VAL_SAMPLE = 16        # the fixed clients validated each round (val-clients)
     COMPRESS_RECOVERY = 20  # fedkd.recover: held-out rows and fine-tune batches (20: issue 20's number,
     #                         clear of tags other branches may be adding)
+    WARM_START = 21        # the server's warm start of the global student (batches and dropout)
     SYNTHETIC = 0x5E0      # the synthetic data generator
 
 

@@ -19,7 +19,7 @@ from fedkd.fleet import distill, top_k
 from fedkd.local import ProxyBatch
 from fedkd.metrics import evaluate_ranking
 from fedkd.population import population
-from fedkd.proxy import build_proxy_set, round_rows
+from fedkd.proxy import build_proxy_set, round_rows, soft_labels
 from fedkd.samples import eval_set, train_samples
 from fedkd.streams import Stream
 from fedkd.teacher import load_or_train
@@ -70,6 +70,29 @@ class Cloud:
                            steps=cfg.teacher_refine_steps, kd_batch_size=cfg.kd_batch_size,
                            temperature=cfg.kd_temperature, rng=streams.rng(cfg.seed, Stream.TEACHER_REFINE, r),
                            private=self.cloud_train, batch_size=cfg.teacher_batch_size)
+
+    def warm_start(self, student: torch.nn.Module) -> dict:
+        """Distil the teacher into the global student before round 1, on the server.
+
+        The student starts where the cloud's knowledge is instead of at random: the same KD loss
+        the devices use, on the whole proxy set (and, with ``warm-start-cloud``, the cloud users'
+        own samples). It costs no messages and reads only the cloud's data.
+        """
+        cfg = self.cfg
+        sl = soft_labels(self.teacher, self.proxy, temperature=cfg.kd_temperature, top_k=cfg.kd_top_k)
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.server_distill_lr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(streams.torch_seed(cfg.seed, Stream.WARM_START))
+            loss = distill(student, opt, ProxyBatch(self.proxy, sl.ids, sl.probs), steps=cfg.warm_start_steps,
+                           kd_batch_size=cfg.kd_batch_size, temperature=cfg.kd_temperature,
+                           rng=streams.rng(cfg.seed, Stream.WARM_START),
+                           private=self.cloud_train if cfg.warm_start_cloud else None,
+                           batch_size=cfg.teacher_batch_size)
+        info = {"steps": cfg.warm_start_steps, "loss": loss,
+                "cloud_val_ndcg": evaluate_ranking(student, self.cloud_valid, k=cfg.eval_k).ndcg}
+        log.info("warm start: %d distillation steps on the server, loss %.4f, cloud valid NDCG@%d %.4f",
+                 info["steps"], loss, cfg.eval_k, info["cloud_val_ndcg"])
+        return info
 
     def teacher_score(self) -> float:
         """The (refined) teacher's validation NDCG on the cloud users."""

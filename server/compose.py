@@ -37,6 +37,7 @@ def compose(exp, grid: Grid) -> None:
     exp.cloud = cloud = Cloud(cfg)
     t_cloud = time.perf_counter()
     exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
+    exp.warm_start = cloud.warm_start(exp.student) if cfg.warm_start_steps else None
     nodes = exp.transport.handshake(grid)
     if not nodes:
         raise RuntimeError("no client answered the handshake; nothing to train")

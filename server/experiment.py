@@ -214,6 +214,7 @@ class Experiment:
             "tests_at_rounds": self.extra_tests, "teacher": self.cloud.teacher_info,
             **ev.tier_summary(grid, test, rows), **(self.privacy.summary() if self.privacy is not None else {}),
             "wall_seconds": time.perf_counter() - self.t_start, "startup": self.startup,
+            **({"warm_start": self.warm_start} if self.warm_start is not None else {}),
             "data": population(cfg).dataset.stats.as_dict(),  # what loading found and dropped
         }
         if self.cloud.refines:

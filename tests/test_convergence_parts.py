@@ -244,3 +244,35 @@ def test_reference_scores_are_the_teacher_and_popularity_on_the_edge_users():
         want = evaluate_ranking(teacher, eval_set(pop.dataset.sequences, edge, "test", c.max_len), k=10)
     assert with_teacher["teacher"]["test_ndcg"] == pytest.approx(want.ndcg)
     assert with_teacher["teacher"]["val_ndcg"] != with_teacher["teacher"]["test_ndcg"]
+
+
+# --- warm start --------------------------------------------------------------------------
+def test_warm_start_distils_the_teacher_into_the_student_before_round_1(tmp_path):
+    """The server's warm start moves the student towards the teacher on the proxy set (its KD
+    loss falls), repeats exactly for a seed, and is refused where there is no global student."""
+    import dataclasses
+
+    from fedkd.local import get_state
+    from fedkd.models import build_model
+    from server.cloud import Cloud
+
+    base = cfg(**{"synthetic-users": 40, "synthetic-items": 60, "teacher-epochs": 1, "cache-dir": str(tmp_path),
+                  "warm-start-steps": 1})
+    cloud = Cloud(base)  # one teacher for every variant below
+
+    def warm(**kw):
+        cloud.cfg = dataclasses.replace(base, **kw)
+        student = build_model(base.student_model(cloud.num_items), seed=0)
+        return cloud.warm_start(student), get_state(student)
+
+    short, _ = warm(warm_start_steps=2)
+    info, state = warm(warm_start_steps=60)
+    again, same = warm(warm_start_steps=60)
+    _, with_cloud = warm(warm_start_steps=60, warm_start_cloud=True)
+    assert info["steps"] == 60 and info["loss"] < short["loss"]
+    assert info == again and all(np.array_equal(state[k], same[k]) for k in state)
+    assert any(not np.array_equal(state[k], with_cloud[k]) for k in state)
+    for kw, key in (({"warm-start-steps": 5, "protocol": "logits"}, "warm-start-steps"),
+                    ({"warm-start-cloud": True}, "warm-start-cloud")):
+        with pytest.raises(ValueError, match=f"'{key}'"):
+            cfg(**kw)
