@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides, as for `fedkd run`; may repeat, later files win; options win "
                         "over files.")
-    add_config_options(p.add_argument_group("data settings (as in `fedkd run`)"), DATA_KEYS)
+    add_config_options(p, DATA_KEYS, title="{section} settings (as in `fedkd run`)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -746,8 +746,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="Give up on the run after this many seconds (0 = never).")
     loc.add_argument("--startup-timeout", type=float, default=180.0,
                      help="Seconds the SuperLink and the SuperNodes may take to come up.")
-    group = loc.add_argument_group("experiment settings (as in `fedkd run`; win over --config/--run-config)")
-    add_config_options(group)
+    add_config_options(loc, title="{section} settings (as in `fedkd run`; win over --config/--run-config)")
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",
                           formatter_class=HelpFormatter)

@@ -109,6 +109,16 @@ def test_a_section_reads_its_flat_values_and_its_typed_ones():
         cfg.section("reliability")
 
 
+def test_help_and_reference_list_the_options_by_section():
+    from simulations.cli import build_parser
+    from simulations.config_doc import render
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    groups = {g.title: {a.dest[4:] for a in g._group_actions} for g in run._action_groups}
+    for name, keys in ExperimentConfig.sections().items():
+        assert groups[f"{name} settings"] == set(keys)
+        assert f"\n## {name}\n" in render()
+
+
 # ---------------------------------------------------------------------- list-valued options
 def test_list_options_are_parsed_once_into_tuples_and_written_back_as_given():
     flat = {"tier-names": "a, b", "tier-shares": "0.25,0.75", "tier-steps": "2,8", "tier-speed": "1,2.5",
