@@ -523,8 +523,9 @@ def _items(c: ExperimentConfig, key: str, item: Callable[[str], Any], allowed: s
     try:
         return tuple(item(t) for t in _split(raw))
     except ValueError:
-        _check(False, key, raw, allowed)
-        raise AssertionError("unreachable") from None
+        pass  # refused below, outside the handler: the traceback shows one error, not two
+    _check(False, key, raw, allowed)
+    raise AssertionError("unreachable")
 
 
 def _parse_lists(c: ExperimentConfig) -> ListOptions:
