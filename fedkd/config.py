@@ -414,7 +414,8 @@ def _options() -> tuple[dataclasses.Field, ...]:
 
 
 _OPTIONS = tuple(f for f in dataclasses.fields(ExperimentConfig) if "help" in f.metadata)
-assert all(f.metadata["section"] in SECTIONS for f in _OPTIONS), "an option declared before any _section"
+if not all(f.metadata["section"] in SECTIONS for f in _OPTIONS):
+    raise RuntimeError("an option of ExperimentConfig is declared before any _section(...) line")
 
 
 # --------------------------------------------------------------------------- sections
@@ -765,7 +766,8 @@ SECTION_RULES: dict[str, Callable[[ExperimentConfig], None]] = {
     "distillation": _rules_distillation, "wire": _rules_wire, "privacy": _rules_privacy,
     "faults": _rules_faults, "defences": _rules_defences,
 }
-assert list(SECTION_RULES) == list(SECTIONS), "every section needs its rules, in section order"
+if list(SECTION_RULES) != list(SECTIONS):
+    raise RuntimeError("every config section needs its rules function in SECTION_RULES, in section order")
 
 
 def _rules_across(c: ExperimentConfig) -> None:
