@@ -8,20 +8,26 @@ device trace, the calibration and the students' memory work, whether differentia
 can be calibrated, whether a resume has its checkpoint, and whether the results folder can
 be written. :func:`check_experiment` runs all of them, reads only, writes nothing, and
 raises ``ValueError`` (``fedkd.data.DataError`` for the file) with the message a user
-acts on; every entry point (``fedkd run``, ``fedkd deploy``, ``fedkd data``, the ServerApp)
-calls it, so each bad input fails the same way everywhere. No Flower import.
+acts on.
+
+:func:`check_run_config` is the one validation entry point: it parses a flat run config
+(every key, value, list and section rule of ``fedkd.config``) and then runs
+:func:`check_experiment`. The ServerApp calls it on Flower's ``run_config``, and ``fedkd
+run``, ``fedkd deploy`` and ``fedkd data`` on theirs, so each bad input fails the same way,
+with the same message, everywhere (under ``flwr run .`` too, before round 1). No Flower import.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedkd.config import ExperimentConfig
+from fedkd.config import ExperimentConfig, Scalar
 from fedkd.population import Population, population
 
-__all__ = ["Plan", "check_experiment"]
+__all__ = ["Plan", "check_experiment", "check_run_config"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,18 @@ class Plan:
 def _invalid(key: str, value, allowed: str) -> ValueError:
     """The message shape of ``fedkd.config``: key, value, what is allowed."""
     return ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}.")
+
+
+def check_run_config(run_config: Mapping[str, Scalar], *,
+                     devices: bool = True) -> tuple[ExperimentConfig, Plan]:
+    """Parse and check a flat (kebab-case) run config: the config and its plan, or a ValueError.
+
+    The one validation step of every entry point, the ServerApp included: first
+    ``ExperimentConfig.from_flat`` (unknown keys, types, list values, each section's rules, the
+    rules across sections), then :func:`check_experiment` (data, fleet, devices, privacy,
+    resume, results folder). Reads only, writes nothing."""
+    cfg = ExperimentConfig.from_flat(run_config)
+    return cfg, check_experiment(cfg, devices=devices)
 
 
 def check_experiment(cfg: ExperimentConfig, *, devices: bool = True) -> Plan:

@@ -1,10 +1,24 @@
-"""One typed, validated view of every experiment knob.
+"""One typed, validated view of every experiment knob, in sections.
 
 Flower hands apps a flat ``run_config`` of kebab-case scalars; this module parses it once
 into a frozen dataclass so the rest of fedkd works with typed fields and never re-reads
 strings. Every field's default is also declared in ``[tool.flwr.app.config]`` of
 ``pyproject.toml`` (a test keeps the two identical), because ``flwr run --run-config``
 may only override keys the app declares.
+
+**Sections.** Every option belongs to one section of :data:`SECTIONS` (data, teacher,
+student, distillation, wire, privacy, fleet, faults, ...): a ``_section("name")`` line in the
+class body opens it, and every option declared after it belongs to it (recorded in the
+field's metadata). Keys stay flat on the wire, in ``pyproject.toml`` and in ``config.json``
+(Flower requires a flat run_config); :meth:`ExperimentConfig.section` reads one section,
+and the ``--help`` of ``fedkd run`` and docs/configuration.md list the options by section.
+
+**Validation** runs once, when a config is built: the list-valued options are parsed into
+tuples (:class:`ListOptions`, ``cfg.lists``), then each section's own rules check its values
+(:data:`SECTION_RULES`), then :func:`_rules_across` checks the combinations that span
+sections. Every error is ``ValueError("Config key 'KEY' has invalid value V: allowed ...")``.
+The checks that need the data or files are :mod:`fedkd.checks`, whose
+``check_run_config`` is the one entry point of ``fedkd run`` and the ServerApp alike.
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,16 +36,43 @@ if TYPE_CHECKING:  # imported where used: parsing a config (and refusing a bad o
 
 Scalar = bool | int | float | str
 
+#: The sections of the configuration, in the order help and docs show them: name -> what it holds.
+SECTIONS: dict[str, str] = {
+    "experiment": "Names and folders of the results, the seed, the progress bar, resuming a killed run.",
+    "data": "The interaction data (a file or synthetic), the cloud / edge split and the clients' users.",
+    "teacher": "The cloud's teacher model and its central training.",
+    "student": "The edge devices' student model.",
+    "protocol": "What crosses the wire each round, and what the server distils itself.",
+    "rounds": "Rounds, local training, the server's step, evaluation, model choice and stopping.",
+    "fleet": "Device tiers and profiles, deadlines, nested students and client selection (docs/budgets.md).",
+    "distillation": "The distillation loss, its weight over rounds and the public proxy set.",
+    "wire": "How models, updates and soft labels are encoded, and what is logged of them "
+            "(docs/communication.md).",
+    "privacy": "Differential privacy, secure aggregation and the membership attack (docs/privacy.md).",
+    "faults": "Faults the ClientApp injects: crashes, hangs, corrupt and malicious replies (docs/reliability.md).",
+    "defences": "What the server does about bad replies: size limit, quorum, robust aggregation "
+                "(docs/reliability.md).",
+}
+
+_opening: list[str] = [""]  # the section the options declared next belong to (set by _section)
+
+
+def _section(name: str) -> None:
+    """In the class body: the options declared after this line, up to the next one, belong to ``name``."""
+    if name not in SECTIONS:
+        raise ValueError(f"unknown config section {name!r}; add it to SECTIONS")
+    _opening[0] = name
+
 
 def _opt(default: Scalar, help: str) -> Any:  # noqa: A002 - "help" reads best in the table below
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "section": _opening[0]})
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of a fedkd experiment; the kebab-case name of ``foo_bar`` is ``foo-bar``."""
 
-    # --- experiment -------------------------------------------------------------------
+    _section("experiment")  # --------------------------------------------------------------
     experiment_name: str = _opt("default", "Name of the results folder under output-dir.")
     output_dir: str = _opt("outputs", "Folder that holds one results folder per experiment.")
     cache_dir: str = _opt(".cache/fedkd", "Where trained teachers are cached (keyed by config + data hash).")
@@ -39,7 +80,7 @@ class ExperimentConfig:
     progress: bool = _opt(True, "Show a progress bar while the run goes (`fedkd run`: only when stderr is a "
                                 "terminal, so that bar and log lines never share a line); the per-round log "
                                 "lines are written either way.")
-    # --- data -------------------------------------------------------------------------
+    _section("data")  # --------------------------------------------------------------------
     data_path: str = _opt("", "Interaction file (u.data, ratings.csv, CSV/TSV/parquet); empty = synthetic data.")
     data_format: str = _opt("auto", "auto | ml-100k | ml-csv | csv | tsv | parquet.")
     data_columns: str = _opt("", "Column mapping for generic files, e.g. 'user=uid,item=sku,timestamp=ts'.")
@@ -55,7 +96,7 @@ class ExperimentConfig:
     cloud_fraction: float = _opt(0.2, "Share of users whose histories the cloud holds (teacher + proxy set).")
     users_per_client: int = _opt(1, "Edge users per client (1 = one device per user).")
     max_len: int = _opt(50, "History length fed to every model (most recent items).")
-    # --- teacher (cloud) --------------------------------------------------------------
+    _section("teacher")  # --- the cloud's model -------------------------------------------
     teacher_kind: str = _opt("sasrec", "Teacher architecture: sasrec | meanpool.")
     teacher_dim: int = _opt(64, "Teacher width.")
     teacher_blocks: int = _opt(2, "Teacher transformer blocks.")
@@ -67,13 +108,13 @@ class ExperimentConfig:
     teacher_weight_decay: float = _opt(0.0, "Teacher weight decay.")
     teacher_batch_size: int = _opt(128, "Teacher batch size.")
     teacher_max_seconds: float = _opt(900.0, "Wall-clock cap on teacher training (0 = none).")
-    # --- student (edge) ---------------------------------------------------------------
+    _section("student")  # --- the edge's model --------------------------------------------
     student_kind: str = _opt("sasrec", "Student architecture: sasrec | meanpool.")
     student_dim: int = _opt(16, "Student width (the item table dominates its size).")
     student_blocks: int = _opt(1, "Student transformer blocks.")
     student_heads: int = _opt(1, "Student attention heads.")
     student_dropout: float = _opt(0.2, "Student dropout.")
-    # --- protocol ---------------------------------------------------------------------
+    _section("protocol")  # ----------------------------------------------------------------
     protocol: str = _opt("params", "What crosses the wire each round. params: quantised student updates, "
                                    "averaged (kd-weight 0 = FedAvg); logits: clients keep their models and "
                                    "upload top-k predictions on the proxy set (FedMD/DS-FL); local: no "
@@ -86,7 +127,7 @@ class ExperimentConfig:
     teacher_refine_lr: float = _opt(0.0001, "Adam learning rate of teacher refinement.")
     server_distill_steps: int = _opt(50, "proxy protocol: server distillation steps per round.")
     server_distill_lr: float = _opt(0.001, "proxy protocol: Adam learning rate of the server's student.")
-    # --- rounds -----------------------------------------------------------------------
+    _section("rounds")  # ------------------------------------------------------------------
     num_rounds: int = _opt(10, "Federated rounds.")
     clients_per_round: int = _opt(0, "Clients sampled per training round (0 = every client).")
     local_optimizer: str = _opt("sgd", "Client optimiser: sgd (stable under averaging) | adam (fresh state each round).")
@@ -121,7 +162,7 @@ class ExperimentConfig:
     target_ndcg: float = _opt(0.0, "Validation NDCG@k target: the first round that reaches it (with its bytes "
                                    "and simulated time) goes into summary.json (0 = none).")
     stop_at_target: bool = _opt(False, "Stop once validation reaches target-ndcg.")
-    # --- device tiers (compute budget in local steps per round) --------------------------
+    _section("fleet")  # --- device tiers (compute budget in local steps per round) --------
     tier_names: str = _opt("weak,strong", "Comma-separated device tier names.")
     tier_shares: str = _opt("0.5,0.5", "Share of clients in each tier (sums to 1).")
     tier_steps: str = _opt("4,16", "Local steps per round each tier can afford.")
@@ -147,7 +188,7 @@ class ExperimentConfig:
                                    "the widest slice its memory holds (empty = everyone trains student-dim).")
     selection: str = _opt("uniform", "uniform: clients-per-round drawn uniformly from the online devices; "
                                      "budget: prefer devices likely to finish, never starving a tier.")
-    # --- distillation -----------------------------------------------------------------
+    _section("distillation")  # ------------------------------------------------------------
     kd_weight: float = _opt(1.0, "lambda: weight of the distillation loss (0 = plain federated training).")
     kd_schedule: str = _opt("constant", "Distillation weight over rounds: constant (kd-weight) | linear (to 0 "
                                         "at kd-decay-rounds) | exp (halved every kd-decay-rounds) | gate "
@@ -164,7 +205,7 @@ class ExperimentConfig:
                                     "no messages, cloud data only (0 = off; params protocol).")
     warm_start_cloud: bool = _opt(False, "The warm start also fits the cloud users' own training samples "
                                          "(next-item CE, teacher-batch-size per step), as the teacher did.")
-    # --- wire -------------------------------------------------------------------------
+    _section("wire")  # --------------------------------------------------------------------
     quant_bits: int = _opt(8, "Bits per value of the student (down) and updates (up): 2, 4, 8 or 32 (identity).")
     quant_stochastic: bool = _opt(True, "Stochastic (unbiased) rounding of uploads; downloads round to nearest.")
     soft_label_bits: int = _opt(8, "Bits per soft-label probability: 2, 4, 8 or 32.")
@@ -185,7 +226,7 @@ class ExperimentConfig:
                                  "server resends only rows a client lacks or whose labels changed.")
     wire_payloads: bool = _opt(False, "Also save every message's arrays and scalars under wire/ in the results "
                                       "folder, beside wire.jsonl (for audits; large).")
-    # --- privacy (docs/privacy.md) ----------------------------------------------------
+    _section("privacy")  # --- docs/privacy.md ---------------------------------------------
     dp_mode: str = _opt("off", "Client-level differential privacy (protocol params). central: the server clips "
                                "each decoded update to dp-clip-norm and adds Gaussian noise to their sum, clients "
                                "are Poisson-sampled at rate clients-per-round / clients; local: each device clips "
@@ -206,7 +247,7 @@ class ExperimentConfig:
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
 
-    # --- reliability: faults injected by the ClientApp (docs/reliability.md) ------------
+    _section("faults")  # --- injected by the ClientApp (docs/reliability.md) --------------
     fault_crash: float = _opt(0.0, "Probability that a selected client crashes (raises) instead of replying to a "
                                    "train message; drawn per client per round from the seed.")
     fault_hang: float = _opt(0.0, "Probability that a selected client hangs (sleeps round-timeout + 2 s) before "
@@ -221,7 +262,7 @@ class ExperimentConfig:
                                     "multiplied by fault-malicious-scale (a well-formed lie; params protocol).")
     fault_malicious_scale: float = _opt(100.0, "Factor a malicious client scales its update by (100: a boosted "
                                                "update, as in model-replacement attacks).")
-    # --- reliability: defences ---------------------------------------------------------
+    _section("defences")  # --- reliability: what the server does about bad replies --------
     max_reply_bytes: int = _opt(0, "Largest serialised train reply accepted, in bytes (0 = twice the train "
                                    "message it answers plus 64 kB).")
     min_replies: int = _opt(1, "Fewest valid train replies a round needs to change the model; with fewer the "
@@ -234,17 +275,23 @@ class ExperimentConfig:
                                   "update L2 norm before aggregating (norm bounding; 0 = off, else >= 1).")
     norm_reject: float = _opt(0.0, "Reject (reason 'norm') an update whose L2 norm exceeds this multiple of the "
                                    "round's median update norm (0 = off, else >= 1).")
+    _section("experiment")  # --- again: a resume continues in the results folder ----------
     resume: bool = _opt(False, "Continue the run in <output-dir>/<experiment-name> after its last complete "
                                "round, from the checkpoint written every round (`fedkd run --resume`).")
 
+    # Not an option: the list-valued options parsed into tuples, set once in __post_init__
+    # (outside run_config, to_flat, the help and equality).
+    lists: ListOptions = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lists", _parse_lists(self))
         _validate(self)
 
     # --- conversions ------------------------------------------------------------------
     @classmethod
     def from_flat(cls, flat: Mapping[str, Scalar]) -> ExperimentConfig:
         """Parse a kebab-case mapping (Flower's run_config); unknown keys and wrong types fail."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in _options()}
         kwargs: dict[str, Any] = {}
         for key, value in flat.items():
             name = key.replace("-", "_")
@@ -256,18 +303,44 @@ class ExperimentConfig:
         return cls(**kwargs)
 
     def to_flat(self) -> dict[str, Scalar]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in _options()}
 
     def replace(self, **overrides: Any) -> ExperimentConfig:
         return dataclasses.replace(self, **overrides)
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+        return [f.name.replace("_", "-") for f in _options()]
 
     @classmethod
-    def help_table(cls) -> list[tuple[str, Scalar, str]]:
-        return [(f.name.replace("_", "-"), f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
+    def help_table(cls, section: str | None = None) -> list[tuple[str, Scalar, str]]:
+        """(key, default, help) of every option, or of one section's."""
+        return [(f.name.replace("_", "-"), f.default, f.metadata["help"]) for f in _options()
+                if section is None or f.metadata["section"] == section]
+
+    @classmethod
+    def sections(cls) -> dict[str, list[str]]:
+        """Section name -> its keys, sections in :data:`SECTIONS` order, keys in declaration order."""
+        out: dict[str, list[str]] = {name: [] for name in SECTIONS}
+        for f in _options():
+            out[f.metadata["section"]].append(f.name.replace("_", "-"))
+        return out
+
+    @classmethod
+    def section_of(cls, key: str) -> str:
+        """The section of a (kebab-case) key."""
+        for f in _options():
+            if f.name == key.replace("-", "_"):
+                return f.metadata["section"]
+        raise KeyError(f"unknown config key {key!r}")
+
+    def section(self, name: str) -> Section:
+        """One section of this config: its keys and run-config values, and typed attribute access."""
+        if name not in SECTIONS:
+            raise KeyError(f"unknown config section {name!r}; sections: {', '.join(SECTIONS)}")
+        names = [f.name for f in _options() if f.metadata["section"] == name]
+        typed = {n: getattr(self.lists, n) if n in _LIST_NAMES else getattr(self, n) for n in names}
+        return Section(name, SECTIONS[name], {n.replace("_", "-"): getattr(self, n) for n in names}, typed)
 
     def to_json(self) -> str:
         return json.dumps(self.to_flat(), indent=2, sort_keys=True)
@@ -321,29 +394,164 @@ class ExperimentConfig:
     @property
     def tiers(self) -> list[tuple[str, float, int]]:
         """(name, share, steps) per device tier."""
-        return list(zip(_split(self.tier_names), map(float, _split(self.tier_shares)),
-                        map(int, _split(self.tier_steps))))
+        return list(zip(self.lists.tier_names, self.lists.tier_shares, self.lists.tier_steps))
 
     @property
     def widths(self) -> list[int]:
         """Nested student widths, narrowest first; [student-dim] when the fleet is homogeneous."""
-        return [int(w) for w in _split(self.student_widths)] or [self.student_dim]
+        return list(self.lists.student_widths) or [self.student_dim]
 
     @property
     def extra_test_rounds(self) -> set[int]:
-        return {int(t) for t in _split(self.test_rounds)}
+        return set(self.lists.test_rounds)
 
     @property
     def column_map(self) -> dict[str, str] | None:
-        if not self.data_columns:
-            return None
-        return dict(pair.split("=", 1) for pair in _split(self.data_columns))
+        return dict(self.lists.data_columns) if self.data_columns else None
+
+
+_opening[0] = ""  # the class body is done: a stray _opt outside it has no section
+
+
+def _options() -> tuple[dataclasses.Field, ...]:
+    """The options (the fields with a help text): everything in run_config, in declaration order."""
+    return _OPTIONS
+
+
+_OPTIONS = tuple(f for f in dataclasses.fields(ExperimentConfig) if "help" in f.metadata)
+if not all(f.metadata["section"] in SECTIONS for f in _OPTIONS):
+    raise RuntimeError("an option of ExperimentConfig is declared before any _section(...) line")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class Section(Mapping[str, Scalar]):
+    """One section of a config (``cfg.section("privacy")``).
+
+    A read-only mapping of its kebab-case keys to their run-config values (what ``to_flat``
+    has for them); attribute access gives the typed values code reads, the list-valued
+    options as the tuples of :class:`ListOptions` (``cfg.section("fleet").tier_steps == (4, 16)``).
+    """
+
+    name: str
+    about: str
+    flat: Mapping[str, Scalar]
+    typed: Mapping[str, Any] = field(repr=False)
+
+    def __getitem__(self, key: str) -> Scalar:
+        return self.flat[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.flat)
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not the dataclass's own
+        typed = self.__dict__.get("typed", {})
+        if name in typed:
+            return typed[name]
+        raise AttributeError(f"config section {self.__dict__.get('name')!r} has no option {name!r}")
+
+
+# --------------------------------------------------------------------------- list-valued options
+@dataclass(frozen=True)
+class ListOptions:
+    """The list-valued options as tuples, parsed once when the config is built (``cfg.lists``).
+
+    The options themselves stay the comma-separated strings of the run config, so ``to_flat``,
+    config.json and Flower's run_config hold exactly what was given; code reads these tuples.
+    A value that does not parse is refused naming its option (:func:`_parse_lists`).
+    """
+
+    data_columns: tuple[tuple[str, str], ...]  # (role, column) pairs, in the order given
+    test_rounds: tuple[int, ...]
+    tier_names: tuple[str, ...]
+    tier_shares: tuple[float, ...]
+    tier_steps: tuple[int, ...]
+    tier_speed: tuple[float, ...]  # one value (every tier) or one per tier, as given
+    tier_memory_mb: tuple[float, ...]
+    tier_uplink_kbps: tuple[float, ...]
+    tier_downlink_kbps: tuple[float, ...]
+    tier_availability: tuple[float, ...]
+    student_widths: tuple[int, ...]
+    fault_corrupt_kinds: tuple[str, ...]
+    fault_malicious: tuple[int, ...]
+
+
+_LIST_NAMES = frozenset(f.name for f in dataclasses.fields(ListOptions))
+TIER_PROFILE_KEYS = ("tier-speed", "tier-memory-mb", "tier-uplink-kbps", "tier-downlink-kbps", "tier-availability")
+FAULT_KINDS = ("nan", "inf", "shape", "dtype", "missing-key", "oversized", "undecodable", "steps")
+SERVER_PROTOCOLS = ("params", "proxy")  # the model lives on the server: a checkpoint holds all of it
+
+# What each list-valued option allows, said alike when its value does not parse and when a rule refuses it.
+COLUMNS_ALLOWED = "'user=COL,item=COL,timestamp=COL' (any subset)"
+SHARES_ALLOWED = "non-negative numbers that sum to 1"
+STEPS_ALLOWED = "positive integers"
+MALICIOUS_ALLOWED = "distinct comma-separated partition ids (integers >= 0)"
+KINDS_ALLOWED = "distinct comma-separated names from " + ", ".join(FAULT_KINDS)
+
+
+def _test_rounds_allowed(c: ExperimentConfig) -> str:
+    return f"comma-separated rounds in 1..num-rounds ({c.num_rounds})"
+
+
+def _widths_allowed(c: ExperimentConfig) -> str:
+    return f"increasing widths that divide by student-heads and end at student-dim ({c.student_dim})"
+
+
+def _per_tier_allowed(key: str, tiers: int) -> str:
+    return (f"1 number (every tier) or {tiers} comma-separated numbers (one per tier), "
+            + ("each in [0, 1]" if key == "tier-availability" else "each > 0"))
 
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _natural(token: str) -> int:
+    """A non-negative integer written in ASCII digits only (no sign, no '_', no '4.0')."""
+    if not (token.isascii() and token.isdigit()):
+        raise ValueError(token)
+    return int(token)
+
+
+def _column_pair(token: str) -> tuple[str, str]:
+    if "=" not in token:
+        raise ValueError(token)
+    role, column = token.split("=", 1)
+    return role, column
+
+
+def _items(c: ExperimentConfig, key: str, item: Callable[[str], Any], allowed: str) -> tuple:
+    """The comma-separated value of ``key`` as a tuple of ``item``s, or the error that names ``key``."""
+    raw = getattr(c, key.replace("-", "_"))
+    try:
+        return tuple(item(t) for t in _split(raw))
+    except ValueError:
+        pass  # refused below, outside the handler: the traceback shows one error, not two
+    _check(False, key, raw, allowed)
+    raise AssertionError("unreachable")
+
+
+def _parse_lists(c: ExperimentConfig) -> ListOptions:
+    """Every list-valued option as a tuple, in declaration order; the first that does not parse is refused."""
+    columns = _items(c, "data-columns", _column_pair, COLUMNS_ALLOWED)
+    test_rounds = _items(c, "test-rounds", _natural, _test_rounds_allowed(c))
+    names = tuple(_split(c.tier_names))
+    shares = _items(c, "tier-shares", float, SHARES_ALLOWED)
+    steps = _items(c, "tier-steps", _natural, STEPS_ALLOWED)
+    profile = {key.replace("-", "_"): _items(c, key, float, _per_tier_allowed(key, len(names)))
+               for key in TIER_PROFILE_KEYS}
+    widths = _items(c, "student-widths", _natural, _widths_allowed(c))
+    kinds = tuple(_split(c.fault_corrupt_kinds))
+    malicious = _items(c, "fault-malicious", _natural, MALICIOUS_ALLOWED)
+    return ListOptions(data_columns=columns, test_rounds=test_rounds, tier_names=names, tier_shares=shares,
+                       tier_steps=steps, **profile, student_widths=widths, fault_corrupt_kinds=kinds,
+                       fault_malicious=malicious)
+
+
+# --------------------------------------------------------------------------- parsing scalars
 def _coerce(key: str, value: Any, kind: type) -> Scalar:
     """Accept what TOML or a command line produce; refuse silent truncation or type mix-ups."""
     if isinstance(value, (list, tuple, dict)):  # a TOML array or table: never str() it into a value
@@ -378,31 +586,40 @@ def _coerce(key: str, value: Any, kind: type) -> Scalar:
     return str(value)
 
 
+# --------------------------------------------------------------------------- validation
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ValueError(f"Config key '{key}' has invalid value {value!r}: allowed {allowed}.")
 
 
+def _at_least(c: ExperimentConfig, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        _check(getattr(c, name) >= low, name.replace("_", "-"), getattr(c, name), f"an integer >= {low}")
+
+
+def _finite(c: ExperimentConfig, names: tuple[str, ...], *, positive: bool) -> None:
+    for name in names:
+        v = getattr(c, name)
+        _check(math.isfinite(v) and (v > 0 if positive else v >= 0), name.replace("_", "-"), v,
+               "a finite number > 0" if positive else "a finite number >= 0")
+
+
 def _validate(c: ExperimentConfig) -> None:
-    for name in ("synthetic_users", "synthetic_items", "synthetic_mean_length", "synthetic_clusters",
-                 "users_per_client", "max_len", "teacher_dim", "teacher_blocks", "teacher_heads",
-                 "teacher_epochs", "teacher_batch_size", "student_dim", "student_blocks",
-                 "student_heads", "num_rounds", "batch_size", "eval_every", "eval_k",
-                 "kd_top_k", "kd_batch_size", "proxy_size", "proxy_batch"):
-        _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
-    for name in ("teacher_patience", "clients_per_round", "teacher_refine_steps", "server_distill_steps"):
-        _check(getattr(c, name) >= 0, name.replace("_", "-"), getattr(c, name), "an integer >= 0")
-    for name in ("teacher_lr", "local_lr", "server_lr", "kd_temperature", "teacher_refine_lr",
-                 "server_distill_lr"):
-        v = getattr(c, name)
-        _check(math.isfinite(v) and v > 0, name.replace("_", "-"), v, "a finite number > 0")
-    for name in ("teacher_weight_decay", "kd_weight", "round_timeout", "teacher_max_seconds",
-                 "local_clip_norm"):
-        v = getattr(c, name)
-        _check(math.isfinite(v) and v >= 0, name.replace("_", "-"), v, "a finite number >= 0")
-    for name in ("teacher_dropout", "student_dropout"):
-        v = getattr(c, name)
-        _check(0 <= v < 1, name.replace("_", "-"), v, "a number in [0, 1)")
+    """Each section's own rules, in section order, then the rules across sections."""
+    for name in SECTIONS:
+        SECTION_RULES[name](c)
+    _rules_across(c)
+
+
+def _rules_experiment(c: ExperimentConfig) -> None:
+    _check(bool(c.experiment_name) and "/" not in c.experiment_name and c.experiment_name not in {".", ".."},
+           "experiment-name", c.experiment_name, "a non-empty folder name without '/'")
+    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
+
+
+def _rules_data(c: ExperimentConfig) -> None:
+    _at_least(c, ("synthetic_users", "synthetic_items", "synthetic_mean_length", "synthetic_clusters",
+                  "users_per_client", "max_len"), 1)
     _check(0 <= c.cloud_fraction < 1, "cloud-fraction", c.cloud_fraction, "a number in [0, 1)")
     _check(c.data_min_interactions >= 3, "data-min-interactions", c.data_min_interactions,
            "an integer >= 3 (leave-one-out needs train, validation and test items)")
@@ -410,22 +627,45 @@ def _validate(c: ExperimentConfig) -> None:
            c.data_format, "auto, ml-100k, ml-csv, csv, tsv or parquet")
     _check(c.data_duplicates in {"drop", "keep", "error"}, "data-duplicates", c.data_duplicates,
            "drop, keep or error")
-    if c.data_columns:
-        pairs = _split(c.data_columns)
-        _check(all("=" in p for p in pairs) and {p.split("=")[0].strip() for p in pairs}
-               <= {"user", "item", "timestamp"}, "data-columns", c.data_columns,
-               "'user=COL,item=COL,timestamp=COL' (any subset)")
+    _check({role.strip() for role, _ in c.lists.data_columns} <= {"user", "item", "timestamp"}, "data-columns",
+           c.data_columns, COLUMNS_ALLOWED)
+
+
+def _rules_teacher(c: ExperimentConfig) -> None:
+    _at_least(c, ("teacher_dim", "teacher_blocks", "teacher_heads", "teacher_epochs", "teacher_batch_size"), 1)
+    _at_least(c, ("teacher_patience",), 0)
+    _finite(c, ("teacher_lr",), positive=True)
+    _finite(c, ("teacher_weight_decay", "teacher_max_seconds"), positive=False)
+    _check(0 <= c.teacher_dropout < 1, "teacher-dropout", c.teacher_dropout, "a number in [0, 1)")
+    _check(c.teacher_kind in {"sasrec", "meanpool"}, "teacher-kind", c.teacher_kind, "sasrec or meanpool")
+    _check(c.teacher_dim % c.teacher_heads == 0, "teacher-dim", c.teacher_dim,
+           f"a multiple of teacher-heads ({c.teacher_heads})")
+
+
+def _rules_student(c: ExperimentConfig) -> None:
+    _at_least(c, ("student_dim", "student_blocks", "student_heads"), 1)
+    _check(0 <= c.student_dropout < 1, "student-dropout", c.student_dropout, "a number in [0, 1)")
+    _check(c.student_kind in {"sasrec", "meanpool"}, "student-kind", c.student_kind, "sasrec or meanpool")
+    _check(c.student_dim % c.student_heads == 0, "student-dim", c.student_dim,
+           f"a multiple of student-heads ({c.student_heads})")
+
+
+def _rules_protocol(c: ExperimentConfig) -> None:
+    _at_least(c, ("teacher_refine_steps", "server_distill_steps"), 0)
+    _finite(c, ("teacher_refine_lr", "server_distill_lr"), positive=True)
     _check(c.protocol in {"params", "logits", "local", "proxy"}, "protocol", c.protocol,
            "params, logits, local or proxy")
     _check(0 <= c.fd_teacher_weight <= 1, "fd-teacher-weight", c.fd_teacher_weight, "a number in [0, 1]")
-    _check(c.protocol != "proxy" or c.kd_weight > 0, "kd-weight", c.kd_weight,
-           "a number > 0 with protocol = proxy (the student learns from the teacher alone)")
     _check(c.teacher_refine_steps == 0 or c.protocol in {"params", "logits"}, "teacher-refine-steps",
            c.teacher_refine_steps, f"0 with protocol = {c.protocol} (refinement needs the fleet's predictions)")
-    _check(c.protocol != "logits" or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
-           "a number > 0 with protocol = logits (its public proxy set is drawn from cloud users)")
-    _check(not c.needs_teacher or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
-           "a number > 0 when a teacher is used (kd-weight > 0 or teacher refinement): it has no data otherwise")
+
+
+def _rules_rounds(c: ExperimentConfig) -> None:
+    _at_least(c, ("num_rounds", "batch_size", "eval_every", "eval_k", "val_smoothing"), 1)
+    _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
+    _finite(c, ("local_lr", "server_lr"), positive=True)
+    _finite(c, ("round_timeout", "local_clip_norm"), positive=False)
+    _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
            c.server_optimizer, "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
     for name in ("server_momentum", "server_beta_1", "server_beta_2"):
@@ -436,88 +676,31 @@ def _validate(c: ExperimentConfig) -> None:
            "constant, cosine or step")
     _check(math.isfinite(c.server_lr_final) and 0 <= c.server_lr_final <= 1, "server-lr-final",
            c.server_lr_final, "a number in [0, 1]")
-    _check(c.server_lr_schedule == "constant" or c.protocol == "params", "server-lr-schedule",
-           c.server_lr_schedule, f"constant with protocol = {c.protocol} (it scales the server optimizer's step)")
-    _check(c.server_optimizer == "fedavg" or c.protocol == "params", "server-optimizer", c.server_optimizer,
-           f"fedavg with protocol = {c.protocol} (a server optimizer steps the global student's parameters)")
-    _check(c.kd_schedule in {"constant", "linear", "exp", "gate"}, "kd-schedule", c.kd_schedule,
-           "constant, linear, exp or gate")
-    _check(c.kd_schedule == "constant" or c.protocol in {"params", "local"}, "kd-schedule", c.kd_schedule,
-           f"constant with protocol = {c.protocol} (the schedule weighs the teacher's soft labels in local training)")
-    _check(c.kd_schedule != "gate" or c.protocol == "params", "kd-schedule", c.kd_schedule,
-           f"not gate with protocol = {c.protocol} (the gate scores the global student on the cloud users)")
-    _check(c.warm_start_steps >= 0, "warm-start-steps", c.warm_start_steps, "an integer >= 0")
-    _check(c.warm_start_steps == 0 or c.protocol == "params", "warm-start-steps", c.warm_start_steps,
-           f"0 with protocol = {c.protocol} (the warm start trains the global student before round 1)")
-    _check(not c.warm_start_cloud or c.warm_start_steps > 0, "warm-start-cloud", c.warm_start_cloud,
-           "false while warm-start-steps = 0")
-    for name in ("kd_decay_rounds", "val_smoothing"):
-        _check(getattr(c, name) >= 1, name.replace("_", "-"), getattr(c, name), "an integer >= 1")
-    _check(c.val_clients == 0 or not c.stateful_clients, "val-clients", c.val_clients,
-           f"0 with protocol = {c.protocol} (its devices score the test split in the validation message, "
-           "so every device must answer)")
-    for name in ("val_clients", "stop_patience"):
-        _check(getattr(c, name) >= 0, name.replace("_", "-"), getattr(c, name), "an integer >= 0")
     _check(math.isfinite(c.target_ndcg) and 0 <= c.target_ndcg <= 1, "target-ndcg", c.target_ndcg,
            "a number in [0, 1] (0 = none)")
     _check(not c.stop_at_target or c.target_ndcg > 0, "stop-at-target", c.stop_at_target,
            "false unless target-ndcg > 0")
-    _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
-    for name in ("teacher_kind", "student_kind"):
-        _check(getattr(c, name) in {"sasrec", "meanpool"}, name.replace("_", "-"),
-               getattr(c, name), "sasrec or meanpool")
-    _check(c.teacher_dim % c.teacher_heads == 0, "teacher-dim", c.teacher_dim,
-           f"a multiple of teacher-heads ({c.teacher_heads})")
-    _check(c.student_dim % c.student_heads == 0, "student-dim", c.student_dim,
-           f"a multiple of student-heads ({c.student_heads})")
-    for name in ("quant_bits", "soft_label_bits"):
-        _check(getattr(c, name) in {2, 4, 8, 32}, name.replace("_", "-"), getattr(c, name),
-               "2, 4, 8 or 32")
-    _check(c.down_bits in {0, 2, 4, 8, 32}, "down-bits", c.down_bits, "0 (= quant-bits), 2, 4, 8 or 32")
-    _check(c.quant_scales in {"tensor", "row"}, "quant-scales", c.quant_scales, "tensor or row")
-    _check(math.isfinite(c.update_density) and 0 < c.update_density <= 1, "update-density", c.update_density,
-           "a number in (0, 1] (1 = every entry)")
-    _check(not c.error_feedback or c.protocol == "params", "error-feedback", c.error_feedback,
-           f"false with protocol = {c.protocol} (only params uploads updates)")
-    _check(c.soft_label_format in {"topk", "full"}, "soft-label-format", c.soft_label_format, "topk or full")
-    _check(c.soft_label_format == "topk" or c.protocol in {"params", "local"}, "soft-label-format",
-           c.soft_label_format, f"topk with protocol = {c.protocol} (full labels exist only in the train "
-           "messages of params and local)")
-    _check(not c.kd_cache or (c.protocol in {"params", "local"} and c.soft_label_format == "topk"), "kd-cache",
-           c.kd_cache, "false unless protocol is params or local and soft-label-format is topk (the full "
-           "format is the uncompressed baseline)")
-    _check(c.proxy_batch <= c.proxy_size, "proxy-batch", c.proxy_batch,
-           f"at most proxy-size ({c.proxy_size})")
-    _check(bool(c.experiment_name) and "/" not in c.experiment_name and c.experiment_name not in {".", ".."},
-           "experiment-name", c.experiment_name, "a non-empty folder name without '/'")
-    _check(all(t.isdigit() and 1 <= int(t) <= c.num_rounds for t in _split(c.test_rounds)), "test-rounds",
-           c.test_rounds, f"comma-separated rounds in 1..num-rounds ({c.num_rounds})")
-    names, shares, steps = _split(c.tier_names), _split(c.tier_shares), _split(c.tier_steps)
+    _check(all(1 <= t <= c.num_rounds for t in c.lists.test_rounds), "test-rounds", c.test_rounds,
+           _test_rounds_allowed(c))
+
+
+def _rules_fleet(c: ExperimentConfig) -> None:
+    lists = c.lists
+    names, shares, steps = lists.tier_names, lists.tier_shares, lists.tier_steps
     _check(len(names) >= 1 and len(set(names)) == len(names), "tier-names", c.tier_names,
            "one or more distinct comma-separated names")
     _check(len(shares) == len(names), "tier-shares", c.tier_shares,
            f"{len(names)} comma-separated numbers, one per tier in tier-names")
     _check(len(steps) == len(names), "tier-steps", c.tier_steps,
            f"{len(names)} comma-separated integers, one per tier in tier-names")
-    try:
-        share_values = [float(s) for s in shares]
-    except ValueError:
-        share_values = [-1.0]
-    _check(all(s >= 0 for s in share_values) and abs(sum(share_values) - 1) < 1e-6, "tier-shares",
-           c.tier_shares, "non-negative numbers that sum to 1")
-    _check(all(s.isdigit() and int(s) >= 1 for s in steps), "tier-steps", c.tier_steps,
-           "positive integers")
-    for key in ("tier-speed", "tier-memory-mb", "tier-uplink-kbps", "tier-downlink-kbps", "tier-availability"):
-        raw = getattr(c, key.replace("-", "_"))
-        try:
-            values = [float(v) for v in _split(raw)]
-        except ValueError:
-            values = []
-        ok = len(values) in (1, len(names)) and all(math.isfinite(v) and v > 0 for v in values)
-        if key == "tier-availability":
-            ok = len(values) in (1, len(names)) and all(0 <= v <= 1 for v in values)
-        _check(ok, key, raw, f"1 number (every tier) or {len(names)} comma-separated numbers (one per tier), "
-               + ("each in [0, 1]" if key == "tier-availability" else "each > 0"))
+    _check(all(s >= 0 for s in shares) and abs(sum(shares) - 1) < 1e-6, "tier-shares", c.tier_shares,
+           SHARES_ALLOWED)
+    _check(all(s >= 1 for s in steps), "tier-steps", c.tier_steps, STEPS_ALLOWED)
+    for key in TIER_PROFILE_KEYS:
+        values = getattr(lists, key.replace("-", "_"))
+        each = (lambda v: 0 <= v <= 1) if key == "tier-availability" else (lambda v: math.isfinite(v) and v > 0)
+        _check(len(values) in (1, len(names)) and all(each(v) for v in values), key,
+               getattr(c, key.replace("-", "_")), _per_tier_allowed(key, len(names)))
     _check(math.isfinite(c.device_spread) and c.device_spread >= 0, "device-spread", c.device_spread,
            "a finite number >= 0")
     _check(math.isfinite(c.round_deadline) and c.round_deadline >= 0, "round-deadline", c.round_deadline,
@@ -525,13 +708,105 @@ def _validate(c: ExperimentConfig) -> None:
     _check(c.straggler_policy in {"drop", "partial"}, "straggler-policy", c.straggler_policy, "drop or partial")
     _check(c.min_steps >= 1, "min-steps", c.min_steps, "an integer >= 1")
     _check(c.selection in {"uniform", "budget"}, "selection", c.selection, "uniform or budget")
+
+
+def _rules_distillation(c: ExperimentConfig) -> None:
+    _at_least(c, ("kd_top_k", "kd_batch_size", "proxy_size", "proxy_batch", "kd_decay_rounds"), 1)
+    _finite(c, ("kd_temperature",), positive=True)
+    _finite(c, ("kd_weight",), positive=False)
+    _check(c.kd_schedule in {"constant", "linear", "exp", "gate"}, "kd-schedule", c.kd_schedule,
+           "constant, linear, exp or gate")
+    _check(c.proxy_batch <= c.proxy_size, "proxy-batch", c.proxy_batch, f"at most proxy-size ({c.proxy_size})")
+    _check(c.warm_start_steps >= 0, "warm-start-steps", c.warm_start_steps, "an integer >= 0")
+    _check(not c.warm_start_cloud or c.warm_start_steps > 0, "warm-start-cloud", c.warm_start_cloud,
+           "false while warm-start-steps = 0")
+
+
+def _rules_wire(c: ExperimentConfig) -> None:
+    for name in ("quant_bits", "soft_label_bits"):
+        _check(getattr(c, name) in {2, 4, 8, 32}, name.replace("_", "-"), getattr(c, name), "2, 4, 8 or 32")
+    _check(c.down_bits in {0, 2, 4, 8, 32}, "down-bits", c.down_bits, "0 (= quant-bits), 2, 4, 8 or 32")
+    _check(c.quant_scales in {"tensor", "row"}, "quant-scales", c.quant_scales, "tensor or row")
+    _check(math.isfinite(c.update_density) and 0 < c.update_density <= 1, "update-density", c.update_density,
+           "a number in (0, 1] (1 = every entry)")
+    _check(c.soft_label_format in {"topk", "full"}, "soft-label-format", c.soft_label_format, "topk or full")
+
+
+def _rules_privacy(c: ExperimentConfig) -> None:
     _check(c.dp_mode in {"off", "central", "local"}, "dp-mode", c.dp_mode, "off, central or local")
     _check(math.isfinite(c.dp_clip_norm) and c.dp_clip_norm > 0, "dp-clip-norm", c.dp_clip_norm,
            "a finite number > 0")
-    for name in ("dp_noise_multiplier", "dp_target_epsilon"):
-        v = getattr(c, name)
-        _check(math.isfinite(v) and v >= 0, name.replace("_", "-"), v, "a finite number >= 0")
+    _finite(c, ("dp_noise_multiplier", "dp_target_epsilon"), positive=False)
     _check(0 < c.dp_delta < 1, "dp-delta", c.dp_delta, "a number in (0, 1)")
+
+
+def _rules_faults(c: ExperimentConfig) -> None:
+    for name in ("fault_crash", "fault_hang", "fault_corrupt"):
+        v = getattr(c, name)
+        _check(0 <= v <= 1, name.replace("_", "-"), v, "a probability in [0, 1]")
+    total = c.fault_crash + c.fault_hang + c.fault_corrupt
+    _check(total <= 1 + 1e-12, "fault-corrupt", c.fault_corrupt,
+           f"at most 1 - fault-crash - fault-hang = {1 - c.fault_crash - c.fault_hang:g} (one fault per reply)")
+    kinds = c.lists.fault_corrupt_kinds
+    _check(bool(kinds) and set(kinds) <= set(FAULT_KINDS) and len(set(kinds)) == len(kinds),
+           "fault-corrupt-kinds", c.fault_corrupt_kinds, KINDS_ALLOWED)
+    ids = c.lists.fault_malicious
+    _check(len(set(ids)) == len(ids), "fault-malicious", c.fault_malicious, MALICIOUS_ALLOWED)
+    _check(math.isfinite(c.fault_malicious_scale), "fault-malicious-scale", c.fault_malicious_scale,
+           "a finite number")
+
+
+def _rules_defences(c: ExperimentConfig) -> None:
+    _check(c.max_reply_bytes >= 0, "max-reply-bytes", c.max_reply_bytes, "an integer >= 0 (0 = automatic)")
+    _check(c.min_replies >= 1, "min-replies", c.min_replies, "an integer >= 1")
+    _check(c.aggregation in {"mean", "trimmed-mean"}, "aggregation", c.aggregation, "mean or trimmed-mean")
+    _check(0 <= c.trim_fraction < 0.5, "trim-fraction", c.trim_fraction, "a number in [0, 0.5)")
+    for name in ("norm_bound", "norm_reject"):
+        v = getattr(c, name)
+        _check(math.isfinite(v) and (v == 0 or v >= 1), name.replace("_", "-"), v,
+               "0 (off) or a finite multiple of the median norm >= 1")
+
+
+#: Each section's own rules: its values alone and the combinations inside it (every section has one).
+SECTION_RULES: dict[str, Callable[[ExperimentConfig], None]] = {
+    "experiment": _rules_experiment, "data": _rules_data, "teacher": _rules_teacher, "student": _rules_student,
+    "protocol": _rules_protocol, "rounds": _rules_rounds, "fleet": _rules_fleet,
+    "distillation": _rules_distillation, "wire": _rules_wire, "privacy": _rules_privacy,
+    "faults": _rules_faults, "defences": _rules_defences,
+}
+if list(SECTION_RULES) != list(SECTIONS):
+    raise RuntimeError("every config section needs its rules function in SECTION_RULES, in section order")
+
+
+def _rules_across(c: ExperimentConfig) -> None:
+    """The combinations that span sections (mostly: what a protocol can do), after every section passed."""
+    _check(c.protocol != "proxy" or c.kd_weight > 0, "kd-weight", c.kd_weight,
+           "a number > 0 with protocol = proxy (the student learns from the teacher alone)")
+    _check(c.protocol != "logits" or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
+           "a number > 0 with protocol = logits (its public proxy set is drawn from cloud users)")
+    _check(not c.needs_teacher or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
+           "a number > 0 when a teacher is used (kd-weight > 0 or teacher refinement): it has no data otherwise")
+    _check(c.server_lr_schedule == "constant" or c.protocol == "params", "server-lr-schedule",
+           c.server_lr_schedule, f"constant with protocol = {c.protocol} (it scales the server optimizer's step)")
+    _check(c.server_optimizer == "fedavg" or c.protocol == "params", "server-optimizer", c.server_optimizer,
+           f"fedavg with protocol = {c.protocol} (a server optimizer steps the global student's parameters)")
+    _check(c.kd_schedule == "constant" or c.protocol in {"params", "local"}, "kd-schedule", c.kd_schedule,
+           f"constant with protocol = {c.protocol} (the schedule weighs the teacher's soft labels in local training)")
+    _check(c.warm_start_steps == 0 or c.protocol == "params", "warm-start-steps", c.warm_start_steps,
+           f"0 with protocol = {c.protocol} (the warm start trains the global student before round 1)")
+    _check(c.kd_schedule != "gate" or c.protocol == "params", "kd-schedule", c.kd_schedule,
+           f"not gate with protocol = {c.protocol} (the gate scores the global student on the cloud users)")
+    _check(c.val_clients == 0 or not c.stateful_clients, "val-clients", c.val_clients,
+           f"0 with protocol = {c.protocol} (its devices score the test split in the validation message, "
+           "so every device must answer)")
+    _check(not c.error_feedback or c.protocol == "params", "error-feedback", c.error_feedback,
+           f"false with protocol = {c.protocol} (only params uploads updates)")
+    _check(c.soft_label_format == "topk" or c.protocol in {"params", "local"}, "soft-label-format",
+           c.soft_label_format, f"topk with protocol = {c.protocol} (full labels exist only in the train "
+           "messages of params and local)")
+    _check(not c.kd_cache or (c.protocol in {"params", "local"} and c.soft_label_format == "topk"), "kd-cache",
+           c.kd_cache, "false unless protocol is params or local and soft-label-format is topk (the full "
+           "format is the uncompressed baseline)")
     if c.dp_mode != "off":
         _check(c.protocol == "params", "dp-mode", c.dp_mode,
                f"off with protocol = {c.protocol} (DP acts on parameter updates)")
@@ -553,49 +828,13 @@ def _validate(c: ExperimentConfig) -> None:
     if c.dp_mode == "central" or c.secure_aggregation:  # those paths sum updates their own way
         _check(c.aggregation == "mean" and c.norm_bound == 0, "aggregation", c.aggregation,
                "mean with norm-bound 0 under dp-mode = central or secure-aggregation (clipping is the bound)")
-    _validate_reliability(c)
-    widths = _split(c.student_widths)
-    _check(all(w.isdigit() and 1 <= int(w) <= c.student_dim and int(w) % c.student_heads == 0 for w in widths)
-           and (not widths or int(widths[-1]) == c.student_dim) and widths == sorted(widths, key=int),
-           "student-widths", c.student_widths,
-           f"increasing widths that divide by student-heads and end at student-dim ({c.student_dim})")
-
-
-FAULT_KINDS = ("nan", "inf", "shape", "dtype", "missing-key", "oversized", "undecodable", "steps")
-SERVER_PROTOCOLS = ("params", "proxy")  # the model lives on the server: a checkpoint holds all of it
-
-
-def _validate_reliability(c: ExperimentConfig) -> None:
-    """Faults, defences and resume: each value alone, then the combinations that cannot work."""
-    _check(c.seed >= 0, "seed", c.seed, "an integer >= 0")
-    for name in ("fault_crash", "fault_hang", "fault_corrupt"):
-        v = getattr(c, name)
-        _check(0 <= v <= 1, name.replace("_", "-"), v, "a probability in [0, 1]")
-    total = c.fault_crash + c.fault_hang + c.fault_corrupt
-    _check(total <= 1 + 1e-12, "fault-corrupt", c.fault_corrupt,
-           f"at most 1 - fault-crash - fault-hang = {1 - c.fault_crash - c.fault_hang:g} (one fault per reply)")
+    # reliability: faults and defences against the rest
     _check(c.fault_hang == 0 or c.round_timeout > 0, "fault-hang", c.fault_hang,
            "0 unless round-timeout > 0 (a hang is noticed only by a server that stops waiting)")
-    kinds = _split(c.fault_corrupt_kinds)
-    _check(bool(kinds) and set(kinds) <= set(FAULT_KINDS) and len(set(kinds)) == len(kinds),
-           "fault-corrupt-kinds", c.fault_corrupt_kinds, "distinct comma-separated names from " + ", ".join(FAULT_KINDS))
     _check(c.fault_corrupt == 0 or c.protocol in {"params", "logits"}, "fault-corrupt", c.fault_corrupt,
            f"0 with protocol = {c.protocol} (its replies carry no arrays to corrupt)")
-    ids = _split(c.fault_malicious)
-    _check(all(i.isdigit() for i in ids) and len(set(ids)) == len(ids), "fault-malicious", c.fault_malicious,
-           "distinct comma-separated partition ids (integers >= 0)")
-    _check(not ids or c.protocol == "params", "fault-malicious", c.fault_malicious,
+    _check(not c.lists.fault_malicious or c.protocol == "params", "fault-malicious", c.fault_malicious,
            f"empty with protocol = {c.protocol} (a malicious client scales a model update)")
-    _check(math.isfinite(c.fault_malicious_scale), "fault-malicious-scale", c.fault_malicious_scale,
-           "a finite number")
-    _check(c.max_reply_bytes >= 0, "max-reply-bytes", c.max_reply_bytes, "an integer >= 0 (0 = automatic)")
-    _check(c.min_replies >= 1, "min-replies", c.min_replies, "an integer >= 1")
-    _check(c.aggregation in {"mean", "trimmed-mean"}, "aggregation", c.aggregation, "mean or trimmed-mean")
-    _check(0 <= c.trim_fraction < 0.5, "trim-fraction", c.trim_fraction, "a number in [0, 0.5)")
-    for name in ("norm_bound", "norm_reject"):
-        v = getattr(c, name)
-        _check(math.isfinite(v) and (v == 0 or v >= 1), name.replace("_", "-"), v,
-               "0 (off) or a finite multiple of the median norm >= 1")
     robust = {"aggregation": c.aggregation != "mean", "norm-bound": c.norm_bound > 0, "norm-reject": c.norm_reject > 0}
     for key, on in robust.items():
         _check(not on or c.protocol == "params", key, getattr(c, key.replace("-", "_")),
@@ -606,3 +845,7 @@ def _validate_reliability(c: ExperimentConfig) -> None:
     _check(not c.resume or not c.error_feedback, "resume", c.resume,
            "false with error-feedback = true: the devices' residual files may already hold the killed "
            "round's residuals, which a resume cannot roll back")
+    ws = c.lists.student_widths
+    _check(all(1 <= w <= c.student_dim and w % c.student_heads == 0 for w in ws)
+           and (not ws or ws[-1] == c.student_dim) and list(ws) == sorted(ws),
+           "student-widths", c.student_widths, _widths_allowed(c))

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedkd import streams
-from fedkd.config import FAULT_KINDS, ExperimentConfig, _split
+from fedkd.config import FAULT_KINDS, ExperimentConfig
 from fedkd.streams import Stream
 
 # The reason code the server is expected to log for each injected corruption.
@@ -43,13 +43,13 @@ def draw_fault(cfg: ExperimentConfig, round_idx: int, partition_id: int) -> str 
     if u < cfg.fault_crash + cfg.fault_hang:
         return "hang"
     if u < cfg.fault_crash + cfg.fault_hang + cfg.fault_corrupt:
-        kinds = _split(cfg.fault_corrupt_kinds)
+        kinds = cfg.lists.fault_corrupt_kinds
         return kinds[min(int(pick * len(kinds)), len(kinds) - 1)]
     return None
 
 
 def malicious_ids(cfg: ExperimentConfig) -> set[int]:
-    return {int(i) for i in _split(cfg.fault_malicious)}
+    return set(cfg.lists.fault_malicious)
 
 
 def corrupt(arrays: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:

@@ -30,9 +30,10 @@ def fleet_profiles(cfg: ExperimentConfig, num_clients: int) -> list[DeviceProfil
             raise ValueError(f"{cfg.device_trace}: tiers {unknown} are not in tier-names "
                              f"({', '.join(sorted(known))}); each trace tier needs its tier-steps")
         return profiles
-    return tier_profiles(cfg.tier_names, cfg.tier_shares, speed=cfg.tier_speed, memory_mb=cfg.tier_memory_mb,
-                         uplink_kbps=cfg.tier_uplink_kbps, downlink_kbps=cfg.tier_downlink_kbps,
-                         availability=cfg.tier_availability, num_clients=num_clients, seed=cfg.seed,
+    t = cfg.lists
+    return tier_profiles(t.tier_names, t.tier_shares, speed=t.tier_speed, memory_mb=t.tier_memory_mb,
+                         uplink_kbps=t.tier_uplink_kbps, downlink_kbps=t.tier_downlink_kbps,
+                         availability=t.tier_availability, num_clients=num_clients, seed=cfg.seed,
                          spread=cfg.device_spread)
 
 

@@ -13,8 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedkd import processes
-from fedkd.checks import check_experiment
-from fedkd.config import ExperimentConfig
+from fedkd.checks import check_run_config
 from fedkd.results import prepare_dir, write_json
 from server.experiment import Experiment
 
@@ -23,8 +22,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = ExperimentConfig.from_flat(context.run_config)
-    check_experiment(cfg)  # the one validation step every entry point runs: before anything is written
+    # The one validation step of every entry point (`fedkd run` calls it too): a bad value fails here,
+    # before anything is written or round 1 starts, with the message `fedkd run` gives for it.
+    cfg, _ = check_run_config(context.run_config)
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name
     if cfg.resume:  # continue in place from the last checkpoint (the server checks it matches)
         if not out.is_dir():

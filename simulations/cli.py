@@ -24,7 +24,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                     "on 2 cores. Results go to <output-dir>/<experiment-name>/. A checkpoint is "
                     "written after every round; if the run is killed, the same command with "
                     "--resume continues after the last complete round and ends with the results "
-                    "an uninterrupted run would have written.",
+                    "an uninterrupted run would have written. The settings below are grouped by "
+                    "section; each is also a key of [tool.flwr.app.config] (`flwr run . --run-config`).",
         usage="fedkd run [--config FILE] [--num-cpus N] [--startup-timeout SECONDS] [--verbose] [--KEY VALUE ...]",
         formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=[],
@@ -38,7 +39,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                         "and then to answer its first message (the teacher's training is not counted). "
                         "Past it, or when the engine fails while starting, the run stops with a message "
                         "and exit code 3 instead of hanging; 0 waits forever.")
-    add_config_options(p.add_argument_group("experiment settings (also in [tool.flwr.app.config])"))
+    add_config_options(p)  # one group per config section; every key is also in [tool.flwr.app.config]
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -3,7 +3,7 @@
     python -m simulations.config_doc > docs/configuration.md
 """
 
-from fedkd.config import ExperimentConfig
+from fedkd.config import SECTIONS, ExperimentConfig
 
 
 def render() -> str:
@@ -16,10 +16,17 @@ def render() -> str:
              "`--config` file, its name and line). Options are never abbreviated. `fedkd data FILE` takes",
              "the data options below (and `--config`), checks the file as a run would and prints what is",
              "in it: users, items, interactions, duplicates dropped, time range, cloud / edge / proxy sizes.", "",
-             "| key | default | meaning |", "|---|---|---|"]
-    for key, default, text in ExperimentConfig.help_table():
-        shown = str(default).lower() if isinstance(default, bool) else repr(default) if isinstance(default, str) else default
-        lines.append(f"| `{key}` | `{shown}` | {text} |")
+             "Keys are flat (Flower's run config is one flat table), but each belongs to one section,",
+             "below and in `fedkd run --help`; `cfg.section(\"privacy\")` reads one section in code. A",
+             "comma-separated value (tier lists, `student-widths`, `test-rounds`, `fault-*` lists,",
+             "`data-columns`) is written as one string, e.g. `\"4,16\"`.", "",
+             "Sections: " + ", ".join(f"[{name}](#{name})" for name in SECTIONS) + "."]
+    for name in ExperimentConfig.sections():
+        lines += ["", f"## {name}", "", SECTIONS[name], "", "| key | default | meaning |", "|---|---|---|"]
+        for key, default, text in ExperimentConfig.help_table(name):
+            shown = (str(default).lower() if isinstance(default, bool)
+                     else repr(default) if isinstance(default, str) else default)
+            lines.append(f"| `{key}` | `{shown}` | {text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ import argparse
 import datetime
 from pathlib import Path
 
-from fedkd.config import ExperimentConfig
 from simulations.options import RawHelpFormatter, add_config_options, blame, config_values, read_overrides
 
 #: The options that decide what loading keeps and how the population is laid out.
@@ -30,19 +29,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides, as for `fedkd run`; may repeat, later files win; options win "
                         "over files.")
-    add_config_options(p.add_argument_group("data settings (as in `fedkd run`)"), DATA_KEYS)
+    add_config_options(p, DATA_KEYS, title="{section} settings (as in `fedkd run`)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from fedkd.checks import check_experiment
+    from fedkd.checks import check_run_config
     from simulations.runner import resolve_overrides
 
     files, where = read_overrides(args.config)
     typed = {**config_values(args), "data-path": args.file}
     where = {k: v for k, v in where.items() if k not in typed}  # what the command line set is not the file's
     with blame(where):
-        cfg = ExperimentConfig.from_flat(resolve_overrides({**files, **typed}))  # absolute paths, as a run has
-        plan = check_experiment(cfg, devices=False)  # the device checks need torch: 2 s more
+        # absolute paths, as a run has; devices=False: the device checks need torch, 2 s more
+        cfg, plan = check_run_config(resolve_overrides({**files, **typed}), devices=False)
     print("\n".join(summary_lines(cfg, plan)))
     return 0
 

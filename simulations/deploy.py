@@ -571,11 +571,10 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
     ValueError (bad settings) after every started process is gone.
     """
-    from fedkd.checks import check_experiment
+    from fedkd.checks import check_run_config
     from simulations.runner import resolve_overrides
     overrides = fit_fleet(resolve_overrides(overrides), nodes)
-    cfg = ExperimentConfig.from_flat(overrides)
-    check_experiment(cfg)  # every feasibility check, before any process starts (the ServerApp repeats it)
+    cfg, _ = check_run_config(overrides)  # every check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
     if certs is not None:
@@ -746,8 +745,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="Give up on the run after this many seconds (0 = never).")
     loc.add_argument("--startup-timeout", type=float, default=180.0,
                      help="Seconds the SuperLink and the SuperNodes may take to come up.")
-    group = loc.add_argument_group("experiment settings (as in `fedkd run`; win over --config/--run-config)")
-    add_config_options(group)
+    add_config_options(loc, title="{section} settings (as in `fedkd run`; win over --config/--run-config)")
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",
                           formatter_class=HelpFormatter)

@@ -3,7 +3,7 @@
 - :class:`Parser`: never abbreviates an option (``--num-round`` is not ``--num-rounds``), and
   refuses an unknown option with the subcommand's own usage and a "did you mean".
 - :class:`HelpFormatter` / :class:`RawHelpFormatter`: state each default once.
-- :func:`add_config_options`: the experiment settings as ``--KEY VALUE`` options.
+- :func:`add_config_options`: the experiment settings as ``--KEY VALUE`` options, grouped by section.
 - :func:`read_overrides` / :func:`validated` / :func:`load_overrides`: TOML override files,
   with every error naming the file and the line.
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedkd.config import ExperimentConfig, Scalar
+from fedkd.config import SECTIONS, ExperimentConfig, Scalar
 
 Where = dict[str, tuple[Path, int]]  # config key -> (file, line) that set it
 
@@ -101,20 +101,29 @@ def shown(value: Scalar) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def add_config_options(group, keys: Iterable[str] | None = None) -> None:
-    """``--KEY VALUE`` for each experiment setting (every one, or ``keys``); dest ``cfg:KEY``,
-    default None so that only what the user typed overrides the files."""
+def add_config_options(parser: argparse.ArgumentParser, keys: Iterable[str] | None = None, *,
+                       title: str = "{section} settings") -> None:
+    """``--KEY VALUE`` for each experiment setting (every one, or ``keys``), in one argument group
+    per config section (``title`` names it; ``{section}`` is the section's name) so that ``--help``
+    lists them by section; dest ``cfg:KEY``, default None so that only what the user typed
+    overrides the files."""
     wanted = None if keys is None else set(keys)
-    for key, default, text in ExperimentConfig.help_table():
-        if wanted is not None and key not in wanted:
+    for section, section_keys in ExperimentConfig.sections().items():
+        mine = [k for k in section_keys if wanted is None or k in wanted]
+        if not mine:
             continue
-        kind = type(default)
-        if kind is bool:  # `--resume` alone means true; `--progress false` still works
-            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar="BOOL", nargs="?", const=True,
-                               type=parse_bool, help=f"{text} (default: {shown(default)}; bare --{key} = true)")
-        else:
-            group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
-                               type=kind, help=f"{text} (default: {shown(default)})")
+        group = parser.add_argument_group(title.format(section=section), SECTIONS[section])
+        for key, default, text in ExperimentConfig.help_table(section):
+            if key not in mine:
+                continue
+            kind = type(default)
+            if kind is bool:  # `--resume` alone means true; `--progress false` still works
+                group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar="BOOL", nargs="?",
+                                   const=True, type=parse_bool,
+                                   help=f"{text} (default: {shown(default)}; bare --{key} = true)")
+            else:
+                group.add_argument(f"--{key}", dest=f"cfg:{key}", default=None, metavar=kind.__name__.upper(),
+                                   type=kind, help=f"{text} (default: {shown(default)})")
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Scalar]:

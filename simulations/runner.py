@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedkd.checks import check_experiment
+from fedkd.checks import check_run_config
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.population import population
 
@@ -60,8 +60,9 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     if not sys.stderr.isatty():  # a bar redrawn with \r between log lines garbles a log file or pipe
         overrides["progress"] = False
     # The app's declared defaults are the dataclass's (tests/test_config.py), so this is the config
-    # the ServerApp will parse; checking it before Flower is even imported keeps a refusal fast.
-    plan = check_experiment(ExperimentConfig.from_flat(overrides))  # every feasibility check; writes nothing
+    # the ServerApp will parse, checked by the function it calls (the same message for a bad value);
+    # checking it here, before Flower is even imported, keeps a refusal fast.
+    _, plan = check_run_config(overrides)  # every key, value and feasibility check; writes nothing
     num_clients = plan.num_clients
     log = logging.getLogger("fedkd")
     log.info("%s", plan.describe())

@@ -182,13 +182,13 @@ def _untouched(d: Path) -> bool:
 def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
     from simulations import cli, runner
 
-    real = runner.check_experiment
+    real = runner.check_run_config
 
-    def checks_only(cfg):  # a case that passed every check would start an engine: fail instead
-        real(cfg)
+    def checks_only(run_config):  # a case that passed every check would start an engine: fail instead
+        real(run_config)
         raise AssertionError("the checks passed")
 
-    monkeypatch.setattr(runner, "check_experiment", checks_only)
+    monkeypatch.setattr(runner, "check_run_config", checks_only)
     argv = _prepare(case, tmp_path)
     try:
         code = cli.main(argv)
@@ -204,6 +204,36 @@ def test_bad_input(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
         if expected.startswith("fedkd run: error"):  # argparse: the subcommand's usage, not fedkd's
             assert got.err.startswith("usage: fedkd run ")
     assert _untouched(tmp_path)
+
+
+# A bad value as `flwr run . --run-config` passes it (TOML-typed) and as `fedkd run --KEY VALUE` types it.
+SERVER_CASES = [("tier-steps", "4,x", "4,x"), ("kd-weight", -1, "-1"), ("fault-malicious", "3,x", "3,x"),
+                ("clients-per-round", 100000, "100000")]
+
+
+@pytest.mark.parametrize("key, run_config_value, argv_value", SERVER_CASES, ids=[c[0] for c in SERVER_CASES])
+def test_the_serverapp_refuses_a_bad_value_with_the_message_of_fedkd_run(key, run_config_value, argv_value,
+                                                                         tmp_path: Path, capsys) -> None:
+    """`flwr run .` fails before round 1 with `fedkd run`'s message: the ServerApp's main, given the run
+    config Flower fuses from pyproject.toml and the overrides, stops in the validation entry point that
+    `fedkd run` calls too (fedkd.checks.check_run_config), before it writes anything."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir
+
+    from server import server_app
+    from simulations import cli
+
+    out = {"output-dir": str(tmp_path / "out"), "cache-dir": str(tmp_path / "cache")}
+    assert cli.main(["run", f"--{key}", argv_value, "--synthetic-users", "50", "--output-dir", out["output-dir"],
+                     "--cache-dir", out["cache-dir"]]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    run_config = get_fused_config_from_dir(ROOT, {key: run_config_value, "synthetic-users": 50, **out})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ValueError) as err:
+        server_app.main(None, context)  # no Grid: it must not get that far
+    assert said == f"fedkd: error: {err.value}"
+    assert f"Config key '{key}' has invalid value" in said
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 DATA_CASES = [c for c in CASES if c.argv[0] == "run" and "--data-path" in c.argv]
