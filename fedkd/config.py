@@ -200,6 +200,11 @@ class ExperimentConfig:
                                            "key exchange voids the round.")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
+    reconstruction_attack: bool = _opt(True, "protocol params: each round, the server ranks items by how much "
+                                             "their embedding rows change in each client's update (under "
+                                             "secure-aggregation: in the round's sum) and guesses the training "
+                                             "history; precision/recall and a popularity baseline go into "
+                                             "summary.json (reconstruction_attack).")
 
     # --- reliability: faults injected by the ClientApp (docs/reliability.md) ------------
     fault_crash: float = _opt(0.0, "Probability that a selected client crashes (raises) instead of replying to a "

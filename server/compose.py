@@ -18,7 +18,7 @@ from fedkd.models import build_model, num_parameters
 from fedkd.privacy import accountant_for
 from fedkd.server_opt import make_server_optimizer
 from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, ServerStep, WeightedMean
-from server.attacks import membership_step
+from server.attacks import ReconstructionAttack, membership_step, reconstruction_step
 from server.cloud import Cloud
 from server.evaluation import Evaluator
 from server.fleet import Fleet
@@ -61,7 +61,13 @@ def compose(exp, grid: Grid) -> None:
                                  kd=exp.kd)
     initial = None if cfg.stateful_clients else get_state(exp.student)
     exp.evaluator = Evaluator(cfg, fleet, exp.transport, exp.out, initial_state=initial)
+    exp.observers = {}  # parts that read each round's decoded uploads (and are checkpointed)
+    if cfg.reconstruction_attack and cfg.protocol == "params":
+        secure = getattr(aggregator, "inner", aggregator) if cfg.secure_aggregation else None
+        exp.observers[ReconstructionAttack.name] = ReconstructionAttack(cfg, secure=secure)
     exp.end_of_run = [membership_step(cfg, exp.out)] if cfg.membership_attack else []
+    if cfg.reconstruction_attack:
+        exp.end_of_run.append(reconstruction_step(cfg, exp.observers.get(ReconstructionAttack.name)))
 
 
 def make_server_step(cfg):
