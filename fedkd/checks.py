@@ -6,10 +6,11 @@ loads, whether the cloud has users and the proxy set rows when distillation need
 whether clients-per-round, min-replies and the malicious ids fit the fleet, whether the
 device trace, the calibration and the students' memory work, whether differential privacy
 can be calibrated (and split with adaptive clipping's noisy count), whether a resume has its
-checkpoint, and whether the results folder can be written. :func:`check_experiment` runs all of them, reads only, writes nothing, and
-raises ``ValueError`` (``fedkd.data.DataError`` for the file) with the message a user
-acts on; every entry point (``fedkd run``, ``fedkd deploy``, ``fedkd data``, the ServerApp)
-calls it, so each bad input fails the same way everywhere. No Flower import.
+checkpoint, and whether the results folder can be written. :func:`check_experiment` runs all of
+them, reads only, writes nothing, and raises ``ValueError`` (``fedkd.data.DataError`` for the
+file) with the message a user acts on; every entry point (``fedkd run``, ``fedkd deploy``,
+``fedkd data``, the ServerApp) calls it, so each bad input fails the same way everywhere. No
+Flower import.
 """
 
 from __future__ import annotations

@@ -47,9 +47,10 @@ def summary_lines(out: Path) -> list[str]:
         lines.append(f"membership-inference attack AUC {_num(s['mia_auc'])} (0.5 = no better than a coin)")
     rec = s.get("reconstruction_attack") or {}
     if rec.get("units"):
-        lines.append(f"history reconstruction from {'round sums' if rec.get('observed') == 'round-sum' else 'updates'}: "
-                     f"precision@|history| {_num(rec.get('precision@k'))} (popularity "
-                     f"{_num(rec.get('popularity_precision@k'))}, chance {_num(rec.get('random_precision@k'))})")
+        seen = "round sums" if rec.get("observed") == "round-sum" else "updates"
+        lines.append(f"history reconstruction from {seen}: precision@|history| {_num(rec.get('precision@k'))} "
+                     f"(popularity {_num(rec.get('popularity_precision@k'))}, "
+                     f"chance {_num(rec.get('random_precision@k'))})")
     faults = [f"{s[key]} {name}" for key, name in (("rejected_total", "rejected replies"),
                                                   ("stragglers_total", "stragglers")) if s.get(key)]
     if faults:
