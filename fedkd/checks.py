@@ -5,10 +5,10 @@ work. What it cannot see needs the data and the files a run will read: whether t
 loads, whether the cloud has users and the proxy set rows when distillation needs them,
 whether clients-per-round, min-replies and the malicious ids fit the fleet, whether the
 device trace, the calibration and the students' memory work, whether differential privacy
-can be calibrated, whether a resume has its checkpoint, and whether the results folder can
-be written. :func:`check_experiment` runs all of them, reads only, writes nothing, and
-raises ``ValueError`` (``fedkd.data.DataError`` for the file) with the message a user
-acts on.
+can be calibrated (and split with adaptive clipping's noisy count), whether a resume has its
+checkpoint, and whether the results folder can be written. :func:`check_experiment` runs all of
+them, reads only, writes nothing, and raises ``ValueError`` (``fedkd.data.DataError`` for the
+file) with the message a user acts on.
 
 :func:`check_run_config` is the one validation entry point: it parses a flat run config
 (every key, value, list and section rule of ``fedkd.config``) and then runs
@@ -157,8 +157,10 @@ def check_experiment(cfg: ExperimentConfig, *, devices: bool = True) -> Plan:
 
     # --- privacy: the noise calibration must exist (cached: the server reuses it)
     if cfg.dp_mode != "off":
-        from fedkd.privacy import accountant_for
-        accountant_for(cfg, trainable)
+        from fedkd.privacy import accountant_for, adaptive_noise_split
+        acc = accountant_for(cfg, trainable)
+        if cfg.dp_clip_adaptive:  # the count's noise must leave the sum some of the budget
+            adaptive_noise_split(acc.noise_multiplier, acc.rate * trainable, cfg.dp_clip_count_stddev)
 
     # --- resume: a checkpoint of this very experiment
     if cfg.resume:

@@ -238,6 +238,23 @@ class ExperimentConfig:
     dp_target_epsilon: float = _opt(0.0, "Privacy budget at dp-delta: a round that would exceed it is refused "
                                          "and training stops there (0 = no budget).")
     dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
+    dp_secure_rng: bool = _opt(False, "Draw DP randomness (local DP's noise on the devices; central DP's noise, "
+                                      "Poisson sampling and the adaptive clip's noisy count on the server) from "
+                                      "the operating system's cryptographically secure generator instead of the "
+                                      "seeded streams: the noise can then not be recomputed from the seed, and "
+                                      "runs no longer repeat (docs/privacy.md).")
+    dp_clip_adaptive: bool = _opt(False, "dp-mode central: adapt the clipping norm each round towards the "
+                                         "dp-clip-quantile quantile of the update norms (Andrew et al. 2021, as "
+                                         "Flower's DifferentialPrivacyServerSideAdaptiveClipping), starting at "
+                                         "dp-clip-norm; the private count it needs is part of the accounted "
+                                         "release. Not with secure-aggregation.")
+    dp_clip_quantile: float = _opt(0.5, "dp-clip-adaptive: target quantile of the update norms, i.e. the share "
+                                        "of updates left unclipped (the paper's gamma).")
+    dp_clip_lr: float = _opt(0.2, "dp-clip-adaptive: learning rate of the geometric clip update "
+                                  "C <- C exp(-lr (unclipped share - quantile)).")
+    dp_clip_count_stddev: float = _opt(0.0, "dp-clip-adaptive: standard deviation of the noise on the count of "
+                                            "unclipped updates (0 = expected clients per round / 20, the paper's "
+                                            "and Flower's default).")
     secure_aggregation: bool = _opt(False, "protocol params: devices upload their updates under pairwise masks "
                                            "(X25519 + ChaCha20, fedkd.secagg) so that the server learns only the "
                                            "sum; costs a key exchange per round and 4 bytes per parameter up "
@@ -246,6 +263,11 @@ class ExperimentConfig:
                                            "key exchange voids the round.")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
+    reconstruction_attack: bool = _opt(True, "protocol params: each round, the server ranks items by how much "
+                                             "their embedding rows change in each client's update (under "
+                                             "secure-aggregation: in the round's sum) and guesses the training "
+                                             "history; precision/recall and a popularity baseline go into "
+                                             "summary.json (reconstruction_attack).")
 
     _section("faults")  # --- injected by the ClientApp (docs/reliability.md) --------------
     fault_crash: float = _opt(0.0, "Probability that a selected client crashes (raises) instead of replying to a "
@@ -814,6 +836,18 @@ def _rules_across(c: ExperimentConfig) -> None:
                "0 with dp-mode on (refinement reads single clients' models, which DP does not cover)")
         _check(c.dp_mode != "central" or c.selection == "uniform", "selection", c.selection,
                "uniform with dp-mode = central (clients are Poisson-sampled)")
+    _check(0 < c.dp_clip_quantile < 1, "dp-clip-quantile", c.dp_clip_quantile, "a number in (0, 1)")
+    _check(math.isfinite(c.dp_clip_lr) and c.dp_clip_lr > 0, "dp-clip-lr", c.dp_clip_lr, "a finite number > 0")
+    _check(math.isfinite(c.dp_clip_count_stddev) and c.dp_clip_count_stddev >= 0, "dp-clip-count-stddev",
+           c.dp_clip_count_stddev, "a finite number >= 0 (0 = expected clients per round / 20)")
+    _check(not c.dp_secure_rng or c.dp_mode != "off", "dp-secure-rng", c.dp_secure_rng,
+           "false with dp-mode = off (there is no DP noise to draw)")
+    if c.dp_clip_adaptive:
+        _check(c.dp_mode == "central", "dp-clip-adaptive", c.dp_clip_adaptive,
+               f"false with dp-mode = {c.dp_mode} (the server adapts the norm it clips to: central DP only)")
+        _check(not c.secure_aggregation, "dp-clip-adaptive", c.dp_clip_adaptive,
+               "false with secure-aggregation (the devices clip there, and their clipped bits would need a "
+               "secure sum of their own)")
     if c.secure_aggregation:
         _check(c.protocol == "params", "secure-aggregation", c.secure_aggregation,
                f"false with protocol = {c.protocol} (it sums parameter updates)")

@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fedkd import streams
+from fedkd.streams import Stream
 
 Update = Mapping[str, np.ndarray]
 MODES = ("off", "central", "local")
@@ -68,6 +72,52 @@ def poisson_sample(candidates: Sequence[int], rate: float, rng: np.random.Genera
     cs = sorted(candidates)
     draws = rng.random(len(cs))
     return [c for c, u in zip(cs, draws) if u < rate]
+
+
+# ----------------------------------------------------------------------------- randomness
+class SecureGenerator:
+    """The few draws DP needs (``normal``, ``random``), from the operating system's CSPRNG.
+
+    Every bit comes from :func:`os.urandom` (``getrandom(2)`` on Linux: the kernel's ChaCha20
+    generator, the source :mod:`secrets` uses), so no seed, state or earlier output predicts
+    the next draw. A numpy ``Generator`` does not give that even when seeded from ``secrets``:
+    PCG64 is a statistical generator whose 128-bit state can be recovered from its outputs
+    (Bouillaguet, Martinez, Sauvage 2020), after which every later noise draw is known.
+
+    ``random``: 53 random bits per float, ``k / 2^53`` in [0, 1). ``normal``: Box-Muller on
+    pairs ``u1 = (k1 + 1) / 2^53`` in (0, 1], ``u2 = k2 / 2^53``, both outputs used; its tails
+    are cut at sqrt(2 ln 2^53) = 8.6 standard deviations (mass 1e-17). Not addressed here:
+    floating-point Gaussian samples leak through their low-order bits (Mironov, CCS 2012); a
+    discrete Gaussian (Canonne, Kamath, Steinke 2020) would close that (docs/privacy.md).
+    """
+
+    @staticmethod
+    def _bits53(n: int) -> np.ndarray:
+        return np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+
+    def random(self, size=None):
+        n = int(np.prod(size)) if size is not None else 1
+        u = self._bits53(n).astype(np.float64) * 2.0 ** -53
+        return u.reshape(size) if size is not None else float(u[0])
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        if scale < 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        n = int(np.prod(size)) if size is not None else 1
+        pairs = (n + 1) // 2
+        k = self._bits53(2 * pairs).astype(np.float64)
+        u1, u2 = (k[:pairs] + 1.0) * 2.0 ** -53, k[pairs:] * 2.0 ** -53
+        r = np.sqrt(-2.0 * np.log(u1))
+        z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
+        z = loc + scale * z
+        return z.reshape(size) if size is not None else float(z[0])
+
+
+def dp_rng(secure: bool, seed: int, stream: Stream, *ids: int):
+    """The generator of one DP draw: the named seeded stream (simulation: a run repeats), or
+    with ``dp-secure-rng`` the OS's CSPRNG (deployment: nobody who knows the seed, and every
+    device knows the run config, can recompute and subtract the noise)."""
+    return SecureGenerator() if secure else streams.rng(seed, stream, *ids)
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -252,11 +302,69 @@ def noisy_mean(total: Update, *, std: float, denominator: float, rng: np.random.
     return {k: (v.astype(np.float64) / denominator).astype(np.float32) for k, v in noisy.items()}
 
 
+# ----------------------------------------------------------------------------- adaptive clipping
+def adaptive_noise_split(noise_multiplier: float, expected_clients: float,
+                         count_stddev: float = 0.0) -> tuple[float, float]:
+    """``(sigma_b, z_update)``: the noise on the count of unclipped updates and the noise
+    multiplier of the update sum, so that both releases together cost what one Gaussian
+    release at ``noise_multiplier`` costs (Andrew et al. 2021, Thm. 1; Flower's
+    ``compute_adaptive_noise_params``): ``z_update = (z^-2 - (2 sigma_b)^-2)^(-1/2)``.
+
+    The ``2 sigma_b`` is the count's sensitivity 1/2: each client adds its indicator minus 1/2
+    (:class:`QuantileClip`). ``count_stddev`` 0 means the paper's default, expected clients / 20.
+    Without noise (``z = 0``) neither release is noised beyond ``count_stddev``."""
+    if noise_multiplier <= 0:
+        return float(count_stddev), 0.0
+    sigma_b = float(count_stddev) or expected_clients / 20
+    if noise_multiplier >= 2 * sigma_b:
+        raise ValueError(f"adaptive clipping: the noise on the clipped count (dp-clip-count-stddev, here "
+                         f"{sigma_b:.4g}{'' if count_stddev else ' = expected clients per round / 20'}) must be "
+                         f"more than half the noise multiplier {noise_multiplier:.4g}, or the count alone would "
+                         "spend the whole budget; raise dp-clip-count-stddev or clients-per-round")
+    return sigma_b, (noise_multiplier ** -2 - (2 * sigma_b) ** -2) ** -0.5
+
+
+@dataclass
+class QuantileClip:
+    """The clipping norm that tracks a quantile of the update norms (Andrew et al. 2021).
+
+    Each round, with the clip ``C`` used that round: every client contributes ``b_i - 1/2``,
+    ``b_i = 1`` if its update norm is at most ``C`` (it was not clipped); the sum gets
+    ``N(0, sigma_b^2)``; ``share = noisy sum / expected clients + 1/2``, cut to [0, 1]; then
+    ``C <- C exp(-lr (share - quantile))``: too many unclipped updates shrink ``C``, too few
+    grow it. This is TensorFlow Privacy's ``QuantileEstimatorQuery`` with geometric updates and
+    Flower's ``_geometric_update``; Flower's server-side wrapper counts the *clipped* updates
+    instead (and divides by the replies, not the expected count) but moves ``C`` with the
+    same sign, which drives ``C`` away from its target (docs/privacy.md)."""
+
+    clip: float
+    quantile: float
+    lr: float
+    count_stddev: float
+    expected: float  # expected participants per round (q n): the fixed denominator
+
+    def update(self, norms: Sequence[float], rng) -> float:
+        """Move the clip after a round whose updates had ``norms``; returns the noisy unclipped share."""
+        centred = sum(1 for x in norms if x <= self.clip) - 0.5 * len(norms)
+        if self.count_stddev > 0:
+            centred += float(rng.normal(0.0, self.count_stddev))
+        share = min(1.0, max(0.0, centred / self.expected + 0.5))
+        self.clip *= math.exp(-self.lr * (share - self.quantile))
+        return share
+
+    def state_dict(self) -> dict:
+        return {"clip": self.clip}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.clip = float(state["clip"])
+
+
 def local_dp(update: Update, cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A device's local DP step: clip its own update to ``dp-clip-norm`` and add noise of std
     ``z * C``, with ``z`` from the run config alone (calibrated for a device that takes part
     in every round when only a target epsilon is given). In a deployment ``rng`` should be
-    a cryptographically secure generator; the simulation seeds it so runs repeat."""
+    a cryptographically secure generator (``dp-secure-rng``: :class:`SecureGenerator`); the
+    simulation seeds it by default so runs repeat."""
     z = resolve_noise("local", cfg.dp_noise_multiplier, cfg.dp_target_epsilon, 1.0, cfg.num_rounds, cfg.dp_delta)
     clipped, _ = clip_update(update, cfg.dp_clip_norm)
     return add_gaussian_noise(clipped, z * cfg.dp_clip_norm, rng)

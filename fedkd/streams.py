@@ -39,6 +39,8 @@ class Stream(IntEnum):
     CENTRAL_DP_NOISE = 14  # (round,) Gaussian noise added to the aggregate
     LOCAL_DP_NOISE = 15    # (round, partition) Gaussian noise a device adds to its update
     VAL_SAMPLE = 16        # the fixed clients validated each round (val-clients)
+    CLIP_COUNT_NOISE = 18  # (round,) adaptive clipping's noise on the count of unclipped updates (18: issue 18's
+    #                        number, as COMPRESS_RECOVERY below)
     COMPRESS_RECOVERY = 20  # fedkd.recover: held-out rows and fine-tune batches (20: issue 20's number,
     #                         clear of tags other branches may be adding)
     WARM_START = 21        # the server's warm start of the global student (batches and dropout)

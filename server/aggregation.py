@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.serverapp import Grid
 
-from fedkd import streams
 from fedkd.aggregate import apply_update, combine
 from fedkd.nested import embed, sub_layout
-from fedkd.privacy import PrivacyAccountant, noisy_mean, private_sum
+from fedkd.privacy import PrivacyAccountant, QuantileClip, dp_rng, noisy_mean, private_sum
 from fedkd.server_opt import lr_scale
 from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 from fedkd.streams import Stream
@@ -46,6 +45,8 @@ class Aggregate:
     bounded: int = 0  # updates scaled down by norm bounding
     released: bool = False  # a DP release happened (the accountant records it)
     norms: list[float] = field(default_factory=list)  # norms before DP clipping, where the server saw them
+    clip: float | None = None  # the DP clip norm of the round, when it varies (adaptive clipping)
+    columns: dict = field(default_factory=dict)  # metrics.csv columns of the aggregator (adaptive clipping)
 
 
 class WeightedMean:
@@ -137,20 +138,45 @@ class ClippedSum:
 class CentralDP:
     """Central DP around a sum: Gaussian noise of std ``z * C`` on the sum, divided by the
     expected number of participants (q x eligible clients); a release every round, with or
-    without participants, unless the inner sum is void."""
+    without participants, unless the inner sum is void.
+
+    With ``adaptive`` (a :class:`fedkd.privacy.QuantileClip`, server-side clipping only) the
+    clip norm ``C`` of each round is the clipper's, the sum's noise multiplier is
+    ``update_noise`` (``z_update`` of :func:`fedkd.privacy.adaptive_noise_split`, above the
+    accounted ``z``), and after the release the clipper moves ``C`` from the round's noisy
+    count, as Flower's ``DifferentialPrivacyServerSideAdaptiveClipping`` does. ``secure_rng``:
+    noise from the OS's CSPRNG instead of the seeded streams (``dp-secure-rng``)."""
 
     def __init__(self, inner: ClippedSum | SecureSum, accountant: PrivacyAccountant, *, clip: float,
-                 eligible: int, seed: int, template: dict) -> None:
+                 eligible: int, seed: int, template: dict, secure_rng: bool = False,
+                 adaptive: QuantileClip | None = None, update_noise: float | None = None) -> None:
         self.inner, self.acc, self.clip, self.eligible, self.seed = inner, accountant, clip, eligible, seed
         self.template = template  # shapes of the full student, for a round nobody took part in
+        self.secure_rng, self.adaptive, self.update_noise = secure_rng, adaptive, update_noise
 
     def __call__(self, uploads: list[Upload], r: int) -> Aggregate:
+        clip, z = self.clip, self.acc.noise_multiplier
+        if self.adaptive is not None:
+            clip, z = self.adaptive.clip, self.update_noise
+            self.inner.clip = clip
         total = self.inner.total(uploads, r)
         if total is None:
             return Aggregate(None)
-        update = noisy_mean(total, std=self.acc.noise_multiplier * self.clip, denominator=self.acc.rate * self.eligible,
-                            rng=streams.rng(self.seed, Stream.CENTRAL_DP_NOISE, r), template=self.template)
-        return Aggregate(update, released=True, norms=list(getattr(self.inner, "norms", [])))
+        update = noisy_mean(total, std=z * clip, denominator=self.acc.rate * self.eligible,
+                            rng=dp_rng(self.secure_rng, self.seed, Stream.CENTRAL_DP_NOISE, r), template=self.template)
+        norms = list(getattr(self.inner, "norms", []))
+        if self.adaptive is None:
+            return Aggregate(update, released=True, norms=norms)
+        share = self.adaptive.update(norms, dp_rng(self.secure_rng, self.seed, Stream.CLIP_COUNT_NOISE, r))
+        return Aggregate(update, released=True, norms=norms, clip=clip,
+                         columns={"dp_clip_norm": clip, "dp_unclipped_share": share})
+
+    def state_dict(self) -> dict:
+        return {"adaptive": self.adaptive.state_dict()} if self.adaptive is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
 
     @property
     def before_train(self):  # secure aggregation's key exchange, when the sum is secure

@@ -1,22 +1,31 @@
-"""End-of-run measurements of what the chosen model reveals, run by the ServerApp so that every
-engine (``fedkd run``, ``flwr run .``, ``fedkd deploy``) reports them.
+"""Attacks that measure what a run reveals, run by the ServerApp so that every engine
+(``fedkd run``, ``flwr run .``, ``fedkd deploy``) reports them in summary.json.
+
+- membership inference, at the end of the run, on the chosen global student;
+- history reconstruction, an observer of what the server decodes in each round (each
+  client's update; under secure aggregation only the round's sum), reported at the end.
 
 They read the edge users' histories, which a real server never holds: they are the
-experimenter's oracle on a simulated or loopback fleet, not part of the protocol, and they
-run after training, on the model already chosen, so they cannot influence it.
+experimenter's oracle on a simulated or loopback fleet, not part of the protocol. Neither
+changes anything the run computes: the membership attack runs on the model already chosen,
+the observer only reads the decoded uploads and draws no random numbers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from fedkd.config import ExperimentConfig
 from fedkd.local import set_state
 from fedkd.membership import membership_attack
 from fedkd.models import build_model
 from fedkd.population import population
+from fedkd.reconstruction import TABLE, Tally, attack, history_items, popularity_ranking
+from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 
 log = logging.getLogger("fedkd")
 
@@ -34,4 +43,83 @@ def membership_step(cfg: ExperimentConfig, out: Path) -> Callable[[dict | None],
         res = membership_attack(model, pop.dataset.sequences, users, cfg.max_len)
         log.info("membership inference (loss threshold): AUC %.4f on %d edge users", res["auc_loss"], res["members"])
         return {"mia_auc": res["auc_loss"], "membership_attack": res}
+    return step
+
+
+class ReconstructionAttack:
+    """History reconstruction (:mod:`fedkd.reconstruction`) on what the server decodes each round.
+
+    Without secure aggregation the server decodes every client's update (central DP clips and
+    noises only the released sum, after this): each accepted upload is attacked against its
+    client's own training items, and results are averaged per client, then over clients.
+    Under secure aggregation the server sees one masked vector per client, unrelated to its
+    update; what it can attack is the round's unmasked sum, against the union of that round's
+    clients' items (a void round, whose sum the server cannot unmask, is not attacked); results
+    are averaged over rounds. A part of the round loop: its tally is checkpointed.
+    """
+
+    name = "reconstruction"
+
+    def __init__(self, cfg: ExperimentConfig, *, secure=None) -> None:
+        pop = population(cfg)
+        self.sequences, self.clients = pop.dataset.sequences, pop.clients
+        self.popular = popularity_ranking(self.sequences, pop.cloud_users, pop.dataset.num_items)
+        self.secure = secure  # server.aggregation.SecureSum (its key set and layout) under secure aggregation
+        self.tally = Tally()
+        self._items: dict[int, np.ndarray] = {}
+
+    def items(self, pids) -> np.ndarray:
+        """The distinct training items of these clients together."""
+        for p in pids:
+            if p not in self._items:
+                self._items[p] = history_items(self.sequences, self.clients[p])
+        return np.unique(np.concatenate([self._items[p] for p in pids]))
+
+    def observe(self, uploads, r: int) -> None:
+        """Attack round ``r``'s accepted uploads, as the server decoded them."""
+        if not uploads:
+            return
+        if self.secure is None:
+            for u in uploads:
+                if isinstance(u.payload, Mapping) and TABLE in u.payload:
+                    pid = u.node.partition_id
+                    self.tally.add(pid, attack(u.payload, self.items([pid]), self.popular))
+            return
+        try:
+            total = unmask_sum({u.node.partition_id: u.payload for u in uploads}, self.secure.key_set)
+        except ValueError:  # a dropout voided the round: the server cannot unmask it either
+            return
+        update = unflatten(decode_fixed(total, FRAC_BITS), self.secure.layout)
+        self.tally.add(r, attack(update, self.items(sorted(u.node.partition_id for u in uploads)), self.popular))
+
+    def result(self) -> dict:
+        """``reconstruction_attack`` for summary.json."""
+        if self.secure is None:
+            seen = ("each client's decoded update, ranked by its item-table rows' L2 change, top |H| against "
+                    "the client's distinct training items H; averaged per client, then over clients")
+        else:
+            seen = ("secure aggregation: only each round's unmasked sum, ranked by its item-table rows' L2 change, "
+                    "top |H| against the union H of that round's clients' training items; averaged over rounds")
+        res = {"observed": "round-sum" if self.secure is not None else "client-update", "method": seen,
+               **self.tally.summary()}
+        if res["units"]:
+            log.info("history reconstruction (%s): precision@|H| %.4f (popularity %.4f, chance %.4f) over %d %s",
+                     res["observed"], res["precision@k"], res["popularity_precision@k"], res["random_precision@k"],
+                     res["units"], "rounds" if self.secure is not None else "clients")
+        return {"reconstruction_attack": res}
+
+    def state_dict(self) -> dict:
+        return self.tally.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tally.load_state_dict(state)
+
+
+def reconstruction_step(cfg: ExperimentConfig, observer: ReconstructionAttack | None) -> Callable[[dict | None], dict]:
+    """The observer's result at the end of the run (or why there is none)."""
+    def step(state: dict | None) -> dict:
+        if observer is None:
+            return {"reconstruction_attack": {"skipped": f"protocol {cfg.protocol} uploads no item-table update "
+                                                         "to attack"}}
+        return observer.result()
     return step

@@ -15,10 +15,10 @@ from flwr.serverapp import Grid
 
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
-from fedkd.privacy import accountant_for
+from fedkd.privacy import QuantileClip, accountant_for, adaptive_noise_split
 from fedkd.server_opt import make_server_optimizer
 from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, ServerStep, WeightedMean
-from server.attacks import membership_step
+from server.attacks import ReconstructionAttack, membership_step, reconstruction_step
 from server.cloud import Cloud
 from server.evaluation import Evaluator
 from server.fleet import Fleet
@@ -51,7 +51,7 @@ def compose(exp, grid: Grid) -> None:
     log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
              num_parameters(exp.student), cfg.num_rounds)
     if cfg.dp_mode == "central":  # what the amplification bound assumes
-        exp.sampler = PoissonSampler(seed=cfg.seed, rate=accountant.rate)
+        exp.sampler = PoissonSampler(seed=cfg.seed, rate=accountant.rate, secure_rng=cfg.dp_secure_rng)
     else:
         exp.sampler = FixedSizeSampler(seed=cfg.seed, k=cfg.clients_per_round, policy=cfg.selection,
                                        tier_of=fleet.tier_of)
@@ -63,9 +63,15 @@ def compose(exp, grid: Grid) -> None:
                                  kd=exp.kd)
     initial = None if cfg.stateful_clients else get_state(exp.student)
     exp.evaluator = Evaluator(cfg, fleet, exp.transport, exp.out, initial_state=initial)
+    exp.observers = {}  # parts that read each round's decoded uploads (and are checkpointed)
+    if cfg.reconstruction_attack and cfg.protocol == "params":
+        secure = getattr(aggregator, "inner", aggregator) if cfg.secure_aggregation else None
+        exp.observers[ReconstructionAttack.name] = ReconstructionAttack(cfg, secure=secure)
     exp.end_of_run = [reference_step(cfg, cloud.teacher)]
     if cfg.membership_attack:
         exp.end_of_run.append(membership_step(cfg, exp.out))
+    if cfg.reconstruction_attack:
+        exp.end_of_run.append(reconstruction_step(cfg, exp.observers.get(ReconstructionAttack.name)))
 
 
 def make_server_step(cfg):
@@ -94,8 +100,17 @@ def make_aggregator(cfg, exp, fleet: Fleet, accountant):
     else:
         total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
     if cfg.dp_mode == "central":
+        adaptive, update_noise = None, None
+        if cfg.dp_clip_adaptive:  # Andrew et al. 2021: the clip follows a quantile of the norms
+            expected = accountant.rate * len(fleet.eligible)
+            count_std, update_noise = adaptive_noise_split(accountant.noise_multiplier, expected,
+                                                           cfg.dp_clip_count_stddev)
+            adaptive = QuantileClip(clip=cfg.dp_clip_norm, quantile=cfg.dp_clip_quantile, lr=cfg.dp_clip_lr,
+                                    count_stddev=count_std, expected=expected)
+            exp.privacy.adapt(adaptive, update_noise)
         return CentralDP(total, accountant, clip=cfg.dp_clip_norm, eligible=len(fleet.eligible), seed=cfg.seed,
-                         template=get_state(exp.student))
+                         template=get_state(exp.student), secure_rng=cfg.dp_secure_rng, adaptive=adaptive,
+                         update_noise=update_noise)
     if cfg.secure_aggregation:
         return total
     return WeightedMean(fleet.full_model, fleet.width_of, aggregation=cfg.aggregation,

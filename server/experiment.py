@@ -134,6 +134,8 @@ class Experiment:
                                        max_reply_bytes=cfg.max_reply_bytes,
                                        norm_reject=cfg.norm_reject if proto.name == "params" else 0.0)
         self.profile.spent["client_train_s"] += sum(float(u.metrics.get("train-seconds", 0.0)) for u in uploads)
+        for observer in self.observers.values():  # what the server saw, whether or not the round counts
+            observer.observe(uploads, r)
         rejected.update(ex.failed)
         skipped = len(uploads) < cfg.min_replies
         if skipped:
@@ -226,7 +228,7 @@ class Experiment:
         summary.update(self.test_model(best_round, best_state))
         if best_state is not None:  # the chosen global student, for `fedkd export` and later analysis
             save_student(self.out, best_state, self.fleet.full_model)
-        for step in self.end_of_run:  # measurements on the finished run (membership attack, ...)
+        for step in self.end_of_run:  # measurements on the finished run (membership, reconstruction attacks)
             summary.update(step(best_state))
         write_json(self.out / "summary.json", summary)
         plot_run(rows, self.out, k=k, title=cfg.experiment_name,
@@ -256,7 +258,7 @@ class Experiment:
     def parts(self) -> dict:
         """Every part that carries state from one round to the next, by name."""
         named = {"transport": self.transport, "fleet": self.fleet, "protocol": self.protocol, "kd": self.kd,
-                 "evaluator": self.evaluator, "cloud": self.cloud, "privacy": self.privacy}
+                 "evaluator": self.evaluator, "cloud": self.cloud, "privacy": self.privacy, **self.observers}
         return {name: part for name, part in named.items() if part is not None}
 
     def checkpoint(self, r: int, wall_s: float) -> None:

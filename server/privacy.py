@@ -25,9 +25,20 @@ class PrivacyBudget:
                  num_rounds: int) -> None:
         self.acc, self.clip, self.eligible, self.out = accountant, clip, eligible, out
         self.stop: dict | None = None
+        self.clipper, self.update_noise = None, None  # adaptive clipping (see adapt)
         log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
                  "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
                  accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
+
+    def adapt(self, clipper, update_noise: float) -> None:
+        """Adaptive clipping is on: ``clipper`` (a QuantileClip; the aggregator owns and checkpoints
+        it) moves the clip norm, and the sum's noise multiplier is ``update_noise``. The accountant
+        is unchanged: the sum and the noisy count together are one Gaussian release at its ``z``."""
+        self.clipper, self.update_noise = clipper, update_noise
+        log.info("adaptive clipping: from C = %.4g towards the %.3g quantile of update norms (lr %.3g); noisy "
+                 "count std %.4g over %.4g expected clients; sum noise multiplier %.4g (accounted: %.4g)",
+                 clipper.clip, clipper.quantile, clipper.lr, clipper.count_stddev, clipper.expected, update_noise,
+                 self.acc.noise_multiplier)
 
     def refuses(self, r: int) -> bool:
         """With a target epsilon: refuse round ``r`` if its release would take epsilon past the
@@ -64,13 +75,19 @@ class PrivacyBudget:
             return {"dp_epsilon": acc.epsilon(), "dp_clipped": "", "dp_norm_median": ""}
         acc.record() if acc.mode == "central" else acc.record(released)
         write_json(self.out / "privacy.json", acc.report())
-        norms = agg.norms
-        return {"dp_epsilon": acc.epsilon(), "dp_clipped": sum(1 for x in norms if x > self.clip) if norms else "",
-                "dp_norm_median": float(np.median(norms)) if norms else ""}
+        norms, clip = agg.norms, agg.clip if agg.clip is not None else self.clip
+        return {"dp_epsilon": acc.epsilon(), "dp_clipped": sum(1 for x in norms if x > clip) if norms else "",
+                "dp_norm_median": float(np.median(norms)) if norms else "", **agg.columns}
 
     def summary(self) -> dict:
         eps = self.acc.epsilon()
-        return {"dp_epsilon": eps if np.isfinite(eps) else "inf", "privacy": {**self.acc.report(), "stopped": self.stop}}
+        report = {**self.acc.report(), "stopped": self.stop}
+        if self.clipper is not None:
+            c = self.clipper
+            report["adaptive_clip"] = {"initial_clip": self.clip, "final_clip": c.clip, "quantile": c.quantile,
+                                       "lr": c.lr, "count_stddev": c.count_stddev, "expected_clients": c.expected,
+                                       "update_noise_multiplier": self.update_noise}
+        return {"dp_epsilon": eps if np.isfinite(eps) else "inf", "privacy": report}
 
     def state_dict(self) -> dict:
         return {"accountant": self.acc.to_dict(), "stop": self.stop}

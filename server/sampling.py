@@ -8,7 +8,7 @@ draws a fixed number (``clients-per-round``), uniformly or by tier budget (:func
 from __future__ import annotations
 
 from fedkd import streams
-from fedkd.privacy import poisson_sample
+from fedkd.privacy import dp_rng, poisson_sample
 from fedkd.schedule import select
 from fedkd.simtime import ClientTiming
 from fedkd.streams import Stream
@@ -24,8 +24,11 @@ class FixedSizeSampler:
 
 
 class PoissonSampler:
-    def __init__(self, *, seed: int, rate: float) -> None:
-        self.seed, self.rate = seed, rate
+    """``secure_rng`` (``dp-secure-rng``): the draws come from the OS's CSPRNG, so that who was
+    sampled, which the amplification bound assumes hidden, cannot be recomputed from the seed."""
+
+    def __init__(self, *, seed: int, rate: float, secure_rng: bool = False) -> None:
+        self.seed, self.rate, self.secure_rng = seed, rate, secure_rng
 
     def __call__(self, pids: list[int], plans: dict[int, ClientTiming], r: int) -> set[int]:
-        return set(poisson_sample(pids, self.rate, streams.rng(self.seed, Stream.SELECTION, r)))
+        return set(poisson_sample(pids, self.rate, dp_rng(self.secure_rng, self.seed, Stream.SELECTION, r)))

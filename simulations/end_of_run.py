@@ -45,6 +45,12 @@ def summary_lines(out: Path) -> list[str]:
                      + (f"; stopped after round {stop.get('rounds_trained')} (budget)" if stop else ""))
     if "mia_auc" in s:
         lines.append(f"membership-inference attack AUC {_num(s['mia_auc'])} (0.5 = no better than a coin)")
+    rec = s.get("reconstruction_attack") or {}
+    if rec.get("units"):
+        seen = "round sums" if rec.get("observed") == "round-sum" else "updates"
+        lines.append(f"history reconstruction from {seen}: precision@|history| {_num(rec.get('precision@k'))} "
+                     f"(popularity {_num(rec.get('popularity_precision@k'))}, "
+                     f"chance {_num(rec.get('random_precision@k'))})")
     faults = [f"{s[key]} {name}" for key, name in (("rejected_total", "rejected replies"),
                                                   ("stragglers_total", "stragglers")) if s.get(key)]
     if faults:

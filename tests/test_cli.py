@@ -73,7 +73,9 @@ def test_a_run_ends_with_a_few_lines_not_the_whole_summary(tmp_path):
                "rejected_total": 0, "teacher": {"cached": False, "seconds": 4.2, "history": [{"epoch": 1}] * 40},
                "dp_epsilon": 4.42, "privacy": {"mode": "central", "delta": 1e-05, "noise_multiplier": 1.0,
                                                "rate": 0.25, "stopped": None},
-               "mia_auc": 0.469, "data": {"duplicates_dropped": 80, "short_rows_dropped": 0}}
+               "mia_auc": 0.469, "data": {"duplicates_dropped": 80, "short_rows_dropped": 0},
+               "reconstruction_attack": {"observed": "client-update", "units": 20, "precision@k": 0.9012,
+                                         "popularity_precision@k": 0.2031, "random_precision@k": 0.1625}}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     lines = summary_lines(tmp_path)
     assert len(lines) <= MAX_LINES
@@ -85,6 +87,7 @@ def test_a_run_ends_with_a_few_lines_not_the_whole_summary(tmp_path):
         "time: 12.3 s wall (teacher trained in 4.2 s); simulated device time 0.5 s",
         "privacy: dp-mode central, epsilon 4.42 at delta 1e-05, noise multiplier 1, sampling rate 0.25",
         "membership-inference attack AUC 0.4690 (0.5 = no better than a coin)",
+        "history reconstruction from updates: precision@|history| 0.9012 (popularity 0.2031, chance 0.1625)",
         "reliability: 2 stragglers (rejections.jsonl, metrics.csv)",
         "data: 80 exact duplicate rows dropped, 0 rows of short users dropped",
         f"results: {tmp_path} (everything in summary.json, metrics.csv, run.log)",

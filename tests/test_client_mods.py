@@ -91,6 +91,15 @@ def test_local_dp_noises_then_a_malicious_client_boosts_the_noised_update():
         np.testing.assert_array_equal(update[k], (noised[k] * 7.0).astype(np.float32))
 
 
+def test_local_dp_with_a_secure_rng_draws_fresh_noise_for_the_same_message():
+    flat = {"dp-mode": "local", "dp-noise-multiplier": 0.5, "dp-clip-norm": 0.5, "dp-secure-rng": True}
+    (a, _), (b, _) = _send(TRAIN_MODS, **flat), _send(TRAIN_MODS, **flat)
+    cfg = ExperimentConfig.from_flat({**BASE, **flat})
+    seeded = local_dp(UPDATE, cfg, streams.rng(cfg.seed, Stream.LOCAL_DP_NOISE, ROUND, PID))
+    for k in UPDATE:
+        assert not np.array_equal(a[k], b[k]) and not np.array_equal(a[k], seeded[k])
+
+
 def test_under_secure_aggregation_central_dp_clips_after_the_malicious_boost():
     update, _ = _send(TRAIN_MODS, **{"secure-aggregation": True, "dp-mode": "central", "dp-clip-norm": 0.5,
                                      "fault-malicious": str(PID), "fault-malicious-scale": 7.0})

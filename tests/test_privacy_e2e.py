@@ -154,3 +154,19 @@ def test_secure_aggregation_in_real_rounds(tmp_path):
     from simulations.audit_cmd import history_findings
 
     assert history_findings(out)[0] == []
+
+
+def test_the_reconstruction_attack_is_in_the_golden_runs_summaries(golden):
+    """summary.json's reconstruction_attack, from the shared golden runs: per client where the
+    server decodes each update (well above popularity and chance: an update's item rows give the
+    history away), on the round's sum under secure aggregation, and a reason where nothing is
+    uploaded to attack (the logit protocol uploads predictions)."""
+    got = {name: json.loads((golden[name].out / "summary.json").read_text())["reconstruction_attack"]
+           for name in ("default", "secagg", "logits-refine")}
+    plain = got["default"]
+    assert plain["observed"] == "client-update" and (plain["units"], plain["attacks"]) == (40, 80)
+    assert plain["precision@k"] > plain["popularity_precision@k"] + 0.3
+    assert plain["precision@k"] > plain["random_precision@k"] + 0.3
+    secure = got["secagg"]
+    assert secure["observed"] == "round-sum" and secure["units"] == 2 and 0 <= secure["precision@k"] <= 1
+    assert "uploads no item-table update" in got["logits-refine"]["skipped"]

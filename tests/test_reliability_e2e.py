@@ -1,6 +1,6 @@
 """Reliability in real Flower simulations: injected faults are rejected with their reasons,
 the same seed gives the same metrics.csv, and a run killed with SIGKILL resumes to the
-metrics.csv of an uninterrupted run.
+metrics.csv of an uninterrupted run (with faults; with central DP, to the same epsilon).
 
 Each run goes through the CLI in a subprocess (its own Ray instance, in its own process
 group so that a SIGKILL takes Ray's processes down with it). The uninterrupted faulty run is
@@ -95,11 +95,12 @@ def test_the_same_seed_gives_an_identical_metrics_csv(reference, faults_rerun):
     assert a["test_ndcg@10"] == b["test_ndcg@10"]
 
 
-def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, tmp_path, cache):
-    name = NAME
-    proc = subprocess.Popen(_cmd(tmp_path, cache, name, FAULTY), cwd=ROOT, stdout=subprocess.DEVNULL,
+def _kill_after_round_2(out: Path, cache: Path, name: str, flat: dict) -> None:
+    """Start the run, SIGKILL it (with its Ray processes) once round 2 is written; it must not
+    have finished. Round 3 may be in the results or not, as a real kill falls."""
+    proc = subprocess.Popen(_cmd(out, cache, name, flat), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    timing = tmp_path / name / "timing.csv"
+    timing = out / name / "timing.csv"
     deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:  # wait for round 2 to be written, then kill
@@ -110,14 +111,38 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray processes and its ClientApp workers
         proc.wait()
-    killed_rows = (tmp_path / name / "metrics.csv").read_text().count("\n") - 1
-    assert 2 <= killed_rows <= 3 and not (tmp_path / name / "summary.json").exists()
+    killed_rows = (out / name / "metrics.csv").read_text().count("\n") - 1
+    assert 2 <= killed_rows <= 3 and not (out / name / "summary.json").exists()
+
+
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, tmp_path, cache):
+    name = NAME
+    _kill_after_round_2(tmp_path, cache, name, FAULTY)
     out = _run(tmp_path, cache, name, {**FAULTY, "resume": True})
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert _reasons(out) == _reasons(reference)  # each rejection once, none lost or repeated
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
     assert (a["test_ndcg@10"], a["best_round"]) == (b["test_ndcg@10"], b["best_round"])
     assert "resumed after round" in (out / "run.log").read_text()
+
+
+def test_a_central_dp_run_killed_and_resumed_ends_with_the_same_epsilon_and_metrics(golden, tmp_path, cache):
+    """The golden central-DP case (Poisson sampling, clipping, noise; 3 rounds) killed after round
+    2 and resumed: the accountant comes back with the checkpoint, so the resumed run releases
+    exactly the rounds the uninterrupted one did, with the same noise, and ends at its epsilon."""
+    name = "central-dp"
+    flat = {**BASE, **CASES[name]}
+    reference = golden[name].out
+    _kill_after_round_2(tmp_path, cache, name, flat)
+    out = _run(tmp_path, cache, name, {**flat, "resume": True})
+    assert "resumed after round" in (out / "run.log").read_text()
+    assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
+    assert a["dp_epsilon"] == b["dp_epsilon"] and a["privacy"] == b["privacy"]
+    assert a["privacy"]["releases"] == 3 and a["dp_epsilon"] > 0
+    assert json.loads((out / "privacy.json").read_text()) == json.loads((reference / "privacy.json").read_text())
+    assert (a["test_ndcg@10"], a["best_round"]) == (b["test_ndcg@10"], b["best_round"])
+    assert a["reconstruction_attack"] == b["reconstruction_attack"]  # the observer's tally came back too
 
 
 def test_a_hanging_client_times_out_and_too_few_replies_skip_the_round(tmp_path, cache):

@@ -71,11 +71,15 @@ class ParamsProtocol(Protocol):
         return ensemble_of_states(self.student, models, batch, temperature=cfg.kd_temperature) if models else None
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "state": self.state, "server_step": self.server_step.state_dict()}
+        agg = getattr(self.aggregator, "state_dict", None)  # central DP's adaptive clip norm
+        return {**super().state_dict(), "state": self.state, "server_step": self.server_step.state_dict(),
+                **({"aggregator": agg()} if agg is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.state = state["state"]
         self.server_step.load_state_dict(state["server_step"])
+        if "aggregator" in state:
+            self.aggregator.load_state_dict(state["aggregator"])
 
 
