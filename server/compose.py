@@ -58,6 +58,9 @@ def compose(exp, grid: Grid) -> None:
     aggregator = make_aggregator(cfg, exp, fleet, accountant)
     exp.before_train = getattr(aggregator, "before_train", None)
     exp.kd = KDSchedule(cfg, cloud, copy.deepcopy(exp.student))
+    unused = unused_settings(cfg, exp.kd)
+    if unused:
+        log.info("protocol %s does not use %s", cfg.protocol, ", ".join(unused))
     exp.protocol = make_protocol(cfg.protocol, cfg=cfg, cloud=cloud, student=exp.student, fleet=fleet,
                                  aggregator=aggregator, server_step=make_server_step(cfg), privacy=exp.privacy,
                                  kd=exp.kd)
@@ -72,6 +75,18 @@ def compose(exp, grid: Grid) -> None:
         exp.end_of_run.append(membership_step(cfg, exp.out))
     if cfg.reconstruction_attack:
         exp.end_of_run.append(reconstruction_step(cfg, exp.observers.get(ReconstructionAttack.name)))
+
+
+def unused_settings(cfg, kd: KDSchedule) -> list[str]:
+    """The server settings that are defaults of every run but act only on a global student."""
+    unused = []
+    if cfg.protocol != "params":
+        unused += [f"server-optimizer = {cfg.server_optimizer}"] if cfg.server_optimizer != "fedavg" else []
+        unused += ([f"server-lr-schedule = {cfg.server_lr_schedule}"] if cfg.server_lr_schedule != "constant"
+                   else [])
+    if kd.schedule != cfg.kd_schedule:
+        unused.append(f"kd-schedule = {cfg.kd_schedule} (kd-weight stays constant)")
+    return unused
 
 
 def make_server_step(cfg):

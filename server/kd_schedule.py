@@ -30,22 +30,23 @@ log = logging.getLogger("fedkd")
 class KDSchedule:
     def __init__(self, cfg: ExperimentConfig, cloud: Cloud, student: torch.nn.Module | None = None) -> None:
         self.cfg, self.cloud, self.student = cfg, cloud, student
+        self.schedule = effective_schedule(cfg)
         self.gated_at: int | None = None  # round after whose validation the gate closed
         self.teacher_val: float | None = None
 
     @property
     def varies(self) -> bool:
         """Whether the weight can change during the run (then it travels in each train message)."""
-        return self.cfg.kd_schedule != "constant" and self.cfg.kd_weight > 0
+        return self.schedule != "constant" and self.cfg.kd_weight > 0
 
     def weight(self, r: int) -> float:
         """Distillation weight of round ``r`` (rounds count from 1)."""
         cfg, base = self.cfg, self.cfg.kd_weight
-        if base == 0 or cfg.kd_schedule == "constant":
+        if base == 0 or self.schedule == "constant":
             return base
-        if cfg.kd_schedule == "linear":
+        if self.schedule == "linear":
             return base * max(0.0, 1.0 - (r - 1) / cfg.kd_decay_rounds)
-        if cfg.kd_schedule == "exp":
+        if self.schedule == "exp":
             return base * 0.5 ** ((r - 1) / cfg.kd_decay_rounds)
         return 0.0 if self.gated_at is not None and r > self.gated_at else base  # gate
 
@@ -54,7 +55,7 @@ class KDSchedule:
         comparison that may close it (``state`` is the validated student; None in a round
         without validation, whose gate columns stay empty)."""
         cols = {"kd_weight": self.weight(r)} if self.varies else {}
-        if self.cfg.kd_schedule != "gate" or self.cfg.kd_weight == 0:
+        if self.schedule != "gate" or self.cfg.kd_weight == 0:
             return cols
         if state is None:
             return {**cols, "student_cloud_val_ndcg": "", "teacher_cloud_val_ndcg": ""}
@@ -74,3 +75,12 @@ class KDSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.gated_at, self.teacher_val = state["gated_at"], state["teacher_val"]
+
+
+def effective_schedule(cfg: ExperimentConfig) -> str:
+    """The schedule a protocol can follow: all of them under params; under local every one but
+    the gate (it scores a global student, which local lacks); under logits and proxy, whose
+    targets the server builds itself, the constant kd-weight."""
+    if cfg.protocol == "params" or (cfg.protocol == "local" and cfg.kd_schedule != "gate"):
+        return cfg.kd_schedule
+    return "constant"

@@ -74,15 +74,11 @@ def test_server_learning_rate_schedule_by_hand():
 
 @pytest.mark.parametrize("kw, key", [
     ({"server-optimizer": "adam"}, "server-optimizer"),
-    ({"server-optimizer": "fedyogi", "protocol": "logits"}, "server-optimizer"),
     ({"server-beta-1": 1.0}, "server-beta-1"),
     ({"server-tau": 0.0}, "server-tau"),
     ({"kd-schedule": "cosine"}, "kd-schedule"),
     ({"server-lr-schedule": "linear"}, "server-lr-schedule"),
     ({"server-lr-final": 1.5}, "server-lr-final"),
-    ({"server-lr-schedule": "cosine", "protocol": "logits"}, "server-lr-schedule"),
-    ({"kd-schedule": "gate", "protocol": "local"}, "kd-schedule"),
-    ({"kd-schedule": "linear", "protocol": "logits"}, "kd-schedule"),
     ({"val-clients": 10, "protocol": "logits"}, "val-clients"),
     ({"stop-at-target": True}, "stop-at-target"),
     ({"val-smoothing": 0}, "val-smoothing"),
@@ -91,6 +87,25 @@ def test_server_learning_rate_schedule_by_hand():
 def test_bad_values_are_refused_naming_the_option(kw, key):
     with pytest.raises(ValueError, match=f"'{key}'"):
         cfg(**kw)
+
+
+def test_server_settings_that_need_a_global_student_are_named_not_refused_elsewhere():
+    """They are defaults of every run: a protocol without a global student runs with them,
+    keeps kd-weight constant, and the log names what it does not use."""
+    from server.compose import unused_settings
+
+    cloud = SimpleNamespace(refines=False)
+    server = {"server-optimizer": "fedyogi", "server-lr-schedule": "cosine", "kd-schedule": "gate"}
+    for protocol in ("logits", "local", "proxy"):
+        c = cfg(**server, protocol=protocol)
+        kd = KDSchedule(c, cloud)
+        assert kd.schedule == "constant" and not kd.varies and kd.weight(30) == c.kd_weight
+        assert unused_settings(c, kd) == ["server-optimizer = fedyogi", "server-lr-schedule = cosine",
+                                          "kd-schedule = gate (kd-weight stays constant)"]
+    local_linear = KDSchedule(cfg(**{"protocol": "local", "kd-schedule": "linear"}), cloud)
+    assert local_linear.varies and local_linear.weight(11) == pytest.approx(0.5)
+    params = cfg(**server)
+    assert KDSchedule(params, cloud).schedule == "gate" and unused_settings(params, KDSchedule(params, cloud)) == []
 
 
 # --- distillation schedule -------------------------------------------------------------------
