@@ -38,12 +38,14 @@ def compose(exp, grid: Grid) -> None:
     t_cloud = time.perf_counter()
     exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
     exp.warm_start = cloud.warm_start(exp.student) if cfg.warm_start_steps else None
+    t_warm = time.perf_counter()
     nodes = exp.transport.handshake(grid)
     if not nodes:
         raise RuntimeError("no client answered the handshake; nothing to train")
-    exp.startup = {"cloud_setup_s": t_cloud - t0, "handshake_s": time.perf_counter() - t_cloud}
-    log.info("start-up: teacher and proxy set %.1fs, handshake with %d nodes %.1fs",
-             exp.startup["cloud_setup_s"], len(nodes), exp.startup["handshake_s"])
+    exp.startup = {"cloud_setup_s": t_cloud - t0, "warm_start_s": t_warm - t_cloud,
+                   "handshake_s": time.perf_counter() - t_warm}
+    log.info("start-up: teacher and proxy set %.1fs, warm start %.1fs, handshake with %d nodes %.1fs",
+             exp.startup["cloud_setup_s"], exp.startup["warm_start_s"], len(nodes), exp.startup["handshake_s"])
     exp.fleet = fleet = Fleet(cfg, nodes, cfg.student_model(cloud.num_items), cloud.num_clients)
     accountant = accountant_for(cfg, len(fleet.eligible))
     exp.privacy = (PrivacyBudget(accountant, clip=cfg.dp_clip_norm, eligible=fleet.eligible, out=exp.out,
