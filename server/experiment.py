@@ -144,6 +144,10 @@ class Experiment:
             uploads = []
         with self.profile.timed("aggregate_s"):
             extra = proto.absorb(uploads, r, batch=batch, released=replied)
+        more_down, more_up = extra.pop("aggregator_bytes", (0, 0))  # secure aggregation's unmask step
+        down, up = down + more_down, up + more_up
+        if extra.pop("aggregated", len(uploads)) == 0 and uploads:  # void or refused: nothing went in
+            skipped, uploads = True, []
         fleet.trained.update(u.node.partition_id for u in uploads)
         round_s = round_wall_seconds(timings.values(), cfg.round_deadline)
         fleet.sim_time += round_s
