@@ -537,6 +537,9 @@ def _validate(c: ExperimentConfig) -> None:
                "0 with dp-mode on (refinement reads single clients' models, which DP does not cover)")
         _check(c.dp_mode != "central" or c.selection == "uniform", "selection", c.selection,
                "uniform with dp-mode = central (clients are Poisson-sampled)")
+    _check(0 < c.secagg_threshold <= 1, "secagg-threshold", c.secagg_threshold, "a fraction in (0, 1]")
+    _check(math.isfinite(c.secagg_range) and c.secagg_range > 0, "secagg-range", c.secagg_range,
+           "a finite number > 0")
     if c.secure_aggregation:
         _check(c.protocol == "params", "secure-aggregation", c.secure_aggregation,
                f"false with protocol = {c.protocol} (it sums parameter updates)")
@@ -546,9 +549,6 @@ def _validate(c: ExperimentConfig) -> None:
         # there), so the upload codecs do not apply: refused, not silently ignored.
         _check(not c.error_feedback, "error-feedback", c.error_feedback,
                "false with secure-aggregation (masked updates use the shared grid, not the update codec)")
-        _check(0 < c.secagg_threshold <= 1, "secagg-threshold", c.secagg_threshold, "a fraction in (0, 1]")
-        _check(math.isfinite(c.secagg_range) and c.secagg_range > 0, "secagg-range", c.secagg_range,
-               "a finite number > 0")
         _check(c.update_density == 1, "update-density", c.update_density,
                "1 with secure-aggregation (a masked update is dense: the masks cover every entry)")
     if c.dp_mode == "central" or c.secure_aggregation:  # those paths sum updates their own way
