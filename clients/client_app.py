@@ -125,7 +125,8 @@ def train(msg: Message, context: Context) -> Message:
     else:  # the update as the mods want it sent (clients.mods.update.finish)
         update = finish({k: trained[k] - start[k] for k in start})
         if cfg.secure_aggregation:
-            arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx, rng)}
+            arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx, rng,
+                                                  result.examples)}
         else:
             arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
     if "next" in content.arrays:  # logit protocol: predictions on the next public batch
@@ -211,11 +212,16 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 
 def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context, update: dict,
-            round_idx: int, rng: np.random.Generator) -> np.ndarray:
+            round_idx: int, rng: np.random.Generator, examples: int) -> np.ndarray:
     """Secure aggregation, step 2: the update (already clipped by ``secagg_clipping_mod`` if
-    central DP is on), at full width, quantised on the round's shared grid and masked in the ring
+    central DP is on), at full width, weighted by its examples over the round's reference count
+    when the server sends one (no DP: the server divides the sum by the survivors' weights, as
+    the plain weighted mean does), quantised on the round's shared grid and masked in the ring
     sized for the round's devices, bit-packed."""
     rec = _kept(context, round_idx)
+    if "secagg-examples" in content.configs["config"]:
+        w = examples / float(config_of(content, "config", "secagg-examples", float))
+        update = {k: v * w for k, v in update.items()}
     full = cfg.student_model(data.num_items)
     width = int(config_of(content, "config", "width", int))
     padded = embed(update, full, width)[0] if width != cfg.student_dim else update

@@ -77,10 +77,11 @@ class SecureSum:
     ``rejections.jsonl`` and ``run.log``): nothing goes into the model."""
 
     def __init__(self, full_model, student_dim: int, transport: Transport, *, quant_bits: int,
-                 threshold: float, initial_range: float, adaptive: bool) -> None:
+                 threshold: float, initial_range: float, adaptive: bool, weighted: bool = False) -> None:
         self.layout = sub_layout(full_model, student_dim)
         self.transport = transport
         self.bits, self.fraction, self.adaptive = secagg.code_bits(quant_bits), threshold, adaptive
+        self.weighted = weighted  # devices send examples/reference x update; the mean divides by their sum
         self.ranges = np.full(len(self.layout), float(initial_range))
         self._reset()
 
@@ -89,7 +90,7 @@ class SecureSum:
         self.mask_keys: dict[int, bytes] = {}
         self.inbox: dict[int, dict[int, bytes]] = {}  # receiver -> {sender: ciphertext}
         self.node_of: dict[int, Node] = {}
-        self.used, self.nbytes = None, (0, 0)
+        self.used, self.nbytes, self.reference, self.weight = None, (0, 0), 1.0, 0.0
 
     @property
     def ring_bits(self) -> int:
@@ -127,9 +128,13 @@ class SecureSum:
             for j, ct in zip([j for j in self.ids if j != i], cts):
                 self.inbox.setdefault(j, {})[i] = ct
         holders = sorted(self.mask_keys)
+        if holders:  # a public reference count, so that weighted updates keep the scale of the ranges
+            self.reference = float(np.mean([self.node_of[i].examples for i in holders])) or 1.0
         for c in contents:
             c.configs["peers"] = {"ids": holders, "keys": b"".join(self.mask_keys[i] for i in holders)}
             c.configs["config"]["secagg-ranges"] = [float(x) for x in self.ranges]
+            if self.weighted:
+                c.configs["config"]["secagg-examples"] = self.reference
         return [n for n in sent if n.partition_id in self.mask_keys], (ex.down, ex.up)
 
     def total(self, uploads: list[Upload], r: int) -> dict | None:
@@ -171,6 +176,9 @@ class SecureSum:
                                             stats=self.adaptive)
         self.ranges = secagg.next_ranges(self.ranges, ratio)
         self.used = len(survivors)
+        # the weights the survivors applied, from the example counts their replies report
+        self.weight = (sum(float(u.metrics["num-examples"]) for u in uploads) / self.reference if self.weighted
+                       else float(self.used))
         return sums
 
     def _reject(self, r: int, node: Node, reason: str) -> None:
@@ -189,7 +197,9 @@ class SecureSum:
         total = self.total(uploads, r)
         if total is None or not self.used:
             return Aggregate(None, used=0, nbytes=self.nbytes)
-        return Aggregate({k: (v / self.used).astype(np.float32) for k, v in total.items()}, used=self.used,
+        if self.weight <= 0:
+            return Aggregate(None, used=0, nbytes=self.nbytes)
+        return Aggregate({k: (v / self.weight).astype(np.float32) for k, v in total.items()}, used=self.used,
                          nbytes=self.nbytes)
 
     def state_dict(self) -> dict:
