@@ -233,3 +233,97 @@ def test_the_two_ends_of_a_pair_derive_the_same_mask_and_nobody_else_does():
     assert secagg.KeyPair.from_seed(b"\1" * 16, 3).public_bytes == secagg.KeyPair.from_seed(b"\1" * 16, 3).public_bytes
     k = secagg.KeyPair.generate()
     assert secagg.KeyPair.from_private_bytes(k.private_bytes()).public_bytes == k.public_bytes
+
+
+# ----------------------------------------------------------------------------- the server's part
+class _Devices:
+    """Stands in for the Grid and the ClientApps: answers SecureSum's share and unmask steps with
+    fedkd.secagg's device side, as clients/client_app.py does, without Flower's engine."""
+
+    def __init__(self, nodes):
+        from types import SimpleNamespace
+
+        self.ns = SimpleNamespace
+        self.enc = {n.partition_id: secagg.KeyPair.generate() for n in nodes}
+        self.kept, self.holders, self.mask_keys, self.rejections = {}, None, None, []
+
+    def key(self, pid):
+        return self.enc[pid].public_bytes
+
+    def exchange(self, grid, items, kind, r):
+        from server.transport import Exchanged
+        from wire import Content, pack
+
+        replies = []
+        for node, content in items:
+            pid, peers = node.partition_id, content.configs["peers"]
+            if kind == "query.secagg_keys":
+                ids = list(peers["ids"])
+                keys = [peers["keys"][i * 32:(i + 1) * 32] for i in range(len(ids))]
+                self.kept[pid] = secagg.share(self.enc[pid], pid, ids, keys, content.configs["config"]["threshold"], r)
+                out = {"shares": self.kept[pid].reply}
+            else:
+                ids = self.kept[pid].ids
+                cts = {j: peers["shares"][x * 48:(x + 1) * 48] for x, j in enumerate(peers["from"])}
+                got = secagg.reveal(self.enc[pid], pid, self.kept[pid], [self.key(i) for i in ids], self.mask_keys,
+                                    peers["survivors"], cts, r)
+                out = {"shares": b"".join(got[j] for j in sorted(self.mask_keys))}
+            replies.append((node, self.ns(content=pack(Content(configs={"secagg": out})))))
+        return Exchanged(replies, 10 * len(items), 20 * len(replies), {})
+
+
+def _secure_sum(n=6, threshold=0.5, weighted=True):
+    from fedkd.models import ModelConfig
+    from server.aggregation import SecureSum
+    from server.transport import Node
+    from wire import Content
+
+    full = ModelConfig(kind="meanpool", num_items=20, dim=4, max_len=5)
+    nodes = [Node(node_id=100 + i, partition_id=i, tier=0, examples=10 * (i + 1)) for i in range(n)]
+    devices = _Devices(nodes)
+    nodes = [Node(n.node_id, n.partition_id, n.tier, n.examples, devices.key(n.partition_id)) for n in nodes]
+    agg = SecureSum(full, 4, devices, quant_bits=8, threshold=threshold, initial_range=1.0, adaptive=True,
+                    weighted=weighted)
+    content = Content(configs={"config": {"round": 3}})
+    sent, _ = agg.before_train(None, nodes, [content], 3)
+    devices.mask_keys = dict(zip(content.configs["peers"]["ids"],
+                                 [content.configs["peers"]["keys"][i * 32:(i + 1) * 32] for i in range(len(sent))]))
+    return agg, devices, sent, content
+
+
+def _uploads(agg, devices, content, survivors, examples):
+    from server.replies import Upload
+
+    rng = np.random.default_rng(0)
+    cfg = content.configs["config"]
+    out, plain = [], {}
+    for node in survivors:
+        pid = node.partition_id
+        u = {k: rng.normal(0, 0.1, s) * examples[pid] / cfg["secagg-examples"] for k, s in agg.layout.items()}
+        codes = secagg.quantize(u, agg.layout, np.array(cfg["secagg-ranges"]), 8, np.random.default_rng(pid),
+                                stats=True)
+        plain[pid] = codes
+        kept = devices.kept[pid]
+        y = secagg.mask(codes, pid, kept.b, kept.s, devices.mask_keys, agg.ring_bits, 3)
+        out.append(Upload(node, {"num-examples": examples[pid]}, secagg.pack_ring(y, agg.ring_bits)))
+    return out, plain
+
+
+def test_the_server_recovers_the_weighted_mean_of_the_survivors_and_refuses_below_the_threshold():
+    agg, devices, sent, content = _secure_sum()
+    assert len(sent) == 6 and agg.t == 3 and content.configs["config"]["secagg-examples"] == 35.0
+    examples = {n.partition_id: 5 * (n.partition_id + 1) for n in sent}
+    uploads, plain = _uploads(agg, devices, content, sent[2:], examples)  # two dropped after sharing
+    assert all(u.payload.size == agg.expected_bytes() for u in uploads)
+    got = agg(uploads, 3)
+    assert got.used == 4 and got.nbytes == (40, 80)
+    sums, _ = secagg.dequantize_sum(sum(plain.values()), 4, agg.layout, np.ones(len(agg.layout)), 8, stats=True)
+    weight = sum(examples[u.node.partition_id] for u in uploads) / 35.0
+    for k in agg.layout:
+        np.testing.assert_allclose(got.update[k], (sums[k] / weight).astype(np.float32))
+    # below the threshold: refused, logged, nothing goes into the model
+    agg, devices, sent, content = _secure_sum()
+    uploads, _ = _uploads(agg, devices, content, sent[:2], examples)
+    got = agg(uploads, 3)
+    assert got.update is None and got.used == 0
+    assert "refused the round: only 2 of the 6 devices" in devices.rejections[-1]["reason"]
