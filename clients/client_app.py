@@ -33,7 +33,7 @@ from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import embed, sub_config, sub_layout
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
-from fedkd.secagg import KeyPair, masked_upload
+from fedkd import secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
@@ -83,8 +83,9 @@ def _own_model(cfg: ExperimentConfig, data: ClientData, context: Context):
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so it can sample clients reproducibly."""
-    _, data = setup(context)
-    return Message(pack(Content(metrics={"metrics": metric_dict({
+    cfg, data = setup(context)
+    configs = {"secagg": {"enc-key": _encryption_key(context).public_bytes}} if cfg.secure_aggregation else {}
+    return Message(pack(Content(configs=configs, metrics={"metrics": metric_dict({
         "partition-id": data.partition_id, "tier": data.tier,
         "num-examples": len(data.train[1])})})), reply_to=msg)
 
@@ -124,7 +125,8 @@ def train(msg: Message, context: Context) -> Message:
     else:  # the update as the mods want it sent (clients.mods.update.finish)
         update = finish({k: trained[k] - start[k] for k in start})
         if cfg.secure_aggregation:
-            arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx)}
+            arrays["masked"] = {"values": _masked(cfg, data, content, context, update, round_idx, rng,
+                                                  result.examples)}
         else:
             arrays["update"] = _encode_update(cfg, update, rng, context, data.partition_id)
     if "next" in content.arrays:  # logit protocol: predictions on the next public batch
@@ -162,32 +164,105 @@ def _encode_update(cfg: ExperimentConfig, update: dict, rng: np.random.Generator
     return arrays
 
 
+def _encryption_key(context: Context) -> secagg.KeyPair:
+    """This device's long-term X25519 key for the shares it receives (fedkd.secagg, step 0): made
+    once, kept in the node state, its public half sent with the handshake; never revealed."""
+    rec = context.state.config_records.get("secagg-enc")
+    if rec is None:
+        keys = secagg.KeyPair.generate()
+        context.state["secagg-enc"] = ConfigRecord({"private": keys.private_bytes()})
+        return keys
+    return secagg.KeyPair.from_private_bytes(rec["private"])
+
+
+def _kept(context: Context, round_idx: int) -> ConfigRecord:
+    rec = context.state.config_records.get("secagg")
+    if rec is None or int(rec["round"]) != round_idx:
+        raise ValueError(f"secure aggregation: no shared secrets of round {round_idx} on this device")
+    return rec
+
+
+def _shared(rec: ConfigRecord) -> secagg.Shared:
+    return secagg.Shared(ids=[int(i) for i in rec["ids"]], t=int(rec["t"]), b=rec["b"], s=rec["s"],
+                         own_b=rec["own-b"], own_s=rec["own-s"], reply=b"")
+
+
+def _key_list(blob: bytes, n: int) -> list[bytes]:
+    if len(blob) != n * secagg.KEY_BYTES:
+        raise ValueError(f"expected {n} keys of {secagg.KEY_BYTES} bytes, got {len(blob)} bytes")
+    return [blob[i * secagg.KEY_BYTES:(i + 1) * secagg.KEY_BYTES] for i in range(n)]
+
+
 @app.query("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
-    """Secure aggregation, step 1: a fresh X25519 key pair for this round; the private half
-    stays in this node's state, the public half goes to the server to be handed to the peers."""
+    """Secure aggregation, step 1: fresh seeds for the self mask and the mask key pair, Shamir-shared
+    among the round's devices and encrypted for each; the seeds stay in this node's state, the mask
+    public key and the ciphertexts go to the server, which routes them but cannot read them."""
     _, data = setup(context)
-    round_idx = round_of(msg)
-    keys = KeyPair.generate()
-    context.state["secagg"] = ConfigRecord({"round": round_idx, "private": keys.private_bytes()})
-    return Message(pack(Content(arrays={"secagg": {"public": np.frombuffer(keys.public_bytes, np.uint8).copy()}},
-                                metrics={"metrics": metric_dict({"partition-id": data.partition_id})})),
-                   reply_to=msg)
+    content = unpack(msg.content)
+    round_idx = int(config_of(content, "config", "round", int))
+    t = int(config_of(content, "config", "threshold", int))
+    ids = [int(i) for i in content.configs["peers"]["ids"]]
+    enc_keys = _key_list(content.configs["peers"]["keys"], len(ids))
+    shared = secagg.share(_encryption_key(context), data.partition_id, ids, enc_keys, t, round_idx)
+    context.state["secagg"] = ConfigRecord({"round": round_idx, "ids": ids, "enc-keys": b"".join(enc_keys), "t": t,
+                                            "b": shared.b, "s": shared.s, "own-b": shared.own_b,
+                                            "own-s": shared.own_s})
+    return Message(pack(Content(configs={"secagg": {"shares": shared.reply}})), reply_to=msg)
 
 
 def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context, update: dict,
-            round_idx: int) -> np.ndarray:
+            round_idx: int, rng: np.random.Generator, examples: int) -> np.ndarray:
     """Secure aggregation, step 2: the update (already clipped by ``secagg_clipping_mod`` if
-    central DP is on), at full width, in fixed point under pairwise masks."""
-    rec = context.state.config_records.get("secagg")
-    if rec is None or int(rec["round"]) != round_idx:
-        raise ValueError(f"secure aggregation: no key pair of round {round_idx} on this device")
+    central DP is on), at full width, weighted by its examples over the round's reference count
+    when the server sends one (no DP: the server divides the sum by the survivors' weights, as
+    the plain weighted mean does), quantised on the round's shared grid and masked in the ring
+    sized for the round's devices, bit-packed."""
+    rec = _kept(context, round_idx)
+    if "secagg-examples" in content.configs["config"]:
+        w = examples / float(config_of(content, "config", "secagg-examples", float))
+        update = {k: v * w for k, v in update.items()}
     full = cfg.student_model(data.num_items)
     width = int(config_of(content, "config", "width", int))
     padded = embed(update, full, width)[0] if width != cfg.student_dim else update
-    peers = content.arrays["peers"]
-    return masked_upload(padded, sub_layout(full, cfg.student_dim), KeyPair.from_private_bytes(rec["private"]),
-                         data.partition_id, peers["ids"].tolist(), peers["keys"], round_idx)
+    ranges = np.asarray(content.configs["config"]["secagg-ranges"], np.float64)
+    holders = [int(i) for i in content.configs["peers"]["ids"]]
+    mask_keys = dict(zip(holders, _key_list(content.configs["peers"]["keys"], len(holders))))
+    rec["mask-keys"] = content.configs["peers"]["keys"]  # step 3 needs them
+    rec["holders"] = holders
+    bits = secagg.code_bits(cfg.quant_bits)
+    k = secagg.ring_bits(len(holders), bits)
+    codes = secagg.quantize(padded, sub_layout(full, cfg.student_dim), ranges, bits, rng,
+                            stats=cfg.dp_mode != "central",
+                            norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
+    return secagg.pack_ring(secagg.mask(codes, data.partition_id, rec["b"], rec["s"], mask_keys, k, round_idx), k)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 3: the server names the survivors and hands over the ciphertexts
+    this device was sent in step 1; it reveals, per device, a share of the self-mask seed (a
+    survivor) or of the mask-key seed (a dropout), never both, and nothing below the threshold."""
+    _, data = setup(context)
+    content = unpack(msg.content)
+    round_idx = int(config_of(content, "config", "round", int))
+    rec = _kept(context, round_idx)
+    if "holders" not in rec:
+        raise ValueError("secure aggregation: this device sent no masked update this round")
+    kept, holders = _shared(rec), [int(i) for i in rec["holders"]]
+    peers = content.configs["peers"]
+    senders = [int(j) for j in peers["from"]]
+    blob = peers["shares"]
+    if len(blob) != len(senders) * secagg.CIPHER_BYTES:
+        raise ValueError("secure aggregation: malformed ciphertexts")
+    cts = {j: blob[x * secagg.CIPHER_BYTES:(x + 1) * secagg.CIPHER_BYTES] for x, j in enumerate(senders)}
+    mask_keys = dict(zip(holders, _key_list(rec["mask-keys"], len(holders))))
+    shares = secagg.reveal(_encryption_key(context), data.partition_id, kept,
+                           _key_list(rec["enc-keys"], len(kept.ids)), mask_keys,
+                           [int(j) for j in peers["survivors"]], cts, round_idx)
+    del context.state["secagg"]  # one reveal per round
+    return Message(pack(Content(configs={"secagg": {"shares": b"".join(shares[j] for j in holders)}})),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -114,6 +114,8 @@ def id_streams(a: np.ndarray, num_items: int) -> list[np.ndarray]:
     alignment; and its bits read as ids bit-packed at ``id_bits(num_items)`` bits from every
     bit offset. Values outside 0..num_items are cut out (they end a run)."""
     a = np.asarray(a)
+    if a.dtype.kind in "SV":  # a bytes value (secure aggregation's keys and shares): its raw bytes
+        a = np.frombuffer(a.tobytes(), np.uint8)
     streams = []
     flat = a.ravel()
     if flat.dtype.kind in "iu" or (flat.dtype.kind == "f" and flat.size and np.all(np.isfinite(flat))

@@ -255,12 +255,20 @@ class ExperimentConfig:
     dp_clip_count_stddev: float = _opt(0.0, "dp-clip-adaptive: standard deviation of the noise on the count of "
                                             "unclipped updates (0 = expected clients per round / 20, the paper's "
                                             "and Flower's default).")
-    secure_aggregation: bool = _opt(False, "protocol params: devices upload their updates under pairwise masks "
-                                           "(X25519 + ChaCha20, fedkd.secagg) so that the server learns only the "
-                                           "sum; costs a key exchange per round and 4 bytes per parameter up "
-                                           "(quant-bits then sets the student sent down only; error-feedback and "
-                                           "update-density < 1 are refused); a device that drops out after the "
-                                           "key exchange voids the round.")
+    secure_aggregation: bool = _opt(False, "protocol params: SecAgg+-style secure aggregation (fedkd.secagg): "
+                                           "devices mask their quantised updates with pairwise and self masks whose "
+                                           "seeds are Shamir-shared among the round's devices, so the server learns "
+                                           "only the survivors' sum, also when devices drop after sharing (down to "
+                                           "the threshold). Costs two extra round trips per round; uploads are "
+                                           "quant-bits (at most 16) plus log2(devices) bits per value "
+                                           "(error-feedback and update-density < 1 are refused).")
+    secagg_threshold: float = _opt(0.5, "Secure aggregation: fraction t/n of the round's n devices whose shares "
+                                        "rebuild a secret; the round survives up to n - t dropouts after sharing "
+                                        "and is refused, with its reason logged, below t.")
+    secagg_range: float = _opt(1.0, "Secure aggregation: first round's clipping range of every tensor on the "
+                                    "shared quantisation grid; later rounds use the survivors' mean peak |update| "
+                                    "of each tensor, learnt only as a sum (under dp-mode central: fixed at "
+                                    "dp-clip-norm instead).")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
     reconstruction_attack: bool = _opt(True, "protocol params: each round, the server ranks items by how much "
@@ -843,15 +851,18 @@ def _rules_across(c: ExperimentConfig) -> None:
         _check(not c.secure_aggregation, "dp-clip-adaptive", c.dp_clip_adaptive,
                "false with secure-aggregation (the devices clip there, and their clipped bits would need a "
                "secure sum of their own)")
+    _check(0 < c.secagg_threshold <= 1, "secagg-threshold", c.secagg_threshold, "a fraction in (0, 1]")
+    _check(math.isfinite(c.secagg_range) and c.secagg_range > 0, "secagg-range", c.secagg_range,
+           "a finite number > 0")
     if c.secure_aggregation:
         _check(c.protocol == "params", "secure-aggregation", c.secure_aggregation,
                f"false with protocol = {c.protocol} (it sums parameter updates)")
         _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
                "0 with secure-aggregation (refinement needs single clients' models)")
-        # Masked uploads are 32-bit fixed-point words mod 2^32 (the masks cancel only in exact
-        # modular arithmetic), so the upload codecs do not apply: refused, not silently ignored.
+        # Masked uploads are codes on a shared grid in an exact modular ring (the masks cancel only
+        # there), so the upload codecs do not apply: refused, not silently ignored.
         _check(not c.error_feedback, "error-feedback", c.error_feedback,
-               "false with secure-aggregation (masked updates go up as 32-bit fixed point: no residual to feed back)")
+               "false with secure-aggregation (masked updates use the shared grid, not the update codec)")
         _check(c.update_density == 1, "update-density", c.update_density,
                "1 with secure-aggregation (a masked update is dense: the masks cover every entry)")
     if c.dp_mode == "central" or c.secure_aggregation:  # those paths sum updates their own way

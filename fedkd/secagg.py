@@ -1,66 +1,193 @@
-"""Secure aggregation by pairwise masks: the server learns the sum of the updates, not one of them.
+"""Secure aggregation with dropout recovery (SecAgg, Bonawitz et al. CCS 2017; SecAgg+, Bell et al.
+CCS 2020): the server learns the sum of the surviving devices' quantised updates, not one of them.
 
-Why not Flower's SecAgg+: in flwr 1.41 it exists only as ``SecAggPlusWorkflow``, a workflow of
-the legacy API that needs a ``LegacyContext`` with a legacy ``Strategy`` and runs its own four
-train-message stages, plus the client mod ``secaggplus_mod`` that expects replies in the legacy
-``fitres.*`` record layout; fedkd's rounds drive the Message-API Grid directly with quantised,
-sliced payloads. docs/privacy.md gives the file references.
+The protocol of one round, among the ``n`` devices the server picked (ids sorted, Shamir
+x-coordinate of a device = its 1-based position in that list):
 
-The construction (Bonawitz et al., CCS 2017, the masking core without its secret sharing):
+0. once per run, at the handshake, every device publishes a long-term X25519 *encryption* key
+   ``c_pk`` (never revealed: it only protects the shares in transit);
+1. **share** (``query.secagg_keys``): the server sends the ids and ``c_pk`` of the round's
+   devices and the threshold ``t``. Device ``i`` draws two fresh 16-byte seeds: ``b_i`` (its
+   self mask) and ``s_i`` (from which its *mask key pair* ``s_sk, s_pk`` is derived), splits
+   each into ``n`` Shamir shares with threshold ``t`` (pycryptodome's GF(2^128) Shamir, the
+   primitive under ``flwr.common.secure_aggregation.crypto.shamir``), keeps its own pair of
+   shares, encrypts the pair for every other device ``j`` with AES-GCM under a key only ``i``
+   and ``j`` can derive (X25519 of the ``c`` keys, HKDF bound to the round, the direction and
+   ``i``'s fresh ``s_pk``), and replies ``s_pk || ciphertexts`` (the server cannot read them);
+2. **mask** (``train``): the devices that answered step 1 (``U1``) receive each other's
+   ``s_pk``. Device ``i`` quantises its update on the grid the server fixed (per-tensor ranges,
+   :func:`quantize`), giving integer codes in ``[0, 2^b - 2]``, and sends
+   ``codes + PRG(b_i) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij)`` in the ring
+   ``Z_(2^k)``, ``k = ring_bits(|U1|, b)``: the configured bit width plus the headroom the sum
+   of ``|U1|`` codes needs, bit-packed at ``k`` bits per value;
+3. **unmask** (``query.secagg_unmask``): the server names the devices whose masked vector it
+   accepted (``U2``) and hands each survivor the ciphertexts addressed to it. For every peer
+   a survivor reveals exactly one share: of ``b_j`` if ``j`` is in ``U2``, of ``s_j`` if ``j``
+   dropped. With ``t`` answers the server rebuilds each survivor's ``b`` (removes the self
+   masks) and each dropped device's ``s`` (recomputes and removes the pairwise masks it left in
+   the survivors' vectors); the result is the exact sum of the survivors' codes mod ``2^k``,
+   which cannot wrap, and dequantises to the survivors' sum.
 
-1. every participant ``i`` of a round makes an X25519 key pair and publishes the public key;
-2. for each other participant ``j``, both derive the same 32-byte seed from their X25519 shared
-   secret with HKDF-SHA256 (bound to the round and the two ids), and expand it into a mask
-   vector over ``Z_(2^32)`` with the ChaCha20 stream cipher;
-3. ``i`` encodes its (clipped) update in fixed point (``frac_bits`` fractional bits, two's
-   complement mod 2^32), adds the masks it shares with every ``j > i`` and subtracts those
-   with ``j < i``, and sends only that;
-4. the server adds all masked vectors mod 2^32: every mask appears once with + and once with
-   -, so the sum is exactly the sum of the fixed-point updates, which it decodes.
+Fewer than ``t`` survivors (or answers to step 3): the round is refused, with the reason. The
+double mask is what keeps a late device private: if its vector arrives after the server asked
+for its ``s`` shares, the server can strip the pairwise masks but not ``b``.
 
-Each masked vector alone is the update plus a sum of pseudo-random vectors the server cannot
-compute without a private key, i.e. uniformly distributed. Dropouts: a participant that
-publishes its key and then sends nothing leaves its pairwise masks in the others' vectors, and
-the sum is garbage; without the Shamir-shared seeds of SecAgg/SecAgg+ the server cannot remove
-them. :func:`unmask_sum` therefore refuses a sum over a set that differs from the key set.
-Noise for central DP can only be added to the sum by the server (or in shares by the
-clients), and the server cannot clip what it cannot see, so clients must clip first.
+This module is the protocol's arithmetic and cryptography on numpy arrays and bytes; the apps
+(``clients/client_app.py``, ``server/aggregation.py``) carry it in Flower messages.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MOD_BITS = 32
+KEY_BYTES = 32  # an X25519 public key
+SEED_BYTES = 16  # a self-mask seed b, a mask-key seed s, and each Shamir share of one
+CIPHER_BYTES = 2 * SEED_BYTES + 16  # AES-GCM of (share of b, share of s) with its 16-byte tag
+MAX_RING_BITS = 32
+MAX_CODE_BITS = 16  # quant-bits 32 means 16-bit codes under secure aggregation
+RANGE_GROWTH = 4.0  # a range statistic reports max|u| / range up to this factor
 
 
-# ----------------------------------------------------------------------------- fixed point
-def max_abs_sum(frac_bits: int) -> float:
-    """Largest |sum| that fits the signed range of Z_(2^32) at ``frac_bits`` fractional bits."""
-    return (2 ** (MOD_BITS - 1) - 1) / 2 ** frac_bits
+class SecAggError(ValueError):
+    """The protocol cannot go on; ``reason`` says why in words (logged, never silent)."""
 
 
-def encode(x: np.ndarray, frac_bits: int) -> np.ndarray:
-    """round(x * 2^f) as two's complement in Z_(2^32) (uint32)."""
-    q = np.rint(np.asarray(x, np.float64) * 2.0 ** frac_bits)
-    if np.abs(q).max(initial=0) > 2 ** (MOD_BITS - 1) - 1:
-        raise ValueError(f"value out of the fixed-point range +-{max_abs_sum(frac_bits):g}")
-    return q.astype(np.int64).astype(np.uint32)
+# ----------------------------------------------------------------------------- the ring
+def code_bits(quant_bits: int) -> int:
+    """Bits per code before masking: ``quant-bits``, at most 16."""
+    return min(int(quant_bits), MAX_CODE_BITS)
 
 
-def decode(s: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Inverse of :func:`encode` for a (summed) uint32 vector."""
-    return np.asarray(s, np.uint32).view(np.int32).astype(np.float64) / 2.0 ** frac_bits
+def top_code(bits: int) -> int:
+    """Largest code: ``2^b - 2``; the grid has an odd number of levels, so 0.0 is one of them."""
+    return (1 << bits) - 2
 
 
-# ----------------------------------------------------------------------------- keys and masks
+def ring_bits(n: int, bits: int) -> int:
+    """Smallest ``k`` with ``n * (2^b - 2) < 2^k``: the sum of ``n`` codes never wraps in ``Z_(2^k)``."""
+    k = max(1, (int(n) * top_code(bits)).bit_length())
+    if k > MAX_RING_BITS:
+        raise SecAggError(f"{n} devices at {bits} bits need a {k}-bit ring (at most {MAX_RING_BITS})")
+    return k
+
+
+def pack_ring(values: np.ndarray, k: int) -> np.ndarray:
+    """Values ``< 2^k`` packed at ``k`` bits each, least significant bit first (uint8, 1-D)."""
+    v = np.asarray(values, np.uint64).reshape(-1)
+    bits = ((v[:, None] >> np.arange(k, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little")
+
+
+def packed_ring_bytes(count: int, k: int) -> int:
+    return -(-int(count) * int(k) // 8)
+
+
+def unpack_ring(packed: np.ndarray, k: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_ring`; refuses a byte count that is not exactly ``count`` values."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != packed_ring_bytes(count, k):
+        raise SecAggError(f"{count} values at {k} bits need {packed_ring_bytes(count, k)} bytes, got "
+                          f"{packed.dtype} {packed.shape}")
+    bits = np.unpackbits(packed, bitorder="little")[: count * k].reshape(count, k).astype(np.uint64)
+    return (bits << np.arange(k, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+
+
+def ring_sum(vectors: Sequence[np.ndarray], k: int) -> np.ndarray:
+    total = np.zeros_like(np.asarray(vectors[0], np.uint64))
+    for v in vectors:
+        total = (total + np.asarray(v, np.uint64)) & np.uint64((1 << k) - 1)
+    return total
+
+
+# ----------------------------------------------------------------------------- the shared grid
+def sizes_of(layout: Mapping[str, tuple[int, ...]]) -> list[int]:
+    return [int(np.prod(s, dtype=np.int64)) for s in layout.values()]
+
+
+def input_length(layout: Mapping[str, tuple[int, ...]], *, stats: bool) -> int:
+    """Values a device masks: one code per parameter, plus one range statistic per tensor."""
+    return sum(sizes_of(layout)) + (len(layout) if stats else 0)
+
+
+def quantize(update: Mapping[str, np.ndarray], layout: Mapping[str, tuple[int, ...]], ranges: np.ndarray,
+             bits: int, rng: np.random.Generator, *, stats: bool, norm_cap: float | None = None) -> np.ndarray:
+    """Codes of an update on the grid every device of the round shares: tensor ``m`` clipped to
+    ``[-ranges[m], ranges[m]]``, ``2^b - 1`` levels, 0.0 at code ``2^(b-1) - 1``, stochastic
+    (unbiased) rounding from ``rng``. Flower's ``quantization.quantize`` does the same with one
+    range and numpy's global generator; here each tensor has its range and the draws come from
+    the device's named stream, so a run repeats.
+
+    With ``stats``, one more value per tensor: ``max|u_m| / ranges[m]`` as a code of
+    ``[0, RANGE_GROWTH]`` (stochastically rounded), which the server learns only summed over the
+    survivors and turns into the next round's ranges (:func:`next_ranges`).
+
+    ``norm_cap`` (central DP's clip norm C): stochastic rounding can lift the norm of a clipped
+    update above C; if the rounded update's norm exceeds it, the codes are rounded toward zero
+    instead, which never increases a magnitude, so the sensitivity the accountant assumes holds
+    (the conditional rounding of Kairouz et al. 2021, with a deterministic fallback).
+    """
+    sizes, z = sizes_of(layout), (1 << (bits - 1)) - 1
+    ranges = np.asarray(ranges, np.float64)
+    if ranges.shape != (len(sizes),) or not (np.isfinite(ranges).all() and (ranges > 0).all()):
+        raise SecAggError(f"expected {len(sizes)} positive finite ranges, got {ranges}")
+    flat = np.concatenate([np.asarray(update[k], np.float64).reshape(-1) for k in layout]) if sizes else np.zeros(0)
+    r = np.repeat(ranges, sizes)
+    x = np.clip(flat, -r, r) / r * z + z  # in [0, 2z]
+    codes = np.floor(x)
+    codes += rng.random(x.size) < (x - codes)
+    if norm_cap is not None and np.linalg.norm((codes - z) * r / z) > norm_cap:
+        codes = z + np.trunc(x - z)  # toward zero: |code - z| <= |x - z|
+    out = [np.clip(codes, 0, top_code(bits)).astype(np.uint64)]
+    if stats:
+        starts = np.cumsum([0] + sizes[:-1])
+        peaks = np.array([np.abs(flat[s:s + n]).max(initial=0.0) for s, n in zip(starts, sizes)])
+        y = np.minimum(peaks / ranges, RANGE_GROWTH) / RANGE_GROWTH * top_code(bits)
+        s_codes = np.floor(y)
+        s_codes += rng.random(y.size) < (y - s_codes)
+        out.append(np.clip(s_codes, 0, top_code(bits)).astype(np.uint64))
+    return np.concatenate(out)
+
+
+def dequantize_sum(total: np.ndarray, n: int, layout: Mapping[str, tuple[int, ...]], ranges: np.ndarray,
+                   bits: int, *, stats: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The survivors' float sum from the sum of their ``n`` code vectors, at the layout's shapes,
+    and (with ``stats``) the survivors' mean of ``max|u_m| / ranges[m]`` per tensor."""
+    sizes, z = sizes_of(layout), (1 << (bits - 1)) - 1
+    total = np.asarray(total, np.float64)
+    params = sum(sizes)
+    if total.shape != (input_length(layout, stats=stats),):
+        raise SecAggError(f"a sum of {total.size} values for a layout of {input_length(layout, stats=stats)}")
+    step = np.repeat(np.asarray(ranges, np.float64) / z, sizes)
+    flat = (total[:params] - n * z) * step
+    out, start = {}, 0
+    for key, shape in layout.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        out[key] = flat[start:start + size].reshape(shape)
+        start += size
+    mean_ratio = total[params:] / (max(n, 1) * top_code(bits)) * RANGE_GROWTH if stats else None
+    return out, mean_ratio
+
+
+def next_ranges(ranges: np.ndarray, mean_ratio: np.ndarray | None) -> np.ndarray:
+    """Next round's ranges: the survivors' mean of their per-tensor peak ``max|u_m|`` (a tensor no
+    survivor changed keeps its range)."""
+    if mean_ratio is None:
+        return np.asarray(ranges, np.float64)
+    ranges = np.asarray(ranges, np.float64)
+    return np.where(mean_ratio > 0, ranges * mean_ratio, ranges)
+
+
+# ----------------------------------------------------------------------------- keys
 @dataclass
 class KeyPair:
     private: X25519PrivateKey
@@ -68,6 +195,13 @@ class KeyPair:
     @classmethod
     def generate(cls) -> KeyPair:
         return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes, round_idx: int) -> KeyPair:
+        """The mask key pair of a 16-byte seed: what the server rebuilds for a dropped device."""
+        raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=f"fedkd-secagg|mask-key|round={round_idx}".encode()).derive(seed)
+        return cls(X25519PrivateKey.from_private_bytes(raw))
 
     @property
     def public_bytes(self) -> bytes:
@@ -81,89 +215,230 @@ class KeyPair:
     def from_private_bytes(cls, raw: bytes) -> KeyPair:
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
+    def exchange(self, peer_public: bytes) -> bytes:
+        return self.private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+
 
 def pair_seed(mine: KeyPair, peer_public: bytes, my_id: int, peer_id: int, round_idx: int) -> bytes:
-    """The seed ``i`` and ``j`` share: HKDF-SHA256 of their X25519 secret, bound to the round and
+    """The mask seed ``i`` and ``j`` share: HKDF-SHA256 of their X25519 secret, bound to the round and
     the (unordered) pair, so a seed is never reused across rounds or pairs."""
-    shared = mine.private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     a, b = sorted((int(my_id), int(peer_id)))
     info = f"fedkd-secagg|round={round_idx}|pair={a},{b}".encode()
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(mine.exchange(peer_public))
 
 
-def prg(seed: bytes, n: int) -> np.ndarray:
-    """``n`` pseudo-random uint32 words: the ChaCha20 keystream of ``seed`` (zero nonce; each
-    seed is used once)."""
+def self_seed(b: bytes, round_idx: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=f"fedkd-secagg|self|round={round_idx}".encode()).derive(b)
+
+
+def prg(seed: bytes, n: int, k: int = 32) -> np.ndarray:
+    """``n`` pseudo-random values of ``Z_(2^k)``: the ChaCha20 keystream of a 32-byte ``seed`` (zero
+    nonce; each seed is used once), 32-bit words cut to ``k`` bits. Flower's ``pseudo_rand_gen``
+    folds the seed to 32 bits for numpy's Mersenne Twister, which a server could brute-force."""
     enc = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
-    return np.frombuffer(enc.update(b"\0" * (4 * n)), dtype="<u4").astype(np.uint32)
+    words = np.frombuffer(enc.update(b"\0" * (4 * n)), dtype="<u4").astype(np.uint64)
+    return words & np.uint64((1 << k) - 1)
 
 
-def mask(encoded: np.ndarray, mine: KeyPair, my_id: int, peers: Mapping[int, bytes], round_idx: int) -> np.ndarray:
-    """``encoded + sum_{j > i} m_ij - sum_{j < i} m_ij`` mod 2^32; ``peers`` maps every other
-    participant's id to its public key."""
-    out = np.array(encoded, dtype=np.uint32, copy=True)
-    for j, pub in sorted(peers.items()):
+def _channel_key(mine: KeyPair, peer_public: bytes, *, sender: int, receiver: int, sender_mask_key: bytes,
+                 round_idx: int) -> bytes:
+    """AES-256 key of the shares ``sender`` sends ``receiver``: X25519 of their long-term keys, HKDF
+    bound to the round, the direction and the sender's fresh mask public key (so a key, and the
+    zero nonce with it, is never used twice)."""
+    info = f"fedkd-secagg|shares|round={round_idx}|{sender}->{receiver}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(sender_mask_key),
+                info=info).derive(mine.exchange(peer_public))
+
+
+# ----------------------------------------------------------------------------- Shamir
+def split(secret: bytes, t: int, n: int) -> list[bytes]:
+    """``n`` Shamir shares of a 16-byte secret, any ``t`` of which rebuild it (share ``x`` is
+    ``shares[x - 1]``). pycryptodome's ``Shamir`` over GF(2^128), as in Flower's ``create_shares``,
+    without its padding: a 16-byte secret is one block, so a share is 16 bytes, not 36."""
+    if len(secret) != SEED_BYTES:
+        raise ValueError(f"a secret is {SEED_BYTES} bytes")
+    if not 1 <= t <= n:
+        raise SecAggError(f"threshold {t} is not within 1..{n}")
+    return [share for _, share in sorted(Shamir.split(t, n, secret))]
+
+
+def combine(shares: Mapping[int, bytes], t: int) -> bytes:
+    """The secret from ``t`` or more shares ``{x: share}`` (the first ``t`` by x are used)."""
+    if len(shares) < t:
+        raise SecAggError(f"{len(shares)} shares, {t} needed")
+    return Shamir.combine([(x, bytes(shares[x])) for x in sorted(shares)[:t]])
+
+
+def threshold(n: int, fraction: float) -> int:
+    """``t = ceil(fraction * n)``, at least 1: the round survives up to ``n - t`` dropouts."""
+    return max(1, min(n, math.ceil(fraction * n - 1e-9)))
+
+
+# ----------------------------------------------------------------------------- the device's side
+@dataclass
+class Shared:
+    """What a device keeps between step 1 and step 3 (in its node state) and what it sends."""
+
+    ids: list[int]
+    t: int
+    b: bytes  # self-mask seed
+    s: bytes  # mask-key seed
+    own_b: bytes  # its own shares of b and s (x = its position)
+    own_s: bytes
+    reply: bytes  # s_pk || one ciphertext per other device, in ``ids`` order
+
+
+def share(enc: KeyPair, my_id: int, ids: Sequence[int], enc_keys: Sequence[bytes], t: int, round_idx: int,
+          *, b: bytes | None = None, s: bytes | None = None) -> Shared:
+    """Step 1 on device ``my_id``: fresh seeds, their shares, encrypted for each other device."""
+    import os
+
+    ids = [int(i) for i in ids]
+    _check_ids(ids, my_id)
+    if len(enc_keys) != len(ids) or bytes(enc_keys[ids.index(my_id)]) != enc.public_bytes:
+        raise SecAggError("the server listed an encryption key for this device that is not its own")
+    b = os.urandom(SEED_BYTES) if b is None else b
+    s = os.urandom(SEED_BYTES) if s is None else s
+    b_shares, s_shares = split(b, t, len(ids)), split(s, t, len(ids))
+    mask_pub = KeyPair.from_seed(s, round_idx).public_bytes
+    parts = [mask_pub]
+    for x, (j, key) in enumerate(zip(ids, enc_keys)):
         if j == my_id:
             continue
-        m = prg(pair_seed(mine, pub, my_id, j, round_idx), out.size)
-        out = out + m if j > my_id else out - m  # uint32 arithmetic wraps: exactly mod 2^32
+        k = _channel_key(enc, key, sender=my_id, receiver=j, sender_mask_key=mask_pub, round_idx=round_idx)
+        parts.append(AESGCM(k).encrypt(b"\0" * 12, b_shares[x] + s_shares[x], None))
+    me = ids.index(my_id)
+    return Shared(ids, t, b, s, b_shares[me], s_shares[me], b"".join(parts))
+
+
+def split_reply(blob: bytes, n: int) -> tuple[bytes, list[bytes]]:
+    """A step-1 reply: the mask public key and the ``n - 1`` ciphertexts (raises if malformed)."""
+    if len(blob) != KEY_BYTES + (n - 1) * CIPHER_BYTES:
+        raise SecAggError(f"a share reply for {n} devices is {KEY_BYTES + (n - 1) * CIPHER_BYTES} bytes, "
+                          f"got {len(blob)}")
+    return blob[:KEY_BYTES], [blob[KEY_BYTES + i * CIPHER_BYTES: KEY_BYTES + (i + 1) * CIPHER_BYTES]
+                              for i in range(n - 1)]
+
+
+def mask(codes: np.ndarray, my_id: int, b: bytes, s: bytes, mask_keys: Mapping[int, bytes], k: int,
+         round_idx: int) -> np.ndarray:
+    """Step 2: ``codes + PRG(b) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij)`` mod ``2^k``;
+    ``mask_keys`` maps every device of ``U1`` (this one included) to its mask public key."""
+    if my_id not in mask_keys:
+        raise SecAggError(f"device {my_id} is not among this round's key holders {sorted(mask_keys)}")
+    mine = KeyPair.from_seed(s, round_idx)
+    if bytes(mask_keys[my_id]) != mine.public_bytes:
+        raise SecAggError("the server listed a mask key for this device that is not its own")
+    out = (np.asarray(codes, np.uint64) + prg(self_seed(b, round_idx), len(codes), k))
+    for j, pub in sorted(mask_keys.items()):
+        if j != my_id:
+            m = prg(pair_seed(mine, pub, my_id, j, round_idx), len(codes), k)
+            out = out + m if j > my_id else out + (np.uint64(1 << k) - m)
+    return out & np.uint64((1 << k) - 1)
+
+
+def reveal(enc: KeyPair, my_id: int, kept: Shared, enc_keys: Sequence[bytes], mask_keys: Mapping[int, bytes],
+           survivors: Sequence[int], ciphertexts: Mapping[int, bytes], round_idx: int) -> dict[int, bytes]:
+    """Step 3 on a survivor: for each device ``j`` of ``U1`` one share, of ``b_j`` if ``j`` is a
+    survivor, of ``s_j`` if not; never both. ``ciphertexts`` holds what each ``j != me`` sent this
+    device in step 1; ``mask_keys`` are ``U1``'s mask public keys from the train message."""
+    ids, me = kept.ids, int(my_id)
+    alive, holders = {int(j) for j in survivors}, {int(j) for j in mask_keys}
+    if me not in alive:
+        raise SecAggError("this device is not among the survivors the server named")
+    if not alive <= holders or not holders <= set(ids):
+        raise SecAggError("the survivors are not a subset of the devices that shared keys")
+    if len(alive) < kept.t:
+        raise SecAggError(f"{len(alive)} survivors, threshold {kept.t}: refusing to reveal shares")
+    out = {}
+    for j in sorted(holders):
+        if j == me:
+            out[j] = kept.own_b
+            continue
+        if j not in ciphertexts:
+            raise SecAggError(f"no ciphertext from device {j}")
+        k = _channel_key(enc, enc_keys[ids.index(j)], sender=j, receiver=me, sender_mask_key=mask_keys[j],
+                         round_idx=round_idx)
+        plain = AESGCM(k).decrypt(b"\0" * 12, bytes(ciphertexts[j]), None)
+        out[j] = plain[:SEED_BYTES] if j in alive else plain[SEED_BYTES:]
     return out
 
 
-def unmask_sum(masked: Mapping[int, np.ndarray], key_set: Sequence[int]) -> np.ndarray:
-    """Sum of the masked vectors mod 2^32 = sum of the encoded updates, if and only if every
-    participant that published a key sent its vector; otherwise refuse (no dropout recovery)."""
-    missing = sorted(set(key_set) - set(masked))
-    if missing:
-        raise ValueError(f"secure aggregation: participants {missing} published keys but sent no masked "
-                         "update; their pairwise masks cannot be removed without secret sharing (SecAgg+)")
-    extra = sorted(set(masked) - set(key_set))
-    if extra:
-        raise ValueError(f"secure aggregation: updates from {extra}, who published no key")
-    total = np.zeros_like(next(iter(masked.values())), dtype=np.uint32)
-    for v in masked.values():
-        total = total + np.asarray(v, np.uint32)
+# ----------------------------------------------------------------------------- the server's side
+def unmask(masked: Mapping[int, np.ndarray], mask_keys: Mapping[int, bytes], ids: Sequence[int],
+           revealed: Mapping[int, Mapping[int, bytes]], t: int, k: int, round_idx: int) -> np.ndarray:
+    """The exact sum mod ``2^k`` of the survivors' codes (``masked``: survivor -> its masked vector),
+    from ``revealed`` (responder -> {device: share}), ``t`` of which are needed."""
+    ids = [int(i) for i in ids]
+    alive, holders = sorted(int(i) for i in masked), sorted(int(i) for i in mask_keys)
+    if not set(alive) <= set(holders):
+        raise SecAggError(f"masked vectors from {sorted(set(alive) - set(holders))}, who shared no keys")
+    if len(alive) < t:
+        raise SecAggError(f"only {len(alive)} of the {len(holders)} devices that shared keys sent a masked update; "
+                          f"the threshold is {t}")
+    if len(revealed) < t:
+        raise SecAggError(f"only {len(revealed)} survivors revealed their shares; the threshold is {t}")
+    n = len(next(iter(masked.values())))
+    total = ring_sum([masked[i] for i in alive], k)
+    top = np.uint64(1 << k)
+    for i in holders:
+        shares = {ids.index(r) + 1: got[i] for r, got in revealed.items() if i in got}
+        secret = combine(shares, t)
+        if i in masked:  # a survivor: remove its self mask
+            total = total + (top - prg(self_seed(secret, round_idx), n, k))
+        else:  # dropped: remove the pairwise masks it left in each survivor's vector
+            gone = KeyPair.from_seed(secret, round_idx)
+            if gone.public_bytes != bytes(mask_keys[i]):
+                raise SecAggError(f"the shares of device {i}'s mask key rebuild a different key")
+            for j in alive:
+                m = prg(pair_seed(gone, mask_keys[j], i, j, round_idx), n, k)
+                total = total + (top - m) if i > j else total + m  # j added +m for i > j, -m for i < j
+        total &= top - np.uint64(1)
     return total
 
 
-def secure_sum(updates: Mapping[int, np.ndarray], round_idx: int, *, frac_bits: int = 16) -> np.ndarray:
-    """The whole protocol in one process, for tests and for reading: keys, masks, sum, decode."""
-    keys = {i: KeyPair.generate() for i in updates}
-    pubs = {i: k.public_bytes for i, k in keys.items()}
-    masked = {i: mask(encode(u, frac_bits), keys[i], i, pubs, round_idx) for i, u in updates.items()}
-    return decode(unmask_sum(masked, list(keys)), frac_bits)
-
-
-# ----------------------------------------------------------------------------- fedkd's rounds
-FRAC_BITS = 16  # resolution 1.5e-5; sums up to +-32767 (150 clients x |value| <= 218)
-
-
-def flatten(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple[int, ...]]) -> np.ndarray:
-    """One float64 vector in ``layout`` order (both ends use the full student's layout)."""
-    return np.concatenate([np.asarray(state[k], np.float64).reshape(-1) for k in layout]) if layout else np.zeros(0)
-
-
-def unflatten(vec: np.ndarray, layout: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    out, start = {}, 0
-    for k, shape in layout.items():
-        n = int(np.prod(shape, dtype=np.int64))
-        out[k] = vec[start:start + n].reshape(shape)
-        start += n
-    if start != vec.size:
-        raise ValueError(f"vector of {vec.size} values for a layout of {start}")
-    return out
-
-
-def masked_upload(update_full: Mapping[str, np.ndarray], layout: Mapping[str, tuple[int, ...]], mine: KeyPair,
-                  my_id: int, peer_ids: Sequence[int], peer_keys: np.ndarray, round_idx: int) -> np.ndarray:
-    """What a device sends: its full-width update in fixed point under its pairwise masks.
-    ``peer_ids`` / ``peer_keys`` (m, 32) list every participant of the round, itself included."""
-    ids = [int(i) for i in peer_ids]
+def _check_ids(ids: list[int], my_id: int) -> None:
+    if ids != sorted(set(ids)):
+        raise SecAggError("malformed device list: expected sorted unique ids")
     if my_id not in ids:
-        raise ValueError(f"device {my_id} is not among this round's key holders {ids}")
-    if ids != sorted(set(ids)) or peer_keys.shape != (len(ids), 32) or peer_keys.dtype != np.uint8:
-        raise ValueError("malformed peer list: expected sorted unique ids and a (m, 32) uint8 key array")
-    if bytes(peer_keys[ids.index(my_id)]) != mine.public_bytes:
-        raise ValueError("the server listed a public key for this device that is not its own")
-    peers = {i: bytes(k) for i, k in zip(ids, peer_keys)}
-    return mask(encode(flatten(update_full, layout), FRAC_BITS), mine, my_id, peers, round_idx)
+        raise SecAggError(f"device {my_id} is not among this round's devices {ids}")
+
+
+# ----------------------------------------------------------------------------- one round in one process
+@dataclass
+class Round:
+    """A whole round in one process (tests, docs): the recovered sum and what it cost."""
+
+    total: np.ndarray  # the survivors' code sum, mod 2^k
+    k: int
+    t: int
+    survivors: list[int]
+
+
+def simulate_round(codes: Mapping[int, np.ndarray], bits: int, round_idx: int, *, threshold_fraction: float = 0.5,
+                   drop_after_sharing: Sequence[int] = (), drop_before_sharing: Sequence[int] = (),
+                   silent_in_unmask: Sequence[int] = ()) -> Round:
+    """Every step of the protocol with real keys and ciphertexts; devices in ``drop_after_sharing``
+    send no masked vector, those in ``silent_in_unmask`` send it but do not reveal shares."""
+    ids = sorted(int(i) for i in codes)
+    enc = {i: KeyPair.generate() for i in ids}
+    enc_keys = [enc[i].public_bytes for i in ids]
+    t = threshold(len(ids), threshold_fraction)
+    kept, inbox, mask_keys = {}, {i: {} for i in ids}, {}
+    for i in ids:
+        if i in drop_before_sharing:
+            continue
+        kept[i] = share(enc[i], i, ids, enc_keys, t, round_idx)
+        pub, cts = split_reply(kept[i].reply, len(ids))
+        mask_keys[i] = pub
+        for j, ct in zip([j for j in ids if j != i], cts):
+            inbox[j][i] = ct
+    k = ring_bits(len(mask_keys), bits)
+    masked = {i: mask(codes[i], i, kept[i].b, kept[i].s, mask_keys, k, round_idx)
+              for i in mask_keys if i not in drop_after_sharing}
+    masked = {i: unpack_ring(pack_ring(v, k), k, len(v)) for i, v in masked.items()}  # through the wire format
+    revealed = {i: reveal(enc[i], i, kept[i], enc_keys, mask_keys, sorted(masked),
+                          {j: ct for j, ct in inbox[i].items() if j in mask_keys}, round_idx)
+                for i in masked if i not in silent_in_unmask}
+    return Round(unmask(masked, mask_keys, ids, revealed, t, k, round_idx), k, t, sorted(masked))

@@ -28,7 +28,7 @@ from fedkd.aggregate import apply_update, combine
 from fedkd.nested import embed, sub_layout
 from fedkd.privacy import PrivacyAccountant, QuantileClip, dp_rng, noisy_mean, private_sum
 from fedkd.server_opt import lr_scale
-from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
+from fedkd import secagg
 from fedkd.streams import Stream
 from server.replies import Upload
 from server.transport import Node, Transport
@@ -47,6 +47,8 @@ class Aggregate:
     norms: list[float] = field(default_factory=list)  # norms before DP clipping, where the server saw them
     clip: float | None = None  # the DP clip norm of the round, when it varies (adaptive clipping)
     columns: dict = field(default_factory=dict)  # metrics.csv columns of the aggregator (adaptive clipping)
+    used: int | None = None  # uploads that went into the update (None: all of them, if there is one)
+    nbytes: tuple[int, int] = (0, 0)  # (down, up) bytes the aggregator exchanged itself (secure aggregation)
 
 
 class WeightedMean:
@@ -70,55 +72,144 @@ class WeightedMean:
 
 
 class SecureSum:
-    """Pairwise-mask secure aggregation (:mod:`fedkd.secagg`): a key exchange before the train
-    messages go out, then the sum of the masked uploads, unmasked by cancellation."""
+    """Secure aggregation with dropout recovery (:mod:`fedkd.secagg`): the share step before the
+    train messages go out, the masked uploads, then the unmask step and the survivors' exact sum.
+    A round with fewer survivors than the threshold is refused (logged with its reason in
+    ``rejections.jsonl`` and ``run.log``): nothing goes into the model."""
 
-    def __init__(self, full_model, student_dim: int, transport: Transport) -> None:
+    def __init__(self, full_model, student_dim: int, transport: Transport, *, quant_bits: int,
+                 threshold: float, initial_range: float, adaptive: bool, weighted: bool = False) -> None:
         self.layout = sub_layout(full_model, student_dim)
         self.transport = transport
-        self.key_set: list[int] = []
+        self.bits, self.fraction, self.adaptive = secagg.code_bits(quant_bits), threshold, adaptive
+        self.weighted = weighted  # devices send examples/reference x update; the mean divides by their sum
+        self.ranges = np.full(len(self.layout), float(initial_range))
+        self._reset()
+
+    def _reset(self) -> None:
+        self.grid, self.round, self.ids, self.t = None, None, [], 0
+        self.mask_keys: dict[int, bytes] = {}
+        self.inbox: dict[int, dict[int, bytes]] = {}  # receiver -> {sender: ciphertext}
+        self.node_of: dict[int, Node] = {}
+        self.used, self.nbytes, self.reference, self.weight = None, (0, 0), 1.0, 0.0
+
+    @property
+    def ring_bits(self) -> int:
+        return secagg.ring_bits(len(self.mask_keys), self.bits)
+
+    def expected_bytes(self) -> int:
+        """Size of a masked upload this round: the codes and range statistics at ``ring_bits``."""
+        return secagg.packed_ring_bytes(secagg.input_length(self.layout, stats=self.adaptive), self.ring_bits)
 
     def before_train(self, grid: Grid, sent: list[Node], contents, r: int) -> tuple[list[Node], tuple[int, int]]:
-        """Step 1: every node about to train makes a key pair and sends its public key; the sorted
-        (partition id, key) list goes into the round's train messages. Returns the nodes that
-        answered and the step's (down, up) bytes."""
-        ask = Content(configs={"config": {"round": r}})
-        ex = self.transport.exchange(grid, [(n, ask) for n in sent], "query.secagg_keys", r)
-        keys = {}
+        """Step 1: the devices about to train share their seeds (encrypted, routed by the server);
+        the mask public keys of those that answered, and the round's quantisation ranges, go into
+        the train messages. Returns the nodes that answered and the step's (down, up) bytes."""
+        self._reset()
+        self.grid, self.round = grid, r
+        nodes = [n for n in sent if len(n.enc_key) == secagg.KEY_BYTES]
+        for n in sent:
+            if n not in nodes:
+                self._reject(r, n, "no encryption key from the handshake")
+        self.ids = [n.partition_id for n in nodes]
+        self.node_of = {n.partition_id: n for n in nodes}
+        self.t = secagg.threshold(len(self.ids), self.fraction) if self.ids else 0
+        ask = Content(configs={"config": {"round": r, "threshold": self.t},
+                               "peers": {"ids": self.ids, "keys": b"".join(n.enc_key for n in nodes)}})
+        ex = self.transport.exchange(grid, [(n, ask) for n in nodes], "query.secagg_keys", r)
         for node, rep in ex.replies:
-            pub = unpack(rep.content).arrays.get("secagg", {}).get("public")
-            if pub is not None and pub.dtype == np.uint8 and pub.shape == (32,):
-                keys[node.partition_id] = pub
-            else:
-                self.transport.rejections.append({"round": r, "partition_id": node.partition_id,
-                                                  "node_id": node.node_id,
-                                                  "reason": "secure aggregation: no valid 32-byte public key"})
-        self.key_set = sorted(keys)
-        peers = {"ids": np.asarray(self.key_set, np.int64),
-                 "keys": np.stack([keys[i] for i in self.key_set]) if keys else np.zeros((0, 32), np.uint8)}
+            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
+            try:
+                pub, cts = secagg.split_reply(blob if isinstance(blob, bytes) else b"", len(self.ids))
+            except secagg.SecAggError as exc:
+                self._reject(r, node, f"malformed share reply: {exc}")
+                continue
+            i = node.partition_id
+            self.mask_keys[i] = pub
+            for j, ct in zip([j for j in self.ids if j != i], cts):
+                self.inbox.setdefault(j, {})[i] = ct
+        holders = sorted(self.mask_keys)
+        if holders:  # a public reference count, so that weighted updates keep the scale of the ranges
+            self.reference = float(np.mean([self.node_of[i].examples for i in holders])) or 1.0
         for c in contents:
-            c.arrays["peers"] = peers
-        return [n for n in sent if n.partition_id in keys], (ex.down, ex.up)
+            c.configs["peers"] = {"ids": holders, "keys": b"".join(self.mask_keys[i] for i in holders)}
+            c.configs["config"]["secagg-ranges"] = [float(x) for x in self.ranges]
+            if self.weighted:
+                c.configs["config"]["secagg-examples"] = self.reference
+        return [n for n in sent if n.partition_id in self.mask_keys], (ex.down, ex.up)
 
     def total(self, uploads: list[Upload], r: int) -> dict | None:
-        """Step 2: the unmasked sum at the full student's shapes; None (round void, logged) if a
-        key holder's upload is missing: without secret sharing its masks cannot be removed."""
-        if not self.key_set:
-            return {k: np.zeros(s, np.float64) for k, s in self.layout.items()}
+        """Steps 3 and 4: the survivors reveal shares, the server removes every mask and returns the
+        survivors' sum at the full student's shapes; None (round refused, logged) below the threshold.
+        ``last_sum`` keeps the unmasked sum of the round (None when refused): what the server
+        learns under secure aggregation, for the reconstruction attack."""
+        self.used, self.last_sum = 0, None
+        if not self.mask_keys:  # nobody took part: an empty sum (central DP still releases its noise)
+            return {k: np.zeros(shape, np.float64) for k, shape in self.layout.items()}
+        masked = {u.node.partition_id: secagg.unpack_ring(u.payload, self.ring_bits,
+                                                          secagg.input_length(self.layout, stats=self.adaptive))
+                  for u in uploads}
+        survivors = sorted(masked)
+        if len(survivors) < self.t:
+            return self._refuse(r, f"only {len(survivors)} of the {len(self.mask_keys)} devices that shared their "
+                                   f"seeds sent a valid masked update; the threshold is {self.t}")
+        holders = sorted(self.mask_keys)
+        items = []
+        for i in survivors:
+            senders = [j for j in holders if j != i and j in self.inbox.get(i, {})]
+            items.append((self.node_of[i], Content(configs={
+                "config": {"round": r},
+                "peers": {"survivors": survivors, "from": senders,
+                          "shares": b"".join(self.inbox[i][j] for j in senders)}})))
+        ex = self.transport.exchange(self.grid, items, "query.secagg_unmask", r)
+        self.nbytes = (ex.down, ex.up)
+        revealed = {}
+        for node, rep in ex.replies:
+            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
+            if not isinstance(blob, bytes) or len(blob) != len(holders) * secagg.SEED_BYTES:
+                self._reject(r, node, "malformed unmask reply")
+                continue
+            revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
+                                           for x, j in enumerate(holders)}
         try:
-            total = decode_fixed(unmask_sum({u.node.partition_id: u.payload for u in uploads}, self.key_set),
-                                 FRAC_BITS)
-        except ValueError as exc:
-            self.transport.rejections.append({"round": r, "partition_id": None, "node_id": None, "reason": str(exc)})
-            log.warning("round %d: %s; the round's update is void", r, exc)
-            return None
-        return unflatten(total, self.layout)
+            total = secagg.unmask(masked, self.mask_keys, self.ids, revealed, self.t, self.ring_bits, r)
+        except (secagg.SecAggError, ValueError) as exc:
+            return self._refuse(r, str(exc))
+        sums, ratio = secagg.dequantize_sum(total, len(survivors), self.layout, self.ranges, self.bits,
+                                            stats=self.adaptive)
+        self.ranges = secagg.next_ranges(self.ranges, ratio)
+        self.used, self.last_sum = len(survivors), sums
+        # the weights the survivors applied, from the example counts their replies report
+        self.weight = (sum(float(u.metrics["num-examples"]) for u in uploads) / self.reference if self.weighted
+                       else float(self.used))
+        return sums
+
+    def _reject(self, r: int, node: Node, reason: str) -> None:
+        self.transport.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,
+                                          "reason": f"secure aggregation: {reason}"})
+        log.warning("round %d: secure aggregation: client %d: %s", r, node.partition_id, reason)
+
+    def _refuse(self, r: int, reason: str) -> None:
+        self.used = 0
+        self.transport.rejections.append({"round": r, "partition_id": None, "node_id": None,
+                                          "reason": f"secure aggregation refused the round: {reason}"})
+        log.warning("round %d: secure aggregation refused the round: %s; the model is unchanged", r, reason)
+        return None
 
     def __call__(self, uploads: list[Upload], r: int) -> Aggregate:
         total = self.total(uploads, r)
-        if total is None or not uploads:
-            return Aggregate(None)
-        return Aggregate({k: (v / len(uploads)).astype(np.float32) for k, v in total.items()})
+        if total is None or not self.used:
+            return Aggregate(None, used=0, nbytes=self.nbytes)
+        if self.weight <= 0:
+            return Aggregate(None, used=0, nbytes=self.nbytes)
+        return Aggregate({k: (v / self.weight).astype(np.float32) for k, v in total.items()}, used=self.used,
+                         nbytes=self.nbytes)
+
+    def state_dict(self) -> dict:
+        return {"ranges": self.ranges.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ranges = np.asarray(state["ranges"], np.float64)
 
 
 class ClippedSum:
@@ -160,21 +251,27 @@ class CentralDP:
             clip, z = self.adaptive.clip, self.update_noise
             self.inner.clip = clip
         total = self.inner.total(uploads, r)
-        if total is None:
-            return Aggregate(None)
+        used, nbytes = getattr(self.inner, "used", None), getattr(self.inner, "nbytes", (0, 0))
+        if total is None:  # a refused secure sum releases nothing
+            return Aggregate(None, used=0, nbytes=nbytes)
         update = noisy_mean(total, std=z * clip, denominator=self.acc.rate * self.eligible,
                             rng=dp_rng(self.secure_rng, self.seed, Stream.CENTRAL_DP_NOISE, r), template=self.template)
         norms = list(getattr(self.inner, "norms", []))
+        done = {"released": True, "norms": norms, "used": used if used is not None else len(uploads),
+                "nbytes": nbytes}
         if self.adaptive is None:
-            return Aggregate(update, released=True, norms=norms)
+            return Aggregate(update, **done)
         share = self.adaptive.update(norms, dp_rng(self.secure_rng, self.seed, Stream.CLIP_COUNT_NOISE, r))
-        return Aggregate(update, released=True, norms=norms, clip=clip,
-                         columns={"dp_clip_norm": clip, "dp_unclipped_share": share})
+        return Aggregate(update, clip=clip, columns={"dp_clip_norm": clip, "dp_unclipped_share": share}, **done)
 
     def state_dict(self) -> dict:
-        return {"adaptive": self.adaptive.state_dict()} if self.adaptive is not None else {}
+        """The adaptive clip norm and the inner sum's state (secure aggregation's ranges)."""
+        out = {"inner": self.inner.state_dict()} if hasattr(self.inner, "state_dict") else {}
+        return {**out, "adaptive": self.adaptive.state_dict()} if self.adaptive is not None else out
 
     def load_state_dict(self, state: dict) -> None:
+        if "inner" in state:
+            self.inner.load_state_dict(state["inner"])
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state["adaptive"])
 

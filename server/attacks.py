@@ -25,7 +25,6 @@ from fedkd.membership import membership_attack
 from fedkd.models import build_model
 from fedkd.population import population
 from fedkd.reconstruction import TABLE, Tally, attack, history_items, popularity_ranking
-from fedkd.secagg import FRAC_BITS, decode as decode_fixed, unflatten, unmask_sum
 
 log = logging.getLogger("fedkd")
 
@@ -76,7 +75,8 @@ class ReconstructionAttack:
         return np.unique(np.concatenate([self._items[p] for p in pids]))
 
     def observe(self, uploads, r: int) -> None:
-        """Attack round ``r``'s accepted uploads, as the server decoded them."""
+        """Attack round ``r``'s accepted uploads, as the server decoded them (called after the
+        aggregator ran: under secure aggregation the round's unmasked sum is all there is)."""
         if not uploads:
             return
         if self.secure is None:
@@ -85,12 +85,10 @@ class ReconstructionAttack:
                     pid = u.node.partition_id
                     self.tally.add(pid, attack(u.payload, self.items([pid]), self.popular))
             return
-        try:
-            total = unmask_sum({u.node.partition_id: u.payload for u in uploads}, self.secure.key_set)
-        except ValueError:  # a dropout voided the round: the server cannot unmask it either
+        if self.secure.last_sum is None:  # the round was refused: the server could not unmask it either
             return
-        update = unflatten(decode_fixed(total, FRAC_BITS), self.secure.layout)
-        self.tally.add(r, attack(update, self.items(sorted(u.node.partition_id for u in uploads)), self.popular))
+        self.tally.add(r, attack(self.secure.last_sum, self.items(sorted(u.node.partition_id for u in uploads)),
+                                 self.popular))
 
     def result(self) -> dict:
         """``reconstruction_attack`` for summary.json."""

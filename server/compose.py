@@ -113,7 +113,10 @@ def make_server_step(cfg):
 def make_aggregator(cfg, exp, fleet: Fleet, accountant):
     """The update path of the params protocol, from the config."""
     if cfg.secure_aggregation:
-        total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport)
+        central = cfg.dp_mode == "central"  # a data-independent grid: ranges that adapt would leak un-noised
+        total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport, quant_bits=cfg.quant_bits,
+                          threshold=cfg.secagg_threshold, initial_range=cfg.dp_clip_norm if central else cfg.secagg_range,
+                          adaptive=not central, weighted=cfg.dp_mode == "off")
     else:
         total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
     if cfg.dp_mode == "central":

@@ -134,8 +134,7 @@ class Experiment:
                                        max_reply_bytes=cfg.max_reply_bytes,
                                        norm_reject=cfg.norm_reject if proto.name == "params" else 0.0)
         self.profile.spent["client_train_s"] += sum(float(u.metrics.get("train-seconds", 0.0)) for u in uploads)
-        for observer in self.observers.values():  # what the server saw, whether or not the round counts
-            observer.observe(uploads, r)
+        seen = uploads  # what the server saw, whether or not the round counts (for the observers)
         rejected.update(ex.failed)
         skipped = len(uploads) < cfg.min_replies
         if skipped:
@@ -146,6 +145,12 @@ class Experiment:
             uploads = []
         with self.profile.timed("aggregate_s"):
             extra = proto.absorb(uploads, r, batch=batch, released=replied)
+        for observer in self.observers.values():  # after the aggregator: secure aggregation's sum exists now
+            observer.observe(seen, r)
+        more_down, more_up = extra.pop("aggregator_bytes", (0, 0))  # secure aggregation's unmask step
+        down, up = down + more_down, up + more_up
+        if extra.pop("aggregated", len(uploads)) == 0 and uploads:  # void or refused: nothing went in
+            skipped, uploads = True, []
         fleet.trained.update(u.node.partition_id for u in uploads)
         round_s = round_wall_seconds(timings.values(), cfg.round_deadline)
         fleet.sim_time += round_s

@@ -22,7 +22,8 @@ log = logging.getLogger("fedkd")
 
 
 def with_steps(content: Content, steps: int) -> Content:
-    return Content(arrays=content.arrays, configs={"config": {**content.configs["config"], "steps": steps}})
+    return Content(arrays=content.arrays, configs={**content.configs, "config": {**content.configs["config"],
+                                                                                "steps": steps}})
 
 
 class Fleet:

@@ -28,8 +28,8 @@ from wire import Content, describe_message, message_nbytes_by_part, message_payl
 
 log = logging.getLogger("fedkd")
 # Messages whose bytes are the round's training traffic (metrics.csv bytes_*): the train
-# message and, with secure aggregation, its key exchange; evaluation is counted apart.
-TRAINING_KINDS = ("train", "query.secagg_keys")
+# message and, with secure aggregation, its share and unmask steps; evaluation is counted apart.
+TRAINING_KINDS = ("train", "query.secagg_keys", "query.secagg_unmask")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Node:
     partition_id: int
     tier: int
     examples: int
+    enc_key: bytes = b""  # secure aggregation: the device's long-term public key for the shares it receives
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Transport:
             if rep.has_error():
                 log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
                 continue
-            m = unpack(rep.content).metrics["metrics"]
+            got = unpack(rep.content)
+            m = got.metrics["metrics"]
+            enc_key = got.configs.get("secagg", {}).get("enc-key", b"")
             nodes.append(Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]),
-                              int(m["num-examples"])))
+                              int(m["num-examples"]), enc_key if isinstance(enc_key, bytes) else b""))
         return sorted(nodes, key=lambda n: n.partition_id)
 
     def exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:

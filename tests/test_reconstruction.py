@@ -11,7 +11,6 @@ from fedkd.config import ExperimentConfig
 from fedkd.population import population
 from fedkd.reconstruction import (Tally, attack, history_items, popularity_ranking, precision_recall, rank_items,
                                   row_change)
-from fedkd.secagg import KeyPair, masked_upload
 from server.attacks import ReconstructionAttack, reconstruction_step
 from server.replies import Upload
 from server.transport import Node
@@ -94,17 +93,18 @@ def test_the_observer_attacks_each_decoded_update_against_its_clients_items():
 
 
 def test_under_secure_aggregation_only_the_rounds_sum_is_attacked_against_the_union():
+    """The observer reads the sum the secure aggregator unmasked (``last_sum``), never an upload:
+    a refused round (``last_sum`` None) teaches it nothing."""
     pop = population(CFG)
     n = pop.dataset.num_items
-    layout = {"item_emb.weight": (n + 1, 4)}
-    secure = SimpleNamespace(key_set=[0, 3], layout=layout)
+    secure = SimpleNamespace(last_sum=None)
     obs = ReconstructionAttack(CFG.replace(secure_aggregation=True), secure=secure)
-    keys = {p: KeyPair.generate() for p in secure.key_set}
-    pubs = np.stack([np.frombuffer(keys[p].public_bytes, np.uint8) for p in secure.key_set])
-    masked = {p: masked_upload(_revealing_update(obs.items([p]), n), layout, keys[p], p, secure.key_set, pubs, 5)
-              for p in secure.key_set}
+    masked = {p: {"masked": np.zeros(3, np.uint32)} for p in (0, 3)}  # uploads are opaque to the attack
+    secure.last_sum = {k: _revealing_update(obs.items([0]), n)[k] + _revealing_update(obs.items([3]), n)[k]
+                       for k in ("item_emb.weight",)}
     obs.observe([_upload(p, v) for p, v in masked.items()], r=5)
-    obs.observe([_upload(0, masked[0])], r=6)  # client 3's vector missing: masks do not cancel, nothing learnt
+    secure.last_sum = None  # round 6 refused below the threshold
+    obs.observe([_upload(0, masked[0])], r=6)
     res = obs.result()["reconstruction_attack"]
     union = obs.items([0, 3])
     assert res["observed"] == "round-sum" and (res["units"], res["attacks"]) == (1, 1)

@@ -20,6 +20,11 @@ from server.transport import Node
 from wire import Content
 
 
+def secure_part(aggregator):
+    """The :class:`server.aggregation.SecureSum` inside an aggregator (alone or under central DP)."""
+    return getattr(aggregator, "inner", aggregator)
+
+
 class ParamsProtocol(Protocol):
     name = "params"
 
@@ -36,9 +41,9 @@ class ParamsProtocol(Protocol):
         cfg = self.cfg
         if cfg.secure_aggregation:
             masked = got.arrays.get("masked", {}).get("values")
-            size = sum(int(np.prod(s)) for s in sub_layout(self.full_model, cfg.student_dim).values())
-            if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint32 or masked.shape != (size,):
-                raise PayloadError("malformed", f"secure aggregation expects only masked/values, uint32 ({size},)")
+            size = secure_part(self.aggregator).expected_bytes()
+            if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint8 or masked.shape != (size,):
+                raise PayloadError("malformed", f"secure aggregation expects only masked/values, uint8 ({size},)")
             return masked
         if set(got.arrays) - {"update"}:
             raise PayloadError("unexpected-key", f"unexpected arrays {sorted(set(got.arrays) - {'update'})}")
@@ -55,6 +60,9 @@ class ParamsProtocol(Protocol):
             self.state = self.server_step.step(self.state, agg.update, r)
         cols.update(self.server_step.columns(r))
         cols["norm_bounded"] = agg.bounded if uploads else 0
+        # what really went into the model: a void or refused round aggregates 0
+        cols["aggregated"] = agg.used if agg.used is not None else (len(uploads) if agg.update is not None else 0)
+        cols["aggregator_bytes"] = agg.nbytes
         if self.cloud.refines:
             cols["teacher_refine_loss"] = self.cloud.refine(batch, fleet_view, r) if fleet_view is not None else ""
         if self.privacy is not None:
@@ -71,9 +79,10 @@ class ParamsProtocol(Protocol):
         return ensemble_of_states(self.student, models, batch, temperature=cfg.kd_temperature) if models else None
 
     def state_dict(self) -> dict:
-        agg = getattr(self.aggregator, "state_dict", None)  # central DP's adaptive clip norm
-        return {**super().state_dict(), "state": self.state, "server_step": self.server_step.state_dict(),
-                **({"aggregator": agg()} if agg is not None else {})}
+        out = {**super().state_dict(), "state": self.state, "server_step": self.server_step.state_dict()}
+        if hasattr(self.aggregator, "state_dict"):  # secure aggregation's ranges, central DP's adaptive clip
+            out["aggregator"] = self.aggregator.state_dict()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
