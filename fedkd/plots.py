@@ -26,8 +26,8 @@ def plot_run(rows: Sequence[dict], out_dir: Path, *, k: int, title: str,
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(x, [r["val_ndcg"] for r in rows], marker="o", label=f"NDCG@{k}")
         ax.plot(x, [r["val_hr"] for r in rows], marker="s", label=f"HR@{k}")
-        for (name, value), color in zip((references or {}).items(), ("tab:red", "tab:gray", "tab:purple")):
-            ax.axhline(value, linestyle="--", color=color, label=f"{name} NDCG@{k}")
+        for (ref, value), color in zip((references or {}).items(), ("tab:red", "tab:gray", "tab:purple")):
+            ax.axhline(value, linestyle="--", color=color, label=f"{ref} NDCG@{k}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation (full ranking, history masked)")
         ax.set_title(title)

@@ -291,3 +291,12 @@ def test_warm_start_distils_the_teacher_into_the_student_before_round_1(tmp_path
                     ({"warm-start-cloud": True}, "warm-start-cloud")):
         with pytest.raises(ValueError, match=f"'{key}'"):
             cfg(**kw)
+
+
+def test_the_run_plots_keep_their_names_with_reference_lines(tmp_path):
+    from fedkd.plots import plot_run
+
+    rows = [{"round": r, "val_ndcg": 0.1 * r, "val_hr": 0.2 * r, "cum_bytes": 1e6 * r} for r in (1, 2)]
+    paths = plot_run(rows, tmp_path, k=10, title="t", references={"teacher": 0.15, "popularity": 0.05})
+    assert [p.name for p in paths] == ["metrics_vs_round.png", "metrics_vs_bytes.png"]
+    assert all(p.is_file() for p in paths)
