@@ -134,19 +134,19 @@ class ExperimentConfig:
     local_lr: float = _opt(3.0, "Client learning rate (SGD on a full-softmax loss needs a large one).")
     local_clip_norm: float = _opt(1.0, "Clip each local step's gradient norm to this (0 = no clipping).")
     batch_size: int = _opt(32, "Private samples per local step.")
-    server_lr: float = _opt(1.0, "Server step size on the round's mean update: Flower's eta (fedavg, fedadam, "
+    server_lr: float = _opt(0.1, "Server step size on the round's mean update: Flower's eta (fedavg, fedadam, "
                                  "fedyogi, fedadagrad) or server_learning_rate (fedavgm); 1 with fedavg = FedAvg.")
-    server_optimizer: str = _opt("fedavg", "What the server does with the round's mean update (Flower's "
+    server_optimizer: str = _opt("fedyogi", "What the server does with the round's mean update (Flower's "
                                            "strategies, Reddi et al. 2021): fedavg | fedavgm | fedadam | "
                                            "fedyogi | fedadagrad (docs/convergence.md).")
     server_momentum: float = _opt(0.0, "fedavgm: server momentum (Flower's server_momentum).")
     server_beta_1: float = _opt(0.9, "fedadam, fedyogi: first-moment decay (Flower's beta_1).")
     server_beta_2: float = _opt(0.99, "fedadam, fedyogi: second-moment decay (Flower's beta_2).")
     server_tau: float = _opt(0.001, "fedadam, fedyogi, fedadagrad: adaptivity tau (Flower's tau).")
-    server_lr_schedule: str = _opt("constant", "Server learning rate over the run: constant | cosine (from "
+    server_lr_schedule: str = _opt("cosine", "Server learning rate over the run: constant | cosine (from "
                                                "server-lr in round 1 to server-lr x server-lr-final in the "
                                                "last) | step (x server-lr-final from the second half on).")
-    server_lr_final: float = _opt(0.1, "server-lr-schedule cosine or step: the final factor on server-lr.")
+    server_lr_final: float = _opt(0.05, "server-lr-schedule cosine or step: the final factor on server-lr.")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
@@ -190,7 +190,7 @@ class ExperimentConfig:
                                      "budget: prefer devices likely to finish, never starving a tier.")
     _section("distillation")  # ------------------------------------------------------------
     kd_weight: float = _opt(1.0, "lambda: weight of the distillation loss (0 = plain federated training).")
-    kd_schedule: str = _opt("constant", "Distillation weight over rounds: constant (kd-weight) | linear (to 0 "
+    kd_schedule: str = _opt("gate", "Distillation weight over rounds: constant (kd-weight) | linear (to 0 "
                                         "at kd-decay-rounds) | exp (halved every kd-decay-rounds) | gate "
                                         "(kd-weight until the student, scored on the cloud users' validation "
                                         "items, passes the teacher there; then 0 for good).")

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-epochs": 2, "progress": False}
+BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-epochs": 2, "progress": False,
+        # the server settings the golden files were written with (the defaults before issue 21's)
+        "server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant"}
 CASES: dict[str, dict] = {
     "default": {},
     "nested-deadline": {"student-widths": "4,16", "tier-memory-mb": "0.03,1", "tier-speed": "0.1,1",

@@ -18,11 +18,25 @@ from server.kd_schedule import KDSchedule
 from server.transport import Node
 
 
+# the plain server of before issue 21 (FedAvg, constant step, constant distillation); each test
+# sets what it exercises on top
+PLAIN = {"server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant"}
+
+
 def cfg(**kw) -> ExperimentConfig:
-    return ExperimentConfig.from_flat(kw)
+    return ExperimentConfig.from_flat({**PLAIN, **kw})
 
 
 # --- server optimizer -------------------------------------------------------------------
+def test_the_defaults_are_the_converged_server():
+    """issue 21: FedYogi at eta 0.1 annealed to 5% by cosine, distillation gated."""
+    d = ExperimentConfig()
+    assert (d.server_optimizer, d.server_lr, d.server_lr_schedule, d.server_lr_final, d.kd_schedule) == \
+        ("fedyogi", 0.1, "cosine", 0.05, "gate")
+    step = make_server_step(ExperimentConfig.from_flat({"num-rounds": 3}))
+    assert isinstance(step.optimizer, FedYogi) and [step.scale(r) for r in (1, 3)] == [1.0, pytest.approx(0.05)]
+
+
 def test_server_step_follows_the_config_with_flowers_names():
     # byte-identical to the runs before optimizers
     assert isinstance(make_server_step(cfg()).optimizer, FedAvgStep)
