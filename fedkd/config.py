@@ -68,6 +68,12 @@ def _opt(default: Scalar, help: str) -> Any:  # noqa: A002 - "help" reads best i
     return field(default=default, metadata={"help": help, "section": _opening[0]})
 
 
+# What a run did when its config.json has no such key: the key came later, and its default
+# has since changed (issue 21's defaults). Reading old results (sweep staleness) uses these.
+ABSENT_MEANS: dict[str, Scalar] = {"server-lr-schedule": "constant", "warm-start-steps": 0,
+                                   "server-optimizer": "fedavg", "kd-schedule": "constant"}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Every knob of a fedkd experiment; the kebab-case name of ``foo_bar`` is ``foo-bar``."""

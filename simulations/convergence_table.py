@@ -28,7 +28,7 @@ import numpy as np
 
 from simulations import ROOT
 from simulations.docsplice import splice
-from simulations.runs import Run, load_runs, split_seed
+from simulations.runs import Run, load_run, split_seed
 
 COLUMNS = ("config", "seed", "cloud_fraction", "rounds", "best_round", "test_ndcg10", "test_hr10", "val_ndcg10",
            "bytes_total", "sim_time_s", "wall_s", "target_val", "rounds_to_target", "mb_to_target",
@@ -201,11 +201,25 @@ def plot(runs: dict, refs: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def current_runs(spec: Path, sweep_dir: Path) -> list[Run]:
+    """The finished runs of ``sweep_dir`` whose config.json matches ``spec`` as it is now (runs of
+    an earlier version of the spec, still in the folder, do not count), with the data path the
+    sweep ran on."""
+    from simulations.sweep import plan
+
+    recorded = json.loads((sweep_dir / "sweep.json").read_text())["runs"] if (sweep_dir / "sweep.json").is_file() else []
+    data = next((r["resolved"]["data-path"] for r in recorded if r.get("resolved", {}).get("data-path")), "")
+    planned = plan(spec, output_dir=sweep_dir.parent.parent, sets={"data-path": data}, cwd=ROOT).runs
+    return [load_run(r.dir) for r in planned if r.status() == "finished"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m simulations.convergence_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", type=Path, default=ROOT / "outputs/sweeps/convergence",
                    help="Folder of the convergence sweep (default: %(default)s).")
+    p.add_argument("--spec", type=Path, default=ROOT / "simulations/sweeps/convergence.toml",
+                   help="The sweep's spec: only runs finished with its current settings count (default: %(default)s).")
     p.add_argument("--central", type=Path, default=ROOT / "docs/convergence/central_ref.jsonl",
                    help="JSON lines of simulations/central_ref.py runs (default: %(default)s).")
     p.add_argument("--share", type=float, default=0.9,
@@ -217,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     central = central_rows(args.central)
     cval = {(r["cloud_fraction"], r["seed"]): r["val_ndcg10"] for r in central}
     runs, rows, refs = {}, list(central), list(central)
-    for run in load_runs(args.sweep / "runs"):
-        if not run.finished:
-            continue
+    for run in current_runs(args.spec, args.sweep):
         name, seed = split_seed(run.name)
         cf = run.config["cloud-fraction"]
         key = (cf, name.rsplit("-c", 1)[0], seed)

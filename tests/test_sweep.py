@@ -332,3 +332,16 @@ def test_a_knob_added_later_at_its_default_does_not_make_finished_runs_stale():
     assert same_config(before, now) and same_config(now, before)
     assert not same_config(before, {**now, "round-deadline": 1.0})  # a real difference still counts
     assert not same_config({**before, "seed": 3}, now)
+
+
+def test_a_knob_whose_default_changed_later_counts_at_what_older_runs_did():
+    """A run from before server-lr-schedule existed took constant steps: it is not the
+    cosine default of today, and it is the same as a plan that asks for constant."""
+    from fedkd.config import ExperimentConfig
+    from simulations.report import same_config
+
+    now = ExperimentConfig().to_flat()
+    old = {k: v for k, v in now.items() if k != "server-lr-schedule"}
+    assert now["server-lr-schedule"] == "cosine"
+    assert not same_config(old, now)
+    assert same_config(old, {**now, "server-lr-schedule": "constant"})
