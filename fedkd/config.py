@@ -208,7 +208,8 @@ class ExperimentConfig:
     proxy_batch: int = _opt(64, "Proxy samples (with soft labels) sent to each client per round.")
     warm_start_steps: int = _opt(0, "Before round 1 the server distils the teacher into the global student for "
                                     "this many Adam steps (server-distill-lr, kd-batch-size) on the proxy set: "
-                                    "no messages, cloud data only (0 = off; params protocol).")
+                                    "no messages, cloud data only (0 = off; params protocol with kd-weight > 0: "
+                                    "kd-weight 0, plain FedAvg, has no warm start).")
     warm_start_cloud: bool = _opt(False, "The warm start also fits the cloud users' own training samples "
                                          "(next-item CE, teacher-batch-size per step), as the teacher did.")
     _section("wire")  # --------------------------------------------------------------------
@@ -408,11 +409,17 @@ class ExperimentConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        if self.teacher_refine_steps > 0 or self.warm_start_steps > 0:
+        if self.teacher_refine_steps > 0:
             return True
         if self.kd_weight == 0:
             return False
         return self.protocol != "logits" or self.fd_teacher_weight > 0
+
+    @property
+    def warms_up(self) -> bool:
+        """The server warm-starts the global student: a distillation step, so only where the
+        students distil (kd-weight > 0) and there is a global student (params)."""
+        return self.warm_start_steps > 0 and self.kd_weight > 0 and self.protocol == "params"
 
     @property
     def needs_proxy(self) -> bool:
@@ -754,8 +761,6 @@ def _rules_distillation(c: ExperimentConfig) -> None:
            "constant, linear, exp or gate")
     _check(c.proxy_batch <= c.proxy_size, "proxy-batch", c.proxy_batch, f"at most proxy-size ({c.proxy_size})")
     _check(c.warm_start_steps >= 0, "warm-start-steps", c.warm_start_steps, "an integer >= 0")
-    _check(not c.warm_start_cloud or c.warm_start_steps > 0, "warm-start-cloud", c.warm_start_cloud,
-           "false while warm-start-steps = 0")
 
 
 def _rules_wire(c: ExperimentConfig) -> None:
@@ -822,8 +827,6 @@ def _rules_across(c: ExperimentConfig) -> None:
            "a number > 0 with protocol = logits (its public proxy set is drawn from cloud users)")
     _check(not c.needs_teacher or c.cloud_fraction > 0, "cloud-fraction", c.cloud_fraction,
            "a number > 0 when a teacher is used (kd-weight > 0 or teacher refinement): it has no data otherwise")
-    _check(c.warm_start_steps == 0 or c.protocol == "params", "warm-start-steps", c.warm_start_steps,
-           f"0 with protocol = {c.protocol} (the warm start trains the global student before round 1)")
     # server-optimizer, server-lr-schedule and kd-schedule are defaults of every run; a protocol
     # without a global student (or without local distillation) does not use them, and the
     # run's log says so (server/compose.py) instead of refusing the defaults.

@@ -37,7 +37,7 @@ def compose(exp, grid: Grid) -> None:
     exp.cloud = cloud = Cloud(cfg)
     t_cloud = time.perf_counter()
     exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
-    exp.warm_start = cloud.warm_start(exp.student) if cfg.warm_start_steps else None
+    exp.warm_start = cloud.warm_start(exp.student) if cfg.warms_up else None
     t_warm = time.perf_counter()
     nodes = exp.transport.handshake(grid)
     if not nodes:
@@ -86,6 +86,9 @@ def unused_settings(cfg, kd: KDSchedule) -> list[str]:
         unused += [f"server-optimizer = {cfg.server_optimizer}"] if cfg.server_optimizer != "fedavg" else []
         unused += ([f"server-lr-schedule = {cfg.server_lr_schedule}"] if cfg.server_lr_schedule != "constant"
                    else [])
+    if cfg.warm_start_steps and not cfg.warms_up:
+        unused.append(f"warm-start-steps = {cfg.warm_start_steps} (" + ("kd-weight is 0" if cfg.protocol == "params"
+                                                                        else "no global student") + ")")
     if kd.schedule != cfg.kd_schedule:
         unused.append(f"kd-schedule = {cfg.kd_schedule} (kd-weight stays constant)")
     return unused

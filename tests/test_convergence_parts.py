@@ -301,10 +301,14 @@ def test_warm_start_distils_the_teacher_into_the_student_before_round_1(tmp_path
     assert info["steps"] == 60 and info["loss"] < short["loss"]
     assert info == again and all(np.array_equal(state[k], same[k]) for k in state)
     assert any(not np.array_equal(state[k], with_cloud[k]) for k in state)
-    for kw, key in (({"warm-start-steps": 5, "protocol": "logits"}, "warm-start-steps"),
-                    ({"warm-start-cloud": True}, "warm-start-cloud")):
-        with pytest.raises(ValueError, match=f"'{key}'"):
-            cfg(**kw)
+    # a distillation step: only where the students distil and there is a global student
+    from server.compose import unused_settings
+
+    assert cfg(**{"warm-start-steps": 5}).warms_up
+    for kw, why in (({"kd-weight": 0.0}, "kd-weight is 0"), ({"protocol": "logits"}, "no global student")):
+        c = cfg(**{"warm-start-steps": 5, **kw})
+        assert not c.warms_up and unused_settings(c, KDSchedule(c, SimpleNamespace(refines=False))) == \
+            [f"warm-start-steps = 5 ({why})"]
 
 
 def test_the_run_plots_keep_their_names_with_reference_lines(tmp_path):
