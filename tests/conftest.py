@@ -7,12 +7,16 @@ first use. Tests read these folders and never write into them: a test that must 
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from e2e_runs import BASE, Run, run_case
+from e2e_runs import BASE, ROOT, Run, run_case
 
 
 class GoldenRuns:
@@ -39,6 +43,18 @@ class GoldenRuns:
             raise got
         return got
 
+    def teacher_copy(self, dest: Path) -> Path:
+        """``dest``, holding a copy of the teachers the golden runs trained so far: a run of its
+        own on BASE's data (50 users, 80 items, seed 0, 2 teacher epochs) then loads the
+        teacher instead of training the same one again. In a whole-suite run the golden
+        default case has run by then; a test run alone may find nothing to copy, and its run
+        trains its own teacher, as before. The run may write into its copy, never here."""
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.cache.is_dir():
+            for f in self.cache.glob("teacher-*.pt"):
+                shutil.copy2(f, dest / f.name)
+        return dest
+
 
 @pytest.fixture(scope="session")
 def golden(tmp_path_factory) -> GoldenRuns:
@@ -57,11 +73,39 @@ def faults_rerun(golden, tmp_path_factory) -> Run:
     return run_case(first.out.name, out, golden.cache)
 
 
+@pytest.fixture
+def teacher_cache(golden, tmp_path) -> Path:
+    """A test's own teacher cache, with the golden runs' teachers in it (GoldenRuns.teacher_copy)."""
+    return golden.teacher_copy(tmp_path / "teacher-cache")
+
+
+# Plain federated distillation's float32 soft labels with local DP on, 2 rounds on BASE's data.
+NAIVE_LDP = {**BASE, "soft-label-format": "full", "dp-mode": "local", "dp-noise-multiplier": 0.5,
+             "dp-clip-norm": 0.5}
+
+
 @pytest.fixture(scope="session")
-def naive_labels_local_dp(tmp_path_factory) -> Run:
-    """Plain federated distillation's float32 soft labels with local DP on, 2 rounds: one run for
-    two claims that do not touch each other (test_e2e_communication: the bytes of the labels
-    sent down; test_privacy_e2e: the accounting of the noised updates sent up)."""
-    base = tmp_path_factory.mktemp("naive-ldp")
-    flat = {**BASE, "soft-label-format": "full", "dp-mode": "local", "dp-noise-multiplier": 0.5, "dp-clip-norm": 0.5}
-    return run_case("naive-ldp", base / "out", base / "cache", flat=flat)
+def real_sweep(golden, tmp_path_factory) -> SimpleNamespace:
+    """A real `fedkd sweep` of one config over seeds 0 and 1, the two runs side by side (``--jobs
+    2``, one worker each), whose config is NAIVE_LDP: one sweep for three claims that do not
+    touch each other. test_sweep: a sweep runs every run, reports, and resumes with nothing
+    to do. On its seed-0 run (``naive_labels_local_dp``), test_e2e_communication: the bytes of
+    the labels sent down; test_privacy_e2e: the accounting of the noised updates sent up."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    cache = golden.teacher_copy(tmp / "cache")
+    base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in NAIVE_LDP.items() if k != "progress")
+    spec = tmp / "spec.toml"
+    spec.write_text(f'name = "tiny"\nseeds = [0, 1]\n[base]\n{base}\ncache-dir = "{cache}"\n')
+    cmd = [sys.executable, "-m", "simulations.cli", "sweep", str(spec), "--output-dir", str(tmp / "out"),
+           "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(cmd=cmd, proc=proc, dir=tmp / "out" / "sweeps" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def naive_labels_local_dp(real_sweep) -> Run:
+    """NAIVE_LDP with seed 0: the first run of ``real_sweep``."""
+    proc = real_sweep.proc
+    if proc.returncode != 0:
+        raise RuntimeError(f"the sweep failed: {proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return Run(real_sweep.dir / "runs" / "base-s0", proc.stdout, proc.stderr)

@@ -4,6 +4,14 @@ Every ``fedkd run`` in a test costs a Python start, Flower's imports and a Ray s
 seconds on 2 cores, for runs whose rounds take a few. So the golden cases (tests/test_golden.py)
 are the runs most end-to-end tests inspect: a test that needs "a finished default run" or "a
 run of the logit protocol" reads the golden case's results folder instead of running its own.
+
+Each run gets one ClientApp worker (``--num-cpus 1``) unless a test needs more: every client
+still runs in a real Ray actor, the results are the same for any number of workers (the
+golden cases pin them), and a second worker costs a Python process that imports torch and
+Flower and then competes with the first for the same two cores (about a fifth of a run's CPU
+time).
+Tests that need two workers at once (a client that hangs while the others answer; the
+deployment comparison) ask for them.
 """
 
 from __future__ import annotations
@@ -50,12 +58,21 @@ def cli_args(flat: dict) -> list[str]:
     return args
 
 
-def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, timeout: float = 900) -> Run:
+WORKERS = 1  # ClientApp workers of a test run (see above)
+
+
+def run_command(name: str, out: Path, cache: Path, flat: dict, *, num_cpus: int = WORKERS) -> list[str]:
+    """`fedkd run` of the experiment ``name`` with the flat config keys ``flat``."""
+    return [sys.executable, "-m", "simulations.cli", "run", "--num-cpus", str(num_cpus), "--experiment-name", name,
+            "--output-dir", str(out), "--cache-dir", str(cache), *cli_args(flat)]
+
+
+def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, timeout: float = 900,
+             num_cpus: int = WORKERS) -> Run:
     """One experiment through the CLI, as a user runs it, in its own process group so that a
     hang can be killed with its Ray processes. ``flat`` defaults to the golden case ``name``."""
     flat = {**BASE, **CASES[name]} if flat is None else flat
-    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
-           "--output-dir", str(out), "--cache-dir", str(cache), *cli_args(flat)]
+    cmd = run_command(name, out, cache, flat, num_cpus=num_cpus)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:  # minutes on a busy 2-core machine, well under one when idle

@@ -24,8 +24,11 @@ from simulations.deploy import CertPaths, LocalFleet
 
 ROOT = Path(__file__).resolve().parents[1]
 # 50 synthetic users, 20% in the cloud: 40 edge users, users-per-client 14 -> exactly 3 clients.
+# Validated once, on one client (the last round; val-clients 1): a deployment starts a Python
+# process per message a SuperNode receives (`flwr-clientapp`, importing torch and Flower), so
+# fewer messages is a shorter run.
 TINY = ["--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2", "--teacher-epochs", "2",
-        "--eval-every", "2", "--progress", "false"]
+        "--eval-every", "2", "--val-clients", "1", "--progress", "false"]
 # One torch thread everywhere: the teacher is trained in the ServerApp process, and a different
 # thread count changes float sums (see docs/devices.md, "Deployment vs simulation").
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -253,7 +256,7 @@ def test_deployment_and_simulation_give_the_same_model(loopback):
     """Same seed and partitions: the round-1 global model is bit-identical in both engines."""
     assert loopback.proc.returncode == 0
     tmp = loopback.tmp
-    sim = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "--num-cpus", "2",
+    sim = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "--num-cpus", "1",
                           "--experiment-name", "sim", "--output-dir", str(tmp / "out"),
                           "--cache-dir", str(tmp / "cache-sim"), "--users-per-client", "14", *TINY],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
@@ -295,7 +298,7 @@ def test_a_run_the_serverapp_fails_exits_nonzero_and_stops_every_process(tmp_pat
     """A value that passes validation but fails in the ServerApp (a cache-dir it cannot create)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache"), nodes=2), cwd=ROOT,
+    proc = subprocess.run(_deploy_cmd(tmp_path, "fails", "--cache-dir", str(blocker / "cache"), nodes=1), cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "NotADirectoryError" in proc.stdout  # the ServerApp's traceback, streamed by `flwr run`

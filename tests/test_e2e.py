@@ -25,10 +25,10 @@ def _short_end(run: Run) -> None:
     assert len(lines) <= 15 and lines[-1].startswith(f"results: {run.out} "), run.stdout
 
 
-def _run(tmp_path: Path, name: str, *extra: str) -> Path:
+def _run(tmp_path: Path, cache: Path, name: str, *extra: str) -> Path:
     """A run of its own: 50 synthetic users, 80 items, 2 rounds, plus ``extra`` options."""
     flat = {**BASE, **dict(zip((a.removeprefix("--") for a in extra[::2]), extra[1::2]))}
-    run = run_case(name, tmp_path / "out", tmp_path / "cache", flat=flat)
+    run = run_case(name, tmp_path / "out", cache, flat=flat)
     _short_end(run)
     return run.out
 
@@ -114,7 +114,7 @@ def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(golden):
     assert not (out / "student.pt").exists()
 
 
-def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
+def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path, teacher_cache):
     """A trace decides who is online each round; weak devices train a width-4 slice and fit
     fewer steps under the deadline; simulated time adds up round by round. Aggregated with the
     coordinate-wise trimmed mean, ring by ring of the nested widths (the robust aggregation
@@ -126,7 +126,7 @@ def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path):
         online = "2" if c == 0 else "" if c == 1 else "1;2"
         rows.append(f"{c},{tier},{speed},{mem},500,5000,{0.0 if c == 1 else 1.0},{online}")
     trace.write_text("\n".join(rows) + "\n")
-    out = _run(tmp_path, "mixed", "--device-trace", str(trace), "--student-widths", "4,16",
+    out = _run(tmp_path, teacher_cache, "mixed", "--device-trace", str(trace), "--student-widths", "4,16",
                "--tier-steps", "16,16", "--round-deadline", "0.6", "--min-steps", "2", "--aggregation", "trimmed-mean")
     metrics = list(csv.DictReader((out / "metrics.csv").open()))
     summary = json.loads((out / "summary.json").read_text())

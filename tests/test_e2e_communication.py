@@ -3,27 +3,20 @@ cached soft labels sent as deltas, sparse updates, naive labels; byte columns vs
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from e2e_runs import BASE, run_case
 from fedkd.traffic import DOWN_PARTS, UP_PARTS
 
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path: Path, name: str, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
-           "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
-           "--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "3",
-           "--teacher-epochs", "2", "--progress", "false", *extra]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=900)  # a loaded 2-core machine can take minutes to start Ray
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp_path / "out" / name
+def _run(tmp_path: Path, cache: Path, name: str, flat: dict) -> Path:
+    """A run of its own: 50 synthetic users, 80 items, 3 rounds, plus ``flat``."""
+    return run_case(name, tmp_path / "out", cache, flat={**BASE, "num-rounds": 3, **flat}).out
 
 
 def _check_columns(out: Path) -> list[dict]:
@@ -46,9 +39,10 @@ def _check_columns(out: Path) -> list[dict]:
     return rows
 
 
-def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path):
-    out = _run(tmp_path, "ef", "--quant-bits", "4", "--down-bits", "8", "--error-feedback", "true",
-               "--update-density", "0.5", "--kd-cache", "true", "--proxy-size", "64", "--proxy-batch", "64")
+def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path, teacher_cache):
+    out = _run(tmp_path, teacher_cache, "ef", {"quant-bits": 4, "down-bits": 8, "error-feedback": True,
+                                               "update-density": 0.5, "kd-cache": True, "proxy-size": 64,
+                                               "proxy-batch": 64})
     rows = _check_columns(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rejected_total"] == 0
@@ -73,8 +67,8 @@ def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path):
 
 
 def test_naive_soft_labels_are_float32_distributions_over_every_item(naive_labels_local_dp):
-    """(The shared run also has local DP on, for test_privacy_e2e: it changes the updates sent
-    up, not the labels sent down.)"""
+    """(The shared run, the seed-0 run of the real sweep of tests/conftest.py, also has local DP
+    on, for test_privacy_e2e: it changes the updates sent up, not the labels sent down.)"""
     out = naive_labels_local_dp.out
     rows = _check_columns(out)
     assert len(rows) == 2

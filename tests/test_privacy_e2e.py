@@ -10,20 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from e2e_runs import BASE, ROOT, run_case
 from fedkd.privacy import epsilon_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path: Path, name: str, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name,
-           "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
-           "--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2",
-           "--teacher-epochs", "2", "--progress", "false", *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return tmp_path / "out" / name
+def _run(tmp_path: Path, cache: Path, name: str, flat: dict) -> Path:
+    """A run of its own: 50 synthetic users, 80 items, 2 rounds, plus ``flat``."""
+    return run_case(name, tmp_path / "out", cache, flat={**BASE, **flat}).out
 
 
 def _audit(*args: str) -> subprocess.CompletedProcess:
@@ -38,8 +33,27 @@ ALLOWED_ARRAYS = {("down", "query"): {}, ("up", "query"): {},
                   ("down", "evaluate"): {"student": {"codes", "scale", "offset"}}, ("up", "evaluate"): {}}
 
 
-def test_no_private_history_crosses_the_wire(tmp_path):
-    out = _run(tmp_path, "audit", "--wire-payloads", "true")
+RATE = 10 / 40  # clients-per-round 10 of the 40 edge clients: Poisson sampling at this rate
+# Central DP whose budget lets 2 of the 4 configured rounds train: the target lies between the
+# epsilon after 2 rounds and after 3.
+BUDGET = {"num-rounds": 4, "clients-per-round": 10, "dp-mode": "central", "dp-noise-multiplier": 1.0,
+          "dp-clip-norm": 0.5,
+          "dp-target-epsilon": (epsilon_for(1.0, RATE, 2, 1e-5) + epsilon_for(1.0, RATE, 3, 1e-5)) / 2}
+
+
+@pytest.fixture(scope="module")
+def budget_run(golden, tmp_path_factory) -> Path:
+    """BUDGET with every message's payload kept (``wire-payloads``): one run for two claims
+    that do not touch each other. test_central_dp_stops_at_the_budget_with_a_clear_message:
+    the accountant stops the run; test_no_private_history_crosses_the_wire: nothing in any
+    message of a run (here a central-DP run, whose devices send what any params run sends)
+    is an edge user's history."""
+    tmp = tmp_path_factory.mktemp("budget")
+    return _run(tmp, golden.teacher_copy(tmp / "cache"), "dp", {**BUDGET, "wire-payloads": True})
+
+
+def test_no_private_history_crosses_the_wire(budget_run):
+    out = budget_run
     lines = [json.loads(x) for x in (out / "wire.jsonl").open()]
     # every message in both directions: each message sent has its reply, none failed
     assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
@@ -89,14 +103,12 @@ def test_no_private_history_crosses_the_wire(tmp_path):
     proc = _audit(str(out), "--history")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| up | train |" in proc.stdout and "no private history found" in proc.stdout
-    assert _audit(str(tmp_path / "out"), "--json").returncode == 0
+    assert _audit(str(out.parent), "--json").returncode == 0
 
 
-def test_central_dp_stops_at_the_budget_with_a_clear_message(tmp_path):
-    rate = 10 / 40
-    target = (epsilon_for(1.0, rate, 2, 1e-5) + epsilon_for(1.0, rate, 3, 1e-5)) / 2  # 2 rounds fit, 3 do not
-    out = _run(tmp_path, "dp", "--num-rounds", "4", "--clients-per-round", "10", "--dp-mode", "central",
-               "--dp-noise-multiplier", "1.0", "--dp-clip-norm", "0.5", "--dp-target-epsilon", str(target))
+def test_central_dp_stops_at_the_budget_with_a_clear_message(budget_run):
+    rate, target = RATE, BUDGET["dp-target-epsilon"]  # 2 rounds fit, 3 do not
+    out = budget_run
     summary = json.loads((out / "summary.json").read_text())
     stop = summary["privacy"]["stopped"]
     assert stop["round_refused"] == 3 and stop["rounds_trained"] == 2 and "over the target" in stop["reason"]
@@ -122,13 +134,13 @@ def test_local_dp_noises_every_update_on_the_device(naive_labels_local_dp):
     assert summary["rejected_total"] == 0 and summary["privacy"]["stopped"] is None
 
 
-def test_secure_aggregation_in_real_rounds(tmp_path):
+def test_secure_aggregation_in_real_rounds(tmp_path, teacher_cache):
     """SecAgg with dropout recovery in fedkd's own rounds, with central DP and 30% of the devices
     crashing after they shared their seeds: every round the survivors' sum is recovered and moves
     the model, and every step's messages are real Flower messages whose bytes are counted."""
-    out = _run(tmp_path, "sa", "--secure-aggregation", "true", "--dp-mode", "central", "--dp-clip-norm", "0.5",
-               "--dp-noise-multiplier", "0.3", "--clients-per-round", "10", "--wire-payloads", "true",
-               "--fault-crash", "0.3")
+    out = _run(tmp_path, teacher_cache, "sa", {"secure-aggregation": True, "dp-mode": "central", "dp-clip-norm": 0.5,
+                                               "dp-noise-multiplier": 0.3, "clients-per-round": 10,
+                                               "wire-payloads": True, "fault-crash": 0.3})
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["rounds"] == 2
     rows = list(csv.DictReader((out / "metrics.csv").open()))

@@ -13,13 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from e2e_runs import BASE, CASES, ROOT, cli_args, run_case
+from e2e_runs import BASE, CASES, ROOT, WORKERS, run_case, run_command
 from fedkd.config import ExperimentConfig
 from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
 
@@ -30,14 +29,9 @@ NAME = "faults-norm-bound"
 FAULTY = {**BASE, **CASES[NAME]}
 
 
-def _cmd(out: Path, cache: Path, name: str, flat: dict) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "run", "--experiment-name", name, "--output-dir", str(out),
-            "--cache-dir", str(cache), *cli_args(flat)]
-
-
-def _run(out: Path, cache: Path, name: str, flat: dict) -> Path:
+def _run(out: Path, cache: Path, name: str, flat: dict, *, num_cpus: int = WORKERS) -> Path:
     try:  # minutes on a busy 2-core machine, well under one when idle
-        return run_case(name, out, cache, flat=flat).out
+        return run_case(name, out, cache, flat=flat, num_cpus=num_cpus).out
     except RuntimeError as exc:  # timed out (its process group killed: a Ray that fails to start hangs) or failed
         pytest.fail(str(exc))
 
@@ -98,7 +92,7 @@ def test_the_same_seed_gives_an_identical_metrics_csv(reference, faults_rerun):
 def _kill_after_round_2(out: Path, cache: Path, name: str, flat: dict) -> None:
     """Start the run, SIGKILL it (with its Ray processes) once round 2 is written; it must not
     have finished. Round 3 may be in the results or not, as a real kill falls."""
-    proc = subprocess.Popen(_cmd(out, cache, name, flat), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(run_command(name, out, cache, flat), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     timing = out / name / "timing.csv"
     deadline = time.time() + 900
@@ -152,8 +146,8 @@ def test_a_hanging_client_times_out_and_too_few_replies_skip_the_round(tmp_path,
             "fault-hang": 0.1, "round-timeout": 20.0, "min-replies": 12, "progress": False}
     cfg = ExperimentConfig.from_flat(flat)
     hangs = [p for p in range(12) if draw_fault(cfg, 1, p) == "hang"]
-    assert len(hangs) == 1  # the seed gives exactly one hang (two would block both workers of a 2-core machine)
-    out = _run(tmp_path, cache, "hang", flat)
+    assert len(hangs) == 1  # the seed gives exactly one hang (two would block both workers)
+    out = _run(tmp_path, cache, "hang", flat, num_cpus=2)  # the others answer on the second worker
     rej = _rejections(out)
     assert [(x["partition_id"], x["reason"]) for x in rej if x["type"] == "train"] == [(hangs[0], "timeout")]
     row = next(csv.DictReader((out / "metrics.csv").open()))

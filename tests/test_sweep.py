@@ -294,22 +294,13 @@ def test_help_documents_the_spec_and_options():
 
 # --- a real sweep -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_real_sweep_runs_then_resumes_with_nothing_to_do(tmp_path):
-    spec = _spec(tmp_path, f"""
-name = "tiny"
-seeds = [0, 1]
-[base]
-synthetic-users = 50
-synthetic-items = 80
-num-rounds = 2
-teacher-epochs = 2
-cache-dir = "{tmp_path / 'cache'}"
-""")
-    cmd = [sys.executable, "-m", "simulations.cli", "sweep", str(spec), "--output-dir", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=500)
+def test_real_sweep_runs_then_resumes_with_nothing_to_do(real_sweep):
+    """``real_sweep`` (tests/conftest.py): two real runs of one config, seeds 0 and 1, two at a time;
+    its seed-0 run is also the naive-labels/local-DP experiment of the end-to-end tests."""
+    proc = real_sweep.proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 runs: 0 finished, 2 to run" in proc.stdout
-    sweep_dir = tmp_path / "out" / "sweeps" / "tiny"
+    sweep_dir = real_sweep.dir
     for run in ("base-s0", "base-s1"):
         assert (sweep_dir / "runs" / run / "summary.json").is_file(), run
         assert (sweep_dir / "runs" / f"{run}.log").is_file()
@@ -317,7 +308,7 @@ cache-dir = "{tmp_path / 'cache'}"
     assert "| base | 2/2 |" in report and "Missing runs: none." in report
     assert len((sweep_dir / "report.csv").read_text().splitlines()) == 3
     t0 = time.monotonic()
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(real_sweep.cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 runs: 2 finished, 0 to run" in again.stdout
     assert time.monotonic() - t0 < 30  # no simulation started
