@@ -70,8 +70,8 @@ def descendants(roots: Iterable[int]) -> set[int]:
     """Every live process whose chain of parents reaches one of ``roots`` (from /proc)."""
     parent: dict[int, int] = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := proc_stat(int(d.name))) is not None:
-            parent[int(d.name)] = st[0]
+        if d.name.isdigit() and (st := proc_stat(int(d.name))) is not None and st[1] not in ("Z", "X"):
+            parent[int(d.name)] = st[0]  # a zombie is gone already: nothing to stop
     out, frontier = set(), set(roots)
     while frontier:
         kids = {p for p, pp in parent.items() if pp in frontier and p not in out}

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from e2e_runs import BASE, ROOT, Run, run_case
+from e2e_runs import BASE, CASES, ROOT, Run, kill_after_round_2, run_case
 
 
 class GoldenRuns:
@@ -64,13 +64,18 @@ def golden(tmp_path_factory) -> GoldenRuns:
 @pytest.fixture(scope="session")
 def faults_rerun(golden, tmp_path_factory) -> Run:
     """The faults case run a second time, with the golden teacher cache, into an output folder
-    that already holds a copy of the first run: one run for two claims, that the same seed
-    gives the same results (test_reliability_e2e) and that a second run loads the cached
-    teacher and moves the earlier results aside instead of overwriting them (test_e2e)."""
+    that already holds a copy of the first run, SIGKILLed (with its Ray processes) once round 2
+    is written and then resumed (``--resume``): one run for three claims, that a run killed mid
+    round resumes to the uninterrupted metrics (test_reliability_e2e), that the same seed gives
+    the same results (the same test module), and that a second run loads the cached teacher and
+    moves the earlier results aside instead of overwriting them (test_e2e)."""
     first = golden["faults-norm-bound"]
+    name = first.out.name
     out = tmp_path_factory.mktemp("rerun")
-    shutil.copytree(first.out, out / first.out.name)
-    return run_case(first.out.name, out, golden.cache)
+    shutil.copytree(first.out, out / name)
+    flat = {**BASE, **CASES[name]}
+    kill_after_round_2(out, golden.cache, name, flat)
+    return run_case(name, out, golden.cache, flat={**flat, "resume": True})
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,31 @@ def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, tim
     if proc.returncode != 0:
         raise RuntimeError(f"run {name} failed: {err[-4000:]}")
     return Run(out / name, stdout, err)
+
+
+def kill_after_round_2(out: Path, cache: Path, name: str, flat: dict) -> None:
+    """Start the run, SIGKILL it (with its Ray processes) once round 2 is written; it must not
+    have finished. Round 3 may be in the results or not, as a real kill falls. A results folder
+    already there (an earlier run, which the new one moves aside) is not the run's own."""
+    folder = out / name
+    earlier = folder.stat().st_ino if folder.exists() else None
+    proc = subprocess.Popen(run_command(name, out, cache, flat), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    timing = out / name / "timing.csv"
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:  # wait for round 2 to be written, then kill
+            try:
+                if folder.stat().st_ino != earlier and timing.read_text().count("\n") >= 3:  # header + 2 rounds
+                    break
+            except FileNotFoundError:  # not yet created (or being moved aside)
+                pass
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            raise RuntimeError(f"run {name} ended before it could be killed (exit {proc.returncode})")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray processes and its ClientApp workers
+        proc.wait()
+    killed_rows = (out / name / "metrics.csv").read_text().count("\n") - 1
+    if not (2 <= killed_rows <= 3 and not (out / name / "summary.json").exists()):
+        raise RuntimeError(f"run {name} killed with {killed_rows} rounds written or a summary: not mid-run")

@@ -4,21 +4,17 @@ metrics.csv of an uninterrupted run (with faults; with central DP, to the same e
 
 Each run goes through the CLI in a subprocess (its own Ray instance, in its own process
 group so that a SIGKILL takes Ray's processes down with it). The uninterrupted faulty run is
-the golden case faults-norm-bound (tests/conftest.py), and the same-seed rerun is shared with
-test_e2e (``faults_rerun``).
+the golden case faults-norm-bound (tests/conftest.py); its same-seed rerun, killed and resumed,
+is shared with test_e2e (``faults_rerun``).
 """
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from e2e_runs import BASE, CASES, ROOT, WORKERS, run_case, run_command
+from e2e_runs import BASE, CASES, WORKERS, kill_after_round_2, run_case
 from fedkd.config import ExperimentConfig
 from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
 
@@ -81,38 +77,12 @@ def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(
     assert res["messages"] == 120 and not res["missing"] and not res["unplanned"]
 
 
-def test_the_same_seed_gives_an_identical_metrics_csv(reference, faults_rerun):
-    again = faults_rerun.out
-    assert (again / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
-    assert _reasons(again) == _reasons(reference)
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, again))
-    assert a["test_ndcg@10"] == b["test_ndcg@10"]
-
-
-def _kill_after_round_2(out: Path, cache: Path, name: str, flat: dict) -> None:
-    """Start the run, SIGKILL it (with its Ray processes) once round 2 is written; it must not
-    have finished. Round 3 may be in the results or not, as a real kill falls."""
-    proc = subprocess.Popen(run_command(name, out, cache, flat), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    timing = out / name / "timing.csv"
-    deadline = time.time() + 900
-    try:
-        while time.time() < deadline and proc.poll() is None:  # wait for round 2 to be written, then kill
-            if timing.exists() and timing.read_text().count("\n") >= 3:  # header + 2 rounds
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Ray processes and its ClientApp workers
-        proc.wait()
-    killed_rows = (out / name / "metrics.csv").read_text().count("\n") - 1
-    assert 2 <= killed_rows <= 3 and not (out / name / "summary.json").exists()
-
-
-def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, tmp_path, cache):
-    name = NAME
-    _kill_after_round_2(tmp_path, cache, name, FAULTY)
-    out = _run(tmp_path, cache, name, {**FAULTY, "resume": True})
+def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, faults_rerun):
+    """``faults_rerun`` (tests/conftest.py): the faults case again with the same seed, SIGKILLed
+    once round 2 was written and resumed. It ends with the uninterrupted run's metrics.csv,
+    byte for byte: the same seed gives the same results, and a resumed run loses or repeats
+    nothing (each rejection once)."""
+    out = faults_rerun.out
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     assert _reasons(out) == _reasons(reference)  # each rejection once, none lost or repeated
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
@@ -127,7 +97,7 @@ def test_a_central_dp_run_killed_and_resumed_ends_with_the_same_epsilon_and_metr
     name = "central-dp"
     flat = {**BASE, **CASES[name]}
     reference = golden[name].out
-    _kill_after_round_2(tmp_path, cache, name, flat)
+    kill_after_round_2(tmp_path, cache, name, flat)
     out = _run(tmp_path, cache, name, {**flat, "resume": True})
     assert "resumed after round" in (out / "run.log").read_text()
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
