@@ -30,8 +30,12 @@ BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-
         "server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant"}
 CASES: dict[str, dict] = {
     "default": {},
-    "nested-deadline": {"student-widths": "4,16", "tier-memory-mb": "0.03,1", "tier-speed": "0.1,1",
-                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2},
+    # a mixed fleet: a device trace (tests/data/mixed-trace.csv: even clients weak, 0.1x speed,
+    # 0.01 MB; client 0 online from round 2, client 1 never) decides tiers and who is online;
+    # weak devices train a width-4 slice and fit fewer steps under the deadline; aggregated with
+    # the coordinate-wise trimmed mean, ring by ring of the nested widths
+    "nested-deadline": {"student-widths": "4,16", "device-trace": str(ROOT / "tests" / "data" / "mixed-trace.csv"),
+                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean"},
     "secagg": {"secure-aggregation": True, "clients-per-round": 10},
     "logits-refine": {"protocol": "logits", "teacher-refine-steps": 20, "teacher-refine-lr": 0.01,
                       "num-rounds": 3},
