@@ -1,7 +1,7 @@
-"""A Ray cluster of two nodes on 127.0.0.1 for tests/test_cluster.py, and what ran where on it.
+"""A Ray cluster of two nodes on loopback for tests/test_cluster.py, and what ran where on it.
 
 The head node and the worker node are two `ray start` runs with their own raylet, CPUs and
-ports, exactly as on two machines; only the address is shared. Every port is explicit (free
+ports and its own loopback address, as on two machines; only the host is shared. Every port is explicit (free
 ones picked at start; worker processes get ports from the OS), the temporary folder is the
 cluster's own, and every process the cluster starts carries ``FEDKD_TEST_RAY_CLUSTER=<id>``
 in its environment: :meth:`LoopbackCluster.stop` signals exactly those by PID, never by name
@@ -29,11 +29,16 @@ from pathlib import Path
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 MARKER = "FEDKD_TEST_RAY_CLUSTER"
+# Two loopback addresses, one per node, as two machines have two. Not 127.0.0.1: Ray replaces
+# exactly "127.0.0.1", "::1" and "localhost" with the machine's outward address
+# (`ray._private.services.resolve_ip_for_localhost`), in --address and --node-ip-address alike;
+# any other 127.x.y.z is kept, and Linux routes all of 127.0.0.0/8 to the loopback interface.
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 HERE = Path(__file__).resolve()
 
 
 class LoopbackCluster:
-    """Head node with ``head_cpus`` CPUs plus one worker node with ``worker_cpus``, on 127.0.0.1."""
+    """Head node (HEAD_IP) with ``head_cpus`` CPUs plus one worker node (WORKER_IP) with ``worker_cpus``."""
 
     def __init__(self, *, head_cpus: int = 1, worker_cpus: int = 1) -> None:
         self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
@@ -45,11 +50,11 @@ class LoopbackCluster:
         self.address = ""
         self.log: list[str] = []
 
-    def _node_args(self, ports: list[int]) -> list[str]:
+    def _node_args(self, ip: str, ports: list[int]) -> list[str]:
         names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
         args = [a for name, port in zip(names, ports, strict=True) for a in (name, str(port))]
-        return [*args, "--node-ip-address", "127.0.0.1", "--temp-dir", str(self.temp_dir),
+        return [*args, "--node-ip-address", ip, "--temp-dir", str(self.temp_dir / ip),
                 "--min-worker-port", "0", "--max-worker-port", "0",  # 0: each worker gets a free port from the OS
                 "--object-store-memory", str(100 * 2**20), "--disable-usage-stats"]
 
@@ -64,11 +69,12 @@ class LoopbackCluster:
         from simulations.deploy import free_ports
 
         gcs, client, *ports = free_ports(14)
-        self.address = f"127.0.0.1:{gcs}"
+        self.address = f"{HEAD_IP}:{gcs}"
         self._ray("start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-                  "--include-dashboard", "false", "--num-cpus", str(self.head_cpus), *self._node_args(ports[:6]))
+                  "--include-dashboard", "false", "--num-cpus", str(self.head_cpus),
+                  *self._node_args(HEAD_IP, ports[:6]))
         self._ray("start", "--address", self.address, "--num-cpus", str(self.worker_cpus),
-                  *self._node_args(ports[6:]))
+                  *self._node_args(WORKER_IP, ports[6:]))
         nodes = self.query("nodes")
         if len(nodes) != 2:
             raise RuntimeError(f"the cluster at {self.address} has {len(nodes)} node(s), not 2: {nodes}")
@@ -120,7 +126,7 @@ def _nodes(wanted: int = 2, timeout: float = 60.0) -> list[dict]:
     while True:
         alive = [n for n in ray.nodes() if n["Alive"]]
         if len(alive) >= wanted or time.monotonic() > deadline:
-            return [{"node_id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0),
+            return [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0),
                      "head": "node:__internal_head__" in n["Resources"]} for n in alive]
         time.sleep(0.5)
 
@@ -131,7 +137,8 @@ def _actors() -> dict:
     from ray._private import state
     from ray.core.generated import gcs_pb2
 
-    actors = [{"actor_id": a["ActorID"], "node_id": a["Address"]["NodeID"], "pid": a["Pid"], "state": a["State"]}
+    actors = [{"actor_id": a["ActorID"], "node_id": a["Address"]["NodeID"], "ip": a["Address"]["IPAddress"],
+               "pid": a["Pid"], "state": a["State"]}
               for a in state.actors().values() if a["ActorClassName"] == "ClientAppActor"]
     names, where = {}, {}
     for raw in state.state._connect_and_get_accessor().get_task_events():

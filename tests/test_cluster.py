@@ -1,7 +1,8 @@
 """`fedkd run --ray-address`: the simulation on an existing Ray cluster (docs/cluster.md).
 
-The slow test starts a Ray cluster of two nodes on 127.0.0.1 (tests/ray_cluster.py: a head
-and a worker node, one CPU each, so each can hold exactly one ClientApp actor), runs the
+The slow test starts a Ray cluster of two nodes on loopback (tests/ray_cluster.py: a head on
+127.0.0.2 and a worker node on 127.0.0.3, one CPU each, so each can hold exactly one ClientApp
+actor), runs the
 golden default case on it and checks that (a) the results are the single-node run's, pinned
 in tests/golden/ (``model_digest`` of every round included), (b) the ClientApp actors lived
 on both nodes and both nodes handled messages, and (c) nothing of the cluster is left
@@ -18,7 +19,7 @@ import sys
 import pytest
 
 from e2e_runs import ROOT, run_case
-from ray_cluster import LoopbackCluster
+from ray_cluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from simulations import cluster
 from simulations.deploy import free_ports
 from test_golden import GOLDEN, pinned
@@ -54,6 +55,7 @@ def test_a_run_on_a_two_node_ray_cluster_gives_the_single_node_results(golden, t
 
     # one actor per CPU: one on the head, one on the worker node, and both took messages
     assert sorted(a["node_id"] for a in ran["actors"]) == sorted(nodes)
+    assert sorted(a["ip"] for a in ran["actors"]) == [HEAD_IP, WORKER_IP]
     assert set(ran["runs_by_node"]) == set(nodes) and all(n > 0 for n in ran["runs_by_node"].values())
 
 
