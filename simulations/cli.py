@@ -41,7 +41,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                         "ServerApp runs in this process, which must be on a node of the cluster. Every node "
                         "needs the same Python environment, fedkd checkout and data file at the same paths "
                         "(docs/cluster.md). Checked before anything starts: an address where nothing answers "
-                        "is refused (exit code 2). Excludes --num-cpus. RAY_ADDRESS is not read.")
+                        "is refused (exit code 2). Excludes --num-cpus. Without it, RAY_ADDRESS is ignored.")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging.")
     p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="SECONDS",
                    help="Seconds the simulation engine may take to come up: to start Ray and its workers, "

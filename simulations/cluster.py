@@ -15,9 +15,9 @@ are not patched. Ray refuses ``num_cpus``/``num_gpus`` in ``ray.init`` when it a
 nodes declared theirs at ``ray start``), so those are left out; ``--num-cpus`` is refused with
 ``--ray-address``. ``flwr run``'s own simulation settings (``options.backend.init-args`` of a
 SuperLink connection) have no address key in 1.41, which is why this is a ``fedkd run``
-option. ``ray.init`` reads ``RAY_ADDRESS`` *before* its ``address`` argument, so this process's
-``RAY_ADDRESS`` is set to the address given (and removed for a local run): the cluster a run
-uses is the one its command line names.
+option. ``ray.init`` given no address attaches to the cluster named by ``RAY_ADDRESS`` if that
+is set (``ray/_private/worker.py``), so a local run removes it from this process's
+environment: a run uses a cluster only when its command line names one.
 
 No Flower or Ray import here: the address is checked before the engine starts.
 """
@@ -90,12 +90,7 @@ def backend_config(*, num_cpus: int, ray_address: str | None) -> dict:
     return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def pin_address_env(ray_address: str | None) -> str | None:
-    """Make ``RAY_ADDRESS`` in this process agree with ``ray_address`` (``ray.init`` prefers it
-    to its argument); return the value it had when a local run drops it, else None."""
-    before = os.environ.get(ADDRESS_ENV)
-    if ray_address:
-        os.environ[ADDRESS_ENV] = ray_address
-        return None
-    os.environ.pop(ADDRESS_ENV, None)
-    return before or None
+def drop_address_env() -> str | None:
+    """Remove ``RAY_ADDRESS`` from this process's environment before a local run (``ray.init``
+    without an address would attach to it, and then refuse ``num_cpus``); return what it was."""
+    return os.environ.pop(ADDRESS_ENV, None) or None

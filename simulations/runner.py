@@ -102,7 +102,7 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     cpus = num_cpus or os.cpu_count() or 1
     backend = cluster.backend_config(num_cpus=cpus, ray_address=ray_address)
-    if (dropped := cluster.pin_address_env(ray_address)) is not None:
+    if not ray_address and (dropped := cluster.drop_address_env()) is not None:
         log.info("RAY_ADDRESS=%s is ignored: without --ray-address, fedkd starts Ray on this machine", dropped)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if os.environ.get("FEDKD_FLOWER_DISPATCH", "") != "1":  # =1 keeps Flower's own (for comparisons)
