@@ -329,18 +329,7 @@ _proc_stat, alive, descendants = processes.proc_stat, processes.alive, processes
 
 def processes_with_marker(marker: str) -> set[int]:
     """Live processes whose environment holds ``FEDKD_DEPLOY_ID=marker`` (started by one fleet)."""
-    needle = f"{MARKER_ENV}={marker}".encode() + b"\0"
-    out = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            env = (d / "environ").read_bytes() + b"\0"
-        except OSError:
-            continue
-        if needle in env and alive(int(d.name)):
-            out.add(int(d.name))
-    return out
+    return processes.with_env(MARKER_ENV, marker)
 
 
 def _signal(pid: int, sig: int) -> None:
