@@ -215,7 +215,7 @@ def write_shards(cfg: ExperimentConfig, pop, out: Path, *, replace: bool = False
     out = Path(out)
     old = sorted(out.glob("device-*")) if out.is_dir() else []
     if old and not replace:
-        raise ValueError(f"{out} already holds shards ({old[0].name}, ...); choose another folder or replace them")
+        raise ValueError(f"{out} already holds shards ({old[0].name}, ...); choose another folder, or replace them (fedkd shard --force)")
     for d in old:
         shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)

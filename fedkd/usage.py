@@ -5,8 +5,9 @@ A device whose node config names ``usage-log`` (``flower-supernode --node-config
 (:func:`record`): the message type and round, the seconds its handler took, the seconds since
 its process started (on a SuperNode a ClientApp process starts per message, so this is the
 device's whole cost of the message but the reply's upload), its peak resident memory so far
-(``getrusage``'s ``ru_maxrss``: exact, the kernel's high-water mark), and what confines it
-(CPUs it may run on, its address-space limit). :func:`summarize` turns the lines of one device
+(``getrusage``'s ``ru_maxrss``: exact, the kernel's high-water mark), its data memory at the
+end of the handler (``VmData``, what a data cap bounds), and what confines it
+(CPUs it may run on, its data-memory limit, ``RLIMIT_DATA``). :func:`summarize` turns the lines of one device
 into its peak and per-round times; ``fedkd deploy local`` reports them for every node.
 Linux for the process age and CPU list (``/proc``, ``sched_getaffinity``); None elsewhere. No Flower import.
 """
@@ -20,13 +21,25 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["append", "confinement", "peak_rss_mb", "process_seconds", "read", "record", "summarize"]
+__all__ = ["append", "confinement", "data_mb", "peak_rss_mb", "process_seconds", "read", "record", "summarize"]
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident set so far, in MB (10^6 bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
+
+
+def data_mb() -> float | None:
+    """This process's data memory now (``VmData``, MB: heap and private writable mappings, thread
+    stacks included, shared libraries not): what an ``RLIMIT_DATA`` cap bounds."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
 
 
 def process_seconds() -> float | None:
@@ -41,8 +54,8 @@ def process_seconds() -> float | None:
 
 
 def confinement() -> dict[str, object]:
-    """CPUs this process may run on and its address-space limit (MB; None = unlimited)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    """CPUs this process may run on and its data-memory limit (``RLIMIT_DATA``, MB; None = unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"cpus": cpus, "memory_limit_mb": None if soft == resource.RLIM_INFINITY else soft / 1e6}
 
@@ -52,6 +65,7 @@ def record(message_type: str, round_idx: int | None, handler_s: float, *, error:
     age = process_seconds()
     return {"type": message_type, "round": round_idx, "handler_s": round(handler_s, 4),
             "process_s": None if age is None else round(age, 3), "peak_rss_mb": round(peak_rss_mb(), 2),
+            "data_mb": None if (vm := data_mb()) is None else round(vm, 1),
             "error": error, "pid": os.getpid(), **confinement()}
 
 
@@ -80,5 +94,6 @@ def summarize(lines: Iterable[Mapping[str, object]]) -> dict[str, object]:
             "peak_rss_mb": max((float(ln["peak_rss_mb"]) for ln in lines), default=None),
             "cpus": list(max(cpus, key=len)) if cpus else None,
             "memory_limit_mb": min(limits) if limits else None,
+            "data_mb": max((float(ln["data_mb"]) for ln in lines if ln.get("data_mb") is not None), default=None),
             "rounds": [{"round": ln["round"], "process_s": ln["process_s"], "handler_s": ln["handler_s"],
                         "peak_rss_mb": ln["peak_rss_mb"]} for ln in train]}

@@ -251,9 +251,11 @@ def test_the_usage_mod_writes_one_line_per_message_and_summarize_reads_them(flee
     [line] = usage.read(log)
     assert line["type"] == "query" and line["round"] is None and line["peak_rss_mb"] > 10
     assert line["handler_s"] >= 0 and line["process_s"] > line["handler_s"] and not line["error"]
+    line.update(peak_rss_mb=300.0, data_mb=350.0)
     lines = [line, {**line, "type": "train", "round": 2, "process_s": 9.0, "peak_rss_mb": 400.0},
-             {**line, "type": "train", "round": 1, "process_s": 7.5, "cpus": [0], "memory_limit_mb": 2000.0}]
+             {**line, "type": "train", "round": 1, "process_s": 7.5, "cpus": [0], "memory_limit_mb": 1000.0}]
     s = usage.summarize(lines)
-    assert s["messages"] == 3 and s["peak_rss_mb"] == 400.0 and s["memory_limit_mb"] == 2000.0
+    assert s["messages"] == 3 and s["peak_rss_mb"] == 400.0 and s["memory_limit_mb"] == 1000.0
+    assert s["data_mb"] == 350.0 and s["errors"] == 0
     assert [r["round"] for r in s["rounds"]] == [1, 2] and s["rounds"][0]["process_s"] == 7.5
     assert usage.summarize([])["peak_rss_mb"] is None
