@@ -57,6 +57,7 @@ PARTITION_KEYS = ("cloud-fraction", "users-per-client", "seed")
 #: Why the server refused a node at the handshake (``rejections.jsonl``: round 0, type "query").
 HANDSHAKE_REASONS: dict[str, str] = {
     "crashed": "the device raised instead of answering the handshake (e.g. no partition-id, a broken shard)",
+    "timeout": "no handshake reply within handshake-timeout (e.g. a device out of memory before it could reply)",
     "fingerprint": "the device's data, settings or partition differ from the server's (its fingerprint)",
     "partition": "the device claims a partition id outside this fleet",
     "duplicate": "another device already holds this partition (the one with the lowest node id is kept)",

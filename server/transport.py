@@ -82,8 +82,10 @@ class Profile:
 class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
-    def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile) -> None:
+    def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
+                 handshake_timeout: float = 0.0) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
+        self.handshake_timeout = handshake_timeout
         self.wire_log = JsonLines(out / "wire.jsonl")
         self.rejections = JsonLines(out / "rejections.jsonl")
         (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
@@ -95,14 +97,16 @@ class Transport:
                   ) -> list[Node]:
         """Ask every connected node who it is (partition, tier, examples, the fingerprint of its
         data) and keep the nodes ``admit`` accepts (``fedkd.shards.admit`` with the fingerprints the
-        server expects). A node refused, or whose handshake failed, gets a line in
+        server expects). A node refused, whose handshake failed, or that did not answer within
+        ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
         ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run."""
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
         for m in msgs:
             self.audit("down", m, 0, None)
-        nodes, claims = {}, []
-        for rep in grid.send_and_receive(msgs):
+        nodes, claims, answered = {}, [], set()
+        for rep in grid.send_and_receive(msgs, timeout=self.handshake_timeout or None) if msgs else []:
             self.audit("up", rep, 0, None)
+            answered.add(rep.metadata.src_node_id)
             if rep.has_error():
                 self.refuse(Refusal(rep.metadata.src_node_id, None, "crashed",
                                     f"error code {rep.error.code}: {rep.error.reason[-300:]}"))
@@ -114,6 +118,10 @@ class Transport:
                         enc_key if isinstance(enc_key, bytes) else b"")
             nodes[node.node_id] = node
             claims.append(Claim(node.node_id, node.partition_id, _fingerprint(got)))
+        for m in msgs:  # a device that cannot even answer (e.g. out of memory before its reply) holds no one up
+            if m.metadata.dst_node_id not in answered:
+                self.refuse(Refusal(m.metadata.dst_node_id, None, "timeout",
+                                    f"no handshake reply within handshake-timeout ({self.handshake_timeout:g} s)"))
         if admit is not None:
             admitted, refused = admit(claims)
             for refusal in refused:

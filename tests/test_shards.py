@@ -192,14 +192,15 @@ def test_admission_refuses_out_of_range_mismatched_and_duplicate_nodes_in_a_fixe
 class _Grid:
     """A Grid whose nodes are ClientApp contexts answered in-process by the real ClientApp."""
 
-    def __init__(self, contexts):
-        self.contexts = contexts
+    def __init__(self, contexts, silent=()):
+        self.contexts, self.silent, self.timeouts = contexts, set(silent), []
 
     def get_node_ids(self):
         return list(self.contexts)
 
     def send_and_receive(self, msgs, timeout=None):
-        return [self._answer(m) for m in msgs]
+        self.timeouts.append(timeout)
+        return [self._answer(m) for m in msgs if m.metadata.dst_node_id not in self.silent]
 
     def _answer(self, msg):
         """What a SuperNode's runtime sends back: the reply, or an error reply if the app raised."""
@@ -213,8 +214,9 @@ class _Grid:
 
 
 def test_the_server_refuses_a_device_with_a_mismatched_shard_and_logs_why(fleet, tmp_path):
-    """Three devices from their shards, a fourth from a shard of other settings (seed 1) that
-    claims partition 2, a fifth without a partition: the server keeps 0, 1, 2, logs the rest."""
+    """Three devices from their shards, a fourth from a shard of other data (seed 1) that claims
+    partition 2, a fifth without a partition, a sixth that never answers: the server keeps 0, 1,
+    2 and logs the rest."""
     import functools
 
     from server.transport import Profile, Transport
@@ -225,18 +227,20 @@ def test_the_server_refuses_a_device_with_a_mismatched_shard_and_logs_why(fleet,
         return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=FLAT)
 
     grid = _Grid({10 + i: ctx(10 + i, {"shard": str(f)}) for i, f in enumerate(folders)}
-                 | {20: ctx(20, {"shard": str(other[2])}), 30: ctx(30, {})})
-    transport = Transport(tmp_path, round_timeout=0.0, wire_payloads=False, profile=Profile())
+                 | {20: ctx(20, {"shard": str(other[2])}), 30: ctx(30, {}), 40: ctx(40, {"shard": str(folders[0])})},
+                 silent={40})
+    transport = Transport(tmp_path, round_timeout=0.0, wire_payloads=False, profile=Profile(), handshake_timeout=30.0)
     admit = functools.partial(shards.admit, num_partitions=pop.num_clients,
                               expected=lambda pid: shards.fingerprint(cfg, pop, pid))
     nodes = transport.handshake(grid, admit=admit)
     assert [(n.node_id, n.partition_id) for n in nodes] == [(10, 0), (11, 1), (12, 2)]
     lines = [json.loads(x) for x in (tmp_path / "rejections.jsonl").read_text().splitlines()]
     assert [(ln["round"], ln["type"], ln["node_id"], ln["partition_id"], ln["reason"]) for ln in lines] == [
-        (0, "query", 30, None, "crashed"), (0, "query", 20, 2, "fingerprint")]
+        (0, "query", 30, None, "crashed"), (0, "query", 40, None, "timeout"), (0, "query", 20, 2, "fingerprint")]
     assert "no 'partition-id' in its node config" in lines[0]["detail"]
-    assert "data hash" in lines[1]["detail"] and "other interactions" in lines[1]["detail"]
-    assert len(transport.refused) == 2
+    assert "within handshake-timeout (30 s)" in lines[1]["detail"] and grid.timeouts == [30.0]
+    assert "data hash" in lines[2]["detail"] and "other interactions" in lines[2]["detail"]
+    assert len(transport.refused) == 3
 
 
 # ------------------------------------------------------------------------------- usage meter
