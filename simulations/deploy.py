@@ -527,8 +527,9 @@ class LocalFleet:
         return name
 
     def peak_rss_mb(self, name: str) -> dict[str, float]:
-        """Peak resident memory (VmHWM, MB) of a running process of the fleet and of each process
-        below it (a SuperNode's SuperExec), by command name."""
+        """Peak resident memory (VmHWM, MB) of a running process of the fleet and of each long-lived
+        process below it (a SuperNode's SuperExec), by command name. A ClientApp process still
+        finishing its message is left out: the node's usage log has every ClientApp's own peak."""
         root = self.procs[name].pid
         out = {}
         for pid in [root, *sorted(descendants([root]))]:
@@ -538,8 +539,8 @@ class LocalFleet:
                 continue
             hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
             cmd = processes.command_line(pid)
-            if hwm and cmd:
-                exe = next((Path(a).name for a in cmd if Path(a).name.startswith(("flower-", "flwr-"))), Path(cmd[0]).name)
+            exe = next((Path(a).name for a in cmd[:2] if Path(a).name.startswith(("flower-", "flwr-"))), "")
+            if hwm and exe and exe != "flwr-clientapp":
                 out[exe] = max(out.get(exe, 0.0), int(hwm.group(1)) * 1024 / 1e6)
         return out
 
