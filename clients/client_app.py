@@ -21,7 +21,8 @@ from flwr.clientapp import ClientApp
 
 from clients.mods import TRAIN_MODS
 from clients.mods.update import finish
-from clients.node import round_of, setup, store
+from clients.mods.usage import usage_mod
+from clients.node import fingerprint, round_of, setup, store
 from fedkd import streams
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
@@ -37,7 +38,7 @@ from fedkd import secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
-app = ClientApp()
+app = ClientApp(mods=[usage_mod])  # outermost around every handler: the device's own time and memory
 
 
 def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):
@@ -82,9 +83,12 @@ def _own_model(cfg: ExperimentConfig, data: ClientData, context: Context):
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is, so it can sample clients reproducibly."""
+    """Tell the server who this node is, so it can sample clients reproducibly, and what its data
+    is (its fingerprint), so it can refuse a device whose data is not the fleet's."""
     cfg, data = setup(context)
-    configs = {"secagg": {"enc-key": _encryption_key(context).public_bytes}} if cfg.secure_aggregation else {}
+    configs = {"fingerprint": fingerprint(context, cfg, data).as_dict()}  # checked by the server (fedkd.shards)
+    if cfg.secure_aggregation:
+        configs["secagg"] = {"enc-key": _encryption_key(context).public_bytes}
     return Message(pack(Content(configs=configs, metrics={"metrics": metric_dict({
         "partition-id": data.partition_id, "tier": data.tier,
         "num-examples": len(data.train[1])})})), reply_to=msg)

@@ -154,6 +154,10 @@ class ExperimentConfig:
                                                "last) | step (x server-lr-final from the second half on).")
     server_lr_final: float = _opt(0.05, "server-lr-schedule cosine or step: the final factor on server-lr.")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
+    handshake_timeout: float = _opt(0.0, "Seconds the server waits for the nodes' handshake replies; a node "
+                                         "that has not answered by then (e.g. a device out of memory) is refused "
+                                         "(rejections.jsonl, reason timeout) and the run goes on without it "
+                                         "(0 = wait for every node).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
@@ -707,7 +711,7 @@ def _rules_rounds(c: ExperimentConfig) -> None:
     _at_least(c, ("num_rounds", "batch_size", "eval_every", "eval_k", "val_smoothing"), 1)
     _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
     _finite(c, ("local_lr", "server_lr"), positive=True)
-    _finite(c, ("round_timeout", "local_clip_norm"), positive=False)
+    _finite(c, ("round_timeout", "handshake_timeout", "local_clip_norm"), positive=False)
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
            c.server_optimizer, "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")

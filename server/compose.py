@@ -8,13 +8,16 @@ updates equally; secure aggregation adds its key exchange before the train messa
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 
 from flwr.serverapp import Grid
 
+from fedkd import shards
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
+from fedkd.population import population
 from fedkd.privacy import QuantileClip, accountant_for, adaptive_noise_split
 from fedkd.server_opt import make_server_optimizer
 from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, ServerStep, WeightedMean
@@ -39,9 +42,11 @@ def compose(exp, grid: Grid) -> None:
     exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
     exp.warm_start = cloud.warm_start(exp.student) if cfg.warms_up else None
     t_warm = time.perf_counter()
-    nodes = exp.transport.handshake(grid)
+    pop = population(cfg)  # loaded by the cloud already; the fingerprints every device must have
+    nodes = exp.transport.handshake(grid, admit=functools.partial(
+        shards.admit, num_partitions=pop.num_clients, expected=lambda pid: shards.fingerprint(cfg, pop, pid)))
     if not nodes:
-        raise RuntimeError("no client answered the handshake; nothing to train")
+        raise RuntimeError("no client passed the handshake (rejections.jsonl says why); nothing to train")
     exp.startup = {"cloud_setup_s": t_cloud - t0, "warm_start_s": t_warm - t_cloud,
                    "handshake_s": time.perf_counter() - t_warm}
     log.info("start-up: teacher and proxy set %.1fs, warm start %.1fs, handshake with %d nodes %.1fs",

@@ -4,8 +4,9 @@ Every message in either direction gets a line in ``wire.jsonl`` (and, with ``wir
 its values in ``wire/``); training messages add their bytes, by content, to the traffic
 meter behind metrics.csv's ``bytes_*`` columns; a node that sends no usable reply (Flower's
 error reply, or none before ``round-timeout``) is logged in ``rejections.jsonl`` with its
-reason. Replies come back sorted by partition id, because arrival order must not change a
-result.
+reason, as is a node refused at the handshake (its data's fingerprint is not the fleet's,
+fedkd.shards). Replies come back sorted by partition id, because arrival order must not
+change a result.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedkd.codec import PayloadError
+from fedkd.shards import Claim, Fingerprint, Refusal
 from fedkd.results import JsonLines
 from fedkd.traffic import TrafficMeter, part_of
 from wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
@@ -79,31 +82,60 @@ class Profile:
 class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
-    def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile) -> None:
+    def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
+                 handshake_timeout: float = 0.0) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
+        self.handshake_timeout = handshake_timeout
         self.wire_log = JsonLines(out / "wire.jsonl")
         self.rejections = JsonLines(out / "rejections.jsonl")
         (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
         self.traffic = TrafficMeter()  # training bytes by content (docs/communication.md)
         self.seq = 0
+        self.refused: list[Refusal] = []  # nodes refused at the handshake
 
-    def handshake(self, grid: Grid) -> list[Node]:
-        """Ask every connected node who it is (partition, tier, examples)."""
+    def handshake(self, grid: Grid, *, admit: Callable[[list[Claim]], tuple[list[Claim], list[Refusal]]] | None = None
+                  ) -> list[Node]:
+        """Ask every connected node who it is (partition, tier, examples, the fingerprint of its
+        data) and keep the nodes ``admit`` accepts (``fedkd.shards.admit`` with the fingerprints the
+        server expects). A node refused, whose handshake failed, or that did not answer within
+        ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
+        ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run."""
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
         for m in msgs:
             self.audit("down", m, 0, None)
-        nodes = []
-        for rep in grid.send_and_receive(msgs):
+        nodes, claims, answered = {}, [], set()
+        for rep in grid.send_and_receive(msgs, timeout=self.handshake_timeout or None) if msgs else []:
             self.audit("up", rep, 0, None)
+            answered.add(rep.metadata.src_node_id)
             if rep.has_error():
-                log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
+                self.refuse(Refusal(rep.metadata.src_node_id, None, "crashed",
+                                    f"error code {rep.error.code}: {rep.error.reason[-300:]}"))
                 continue
             got = unpack(rep.content)
             m = got.metrics["metrics"]
             enc_key = got.configs.get("secagg", {}).get("enc-key", b"")
-            nodes.append(Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]),
-                              int(m["num-examples"]), enc_key if isinstance(enc_key, bytes) else b""))
-        return sorted(nodes, key=lambda n: n.partition_id)
+            node = Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]), int(m["num-examples"]),
+                        enc_key if isinstance(enc_key, bytes) else b"")
+            nodes[node.node_id] = node
+            claims.append(Claim(node.node_id, node.partition_id, _fingerprint(got)))
+        for m in msgs:  # a device that cannot even answer (e.g. out of memory before its reply) holds no one up
+            if m.metadata.dst_node_id not in answered:
+                self.refuse(Refusal(m.metadata.dst_node_id, None, "timeout",
+                                    f"no handshake reply within handshake-timeout ({self.handshake_timeout:g} s)"))
+        if admit is not None:
+            admitted, refused = admit(claims)
+            for refusal in refused:
+                self.refuse(refusal)
+            nodes = {c.node_id: nodes[c.node_id] for c in admitted}
+        return sorted(nodes.values(), key=lambda n: n.partition_id)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Log a node refused at the handshake (fedkd.shards.HANDSHAKE_REASONS) and remember it."""
+        self.refused.append(refusal)
+        self.rejections.append({"round": 0, "partition_id": refusal.partition_id, "node_id": refusal.node_id,
+                                "type": "query", "reason": refusal.reason, "detail": refusal.detail})
+        log.warning("node %s (partition %s) refused at the handshake (%s): %s", refusal.node_id,
+                    "?" if refusal.partition_id is None else refusal.partition_id, refusal.reason, refusal.detail)
 
     def exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:
         """Send each node its content; collect the replies."""
@@ -189,3 +221,11 @@ class Transport:
     def load_state_dict(self, state: dict) -> None:
         self.traffic.total = state["traffic_total"]
         self.seq = state["seq"]
+
+
+def _fingerprint(content: Content) -> Fingerprint | None:
+    """The fingerprint a handshake reply carries; None if it carries none or a malformed one."""
+    try:
+        return Fingerprint.from_dict(content.configs["fingerprint"])
+    except (KeyError, ValueError):
+        return None

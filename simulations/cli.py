@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, stop_cmd, sweep
+from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, shard_cmd, stop_cmd, sweep
 from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
                                  read_overrides)
 from simulations.runner import STARTUP_TIMEOUT_S
@@ -80,6 +80,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     data_cmd.add_parser(sub)
+    shard_cmd.add_parser(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     deploy.add_parser(sub)
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(summary_lines(out)))
         elif args.command == "data":
             return data_cmd.main(args)
+        elif args.command == "shard":
+            return shard_cmd.main(args)
         elif args.command == "sweep":
             return sweep.main(args, command)
         elif args.command == "report":
