@@ -64,7 +64,9 @@ def test_shares_from_the_secure_generator_have_the_same_variance_and_never_repea
 
 
 def test_seeded_shares_repeat_and_two_devices_differ():
-    draw = lambda pid: ddp.discrete_gaussian(5.0, 1000, streams.rng(0, Stream.DISTRIBUTED_DP_NOISE, 1, pid))  # noqa: E731
+    def draw(pid):
+        return ddp.discrete_gaussian(5.0, 1000, streams.rng(0, Stream.DISTRIBUTED_DP_NOISE, 1, pid))
+
     np.testing.assert_array_equal(draw(3), draw(3))
     assert not np.array_equal(draw(3), draw(4))
 
@@ -72,7 +74,9 @@ def test_seeded_shares_repeat_and_two_devices_differ():
 # ----------------------------------------------------------------------------- rounding
 def test_the_rounded_norm_bound_is_the_papers():
     """KLS21: min(c + sqrt(d), sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2))), beta = e^-0.5."""
-    assert ddp.rounded_norm_bound(127, 8720) == pytest.approx(math.sqrt(127 ** 2 + 8720 / 4 + 1.0 * (127 + math.sqrt(8720) / 2)))
+    kappa = math.sqrt(2 * math.log(1 / math.exp(-0.5)))  # = 1
+    assert ddp.rounded_norm_bound(127, 8720) == pytest.approx(
+        math.sqrt(127 ** 2 + 8720 / 4 + kappa * (127 + math.sqrt(8720) / 2)))
     assert ddp.rounded_norm_bound(127, 8720) == pytest.approx(135.951, abs=1e-3)  # 7% above the clip at 8 bits
     assert ddp.rounded_norm_bound(1, 10_000, beta=0) == 1 + 100  # any rounding: each coordinate moves < 1
     assert ddp.rounded_norm_bound(1, 1, beta=1e-300) == 2  # a tiny beta: the plain bound is the smaller
