@@ -33,8 +33,9 @@ from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import embed, sub_config, sub_layout
+from fedkd.privacy import distributed_for, dp_rng
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
-from fedkd import secagg
+from fedkd import ddp, secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
@@ -235,11 +236,35 @@ def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: 
     rec["mask-keys"] = content.configs["peers"]["keys"]  # step 3 needs them
     rec["holders"] = holders
     bits = secagg.code_bits(cfg.quant_bits)
-    k = secagg.ring_bits(len(holders), bits)
-    codes = secagg.quantize(padded, sub_layout(full, cfg.student_dim), ranges, bits, rng,
-                            stats=cfg.dp_mode != "central",
-                            norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
+    layout = sub_layout(full, cfg.student_dim)
+    if cfg.dp_mode == "distributed":
+        codes, k = _noised(cfg, data, content, layout, padded, len(holders), int(rec["t"]), round_idx, rng)
+    else:
+        k = secagg.ring_bits(len(holders), bits)
+        codes = secagg.quantize(padded, layout, ranges, bits, rng, stats=cfg.dp_mode != "central",
+                                norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
     return secagg.pack_ring(secagg.mask(codes, data.partition_id, rec["b"], rec["s"], mask_keys, k, round_idx), k)
+
+
+def _noised(cfg: ExperimentConfig, data: ClientData, content: Content, layout: dict, update: dict, holders: int,
+            t: int, round_idx: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Distributed DP (fedkd.ddp): the update clipped, conditionally rounded onto the grid, with the
+    unclipped bit under adaptive clipping, plus this device's discrete Gaussian share for ``t``
+    guaranteed survivors, reduced into the ring sized for ``holders`` codes and their noise.
+
+    The mechanism comes from the run config and the number of eligible clients the server names,
+    which only a calibrated noise (``dp-target-epsilon`` without ``dp-noise-multiplier``) depends
+    on. The clip is its own ``dp-clip-norm``, or under adaptive clipping the server's round clip
+    (public: it follows the released noisy counts); the grid scales with the clip, so the noise
+    over the sensitivity does not depend on it."""
+    setting = distributed_for(cfg, int(config_of(content, "config", "dp-clients", int)),
+                              sum(secagg.sizes_of(layout)))[1]
+    clip = float(config_of(content, "config", "dp-clip", float)) if cfg.dp_clip_adaptive else cfg.dp_clip_norm
+    noise_rng = dp_rng(cfg.dp_secure_rng, cfg.seed, Stream.DISTRIBUTED_DP_NOISE, round_idx, data.partition_id)
+    ints, _ = ddp.encode(update, layout, clip=clip, bits=setting.bits, rng=rng, noise_rng=noise_rng,
+                         share_std=setting.share_std(t), count_scale=setting.count_scale)
+    k = secagg.ring_bits(holders, setting.bits, noise_bound=setting.noise_bound(holders, t), top=setting.top())
+    return np.mod(ints, 1 << k).astype(np.uint64), k
 
 
 @app.query("secagg_unmask")
