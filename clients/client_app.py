@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from clients.mods import TRAIN_MODS
 from clients.mods.update import finish
 from clients.node import round_of, setup, store
+from clients.profile import profile_mod
 from fedkd import streams
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
@@ -37,7 +38,7 @@ from fedkd import secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
-app = ClientApp()
+app = ClientApp(mods=[profile_mod])  # timestamps per message, only with FEDKD_PROFILE_DIR set
 
 
 def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):
