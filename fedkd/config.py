@@ -154,6 +154,9 @@ class ExperimentConfig:
                                                "last) | step (x server-lr-final from the second half on).")
     server_lr_final: float = _opt(0.05, "server-lr-schedule cosine or step: the final factor on server-lr.")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
+    reply_poll_interval: float = _opt(0.1, "Seconds between the server's checks for replies while it waits "
+                                           "(Flower's own: 3 s on the Deployment Engine, 0.1 s in simulation); "
+                                           "no result depends on it (docs/devices.md).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
@@ -708,6 +711,7 @@ def _rules_rounds(c: ExperimentConfig) -> None:
     _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
     _finite(c, ("local_lr", "server_lr"), positive=True)
     _finite(c, ("round_timeout", "local_clip_norm"), positive=False)
+    _check(0 < c.reply_poll_interval <= 60, "reply-poll-interval", c.reply_poll_interval, "a number in (0, 60]")
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
            c.server_optimizer, "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")
