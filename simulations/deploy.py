@@ -43,6 +43,7 @@ from pathlib import Path
 
 from fedkd import processes
 from fedkd.config import ExperimentConfig, Scalar
+from simulations import clientapp_worker, supernode
 from simulations.options import (HelpFormatter, RawHelpFormatter, add_config_options, blame, config_values,
                                  read_overrides)
 from simulations.runner import overrides_toml
@@ -52,6 +53,11 @@ CONNECTION = "fedkd-local"
 MARKER_ENV = "FEDKD_DEPLOY_ID"  # set in every process a LocalFleet starts, to find strays
 DEVICE_PORT = 8000  # flwr 1.41's default SuperLink port (Fleet, Control and Runtime over HTTP(S))
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# How a local fleet runs its ClientApps (docs/devices.md, "A fast ClientApp path"): "worker" = one
+# long-lived process per SuperNode (--isolation process + simulations.clientapp_worker); "flower" =
+# Flower's default, a flwr-clientapp process per message.
+CLIENTAPP_MODES = ("worker", "flower")
+SUPERNODE_POLL = 0.1  # seconds between a SuperNode's polls when idle (simulations.supernode; Flower: 3 s)
 
 
 class DeployError(RuntimeError):
@@ -227,14 +233,23 @@ def node_config(partition_id: int, num_partitions: int, data_path: str | None = 
 
 def supernode_command(*, superlink: str, partition_id: int, num_partitions: int, port: int | None = None,
                       root_certificates: Path | str | None = None, private_key: Path | str | None = None,
-                      data_path: str | None = None, exe: str = "flower-supernode") -> list[str]:
-    """``flower-supernode`` for one partition; ``port`` is its ClientApp runtime API (default 9094)."""
-    cmd = [exe, "--superlink", superlink]
+                      data_path: str | None = None, exe: str = "flower-supernode", isolation: str | None = None,
+                      launcher: Sequence[str] = ()) -> list[str]:
+    """``flower-supernode`` for one partition; ``port`` is its ClientApp runtime API (default 9094).
+
+    ``isolation``: Flower's ``--isolation`` (``process``: the SuperNode starts no ClientApp, a
+    worker claims its tasks); ``launcher``: a command that runs flower-supernode with the
+    arguments that follow (``simulations.supernode.command``), instead of ``exe``.
+    """
+    cmd = [*launcher] if launcher else [exe]
+    cmd += ["--superlink", superlink]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if private_key:
         cmd += ["--auth-supernode-private-key", str(private_key)]
     if port is not None:
         cmd += ["--port", str(port)]
+    if isolation:
+        cmd += ["--isolation", isolation]
     return cmd + ["--node-config", node_config(partition_id, num_partitions, data_path)]
 
 
@@ -350,18 +365,35 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def check_clientapp(clientapp: str, supernode_poll: float) -> None:
+    if clientapp not in CLIENTAPP_MODES:
+        raise ValueError(f"--clientapp must be one of {', '.join(CLIENTAPP_MODES)}, got {clientapp!r}")
+    if not (math.isfinite(supernode_poll) and supernode_poll >= 0):
+        raise ValueError(f"--supernode-poll must be a number >= 0, got {supernode_poll}")
+
+
 class LocalFleet:
     """A SuperLink and SuperNodes on this machine, and the ``flwr`` CLI pointed at them.
 
     Every process is started in its own session with ``FEDKD_DEPLOY_ID`` in its environment;
     :meth:`stop` signals them, everything they spawned (Flower's SuperExec, ServerApp and
     ClientApp processes) and any stray carrying the marker, then waits until all are gone.
+
+    ``clientapp``: ``worker`` starts each SuperNode with ``--isolation process`` and, next to
+    it, one long-lived ClientApp worker (``simulations.clientapp_worker``, named
+    ``<supernode>-clientapp``); ``flower`` leaves Flower's process per message.
+    ``supernode_poll``: the SuperNodes' longest sleep between polls (``simulations.supernode``);
+    0 runs Flower's own ``flower-supernode``, which sleeps 3 s when idle.
     """
 
     def __init__(self, state_dir: Path, *, certs: CertPaths | None = None, auth: bool = False,
-                 out: Callable[[str], None] = print) -> None:
+                 out: Callable[[str], None] = print, clientapp: str = "worker",
+                 supernode_poll: float = SUPERNODE_POLL) -> None:
         if auth and certs is None:
             raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
+        check_clientapp(clientapp, supernode_poll)
+        self.clientapp, self.supernode_poll = clientapp, supernode_poll
+        self.workers: dict[str, str] = {}  # SuperNode name -> its ClientApp worker's name
         self.dir = Path(state_dir)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.certs, self.auth, self.out = certs, auth, out
@@ -479,10 +511,17 @@ class LocalFleet:
     def start_supernode(self, partition_id: int, num_partitions: int, *, private_key: Path | None = None,
                         data_path: str | None = None, name: str | None = None) -> str:
         name = name or f"supernode-{partition_id}"
+        port, worker = free_ports(1)[0], self.clientapp == "worker"
         cmd = supernode_command(superlink=self.address, partition_id=partition_id, num_partitions=num_partitions,
-                                port=free_ports(1)[0], root_certificates=self.certs.ca_cert if self.certs else None,
-                                private_key=private_key, data_path=data_path, exe=flower_exe("flower-supernode"))
-        self.start(name, cmd, home=self.home(name))
+                                port=port, root_certificates=self.certs.ca_cert if self.certs else None,
+                                private_key=private_key, data_path=data_path, exe=flower_exe("flower-supernode"),
+                                isolation="process" if worker else None,
+                                launcher=supernode.command(self.supernode_poll) if self.supernode_poll else ())
+        proc = self.start(name, cmd, home=self.home(name))
+        if worker:  # the same Flower home: the run's FAB is installed there, as Flower's own ClientApps do
+            self.workers[name] = f"{name}-clientapp"
+            self.start(self.workers[name], clientapp_worker.command(f"127.0.0.1:{port}", parent_pid=proc.pid),
+                       home=self.home(name))
         return name
 
     def wait_online(self, names: Sequence[str], *, timeout: float = 120) -> None:
@@ -501,7 +540,8 @@ class LocalFleet:
                 time.sleep(0.3)
 
     def check_alive(self, names: Sequence[str]) -> None:
-        for name in names:
+        """Raise if a named process (or the ClientApp worker of a named SuperNode) has exited."""
+        for name in [*names, *(self.workers[n] for n in names if n in self.workers)]:
             proc = self.procs[name]
             if proc.poll() is not None:
                 raise DeployError(f"{name} exited with code {proc.returncode} while the run was going; "
@@ -565,8 +605,11 @@ def _interrupt(signum, frame):
 def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPaths | None = None,
                  auth: bool = False, state_dir: Path | None = None, keep: bool = False,
                  timeout: float = 0.0, startup_timeout: float = 180.0,
-                 out: Callable[[str], None] = print) -> Path:
+                 out: Callable[[str], None] = print, clientapp: str = "worker",
+                 supernode_poll: float = SUPERNODE_POLL) -> Path:
     """Start a SuperLink and ``nodes`` SuperNodes here, run the experiment, stop everything.
+
+    ``clientapp`` and ``supernode_poll``: how the SuperNodes run their ClientApps (:class:`LocalFleet`).
 
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
     ValueError (bad settings) after every started process is gone.
@@ -577,6 +620,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     cfg, _ = check_run_config(overrides)  # every check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
+    check_clientapp(clientapp, supernode_poll)
     if certs is not None:
         certs = CertPaths(certs.root.resolve()).check(nodes=nodes if auth else 0)
     made_dir = state_dir is None
@@ -585,7 +629,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     results = Path(cfg.output_dir) / cfg.experiment_name
     run_config = state / "run-config.toml"
     run_config.write_text(overrides_toml(overrides))
-    fleet = LocalFleet(state, certs=certs, auth=auth, out=out)
+    fleet = LocalFleet(state, certs=certs, auth=auth, out=out, clientapp=clientapp, supernode_poll=supernode_poll)
     atexit.register(fleet.stop)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     ok = False
@@ -745,6 +789,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="Give up on the run after this many seconds (0 = never).")
     loc.add_argument("--startup-timeout", type=float, default=180.0,
                      help="Seconds the SuperLink and the SuperNodes may take to come up.")
+    loc.add_argument("--clientapp", choices=CLIENTAPP_MODES, default="worker",
+                     help="worker: one long-lived ClientApp process per SuperNode (imports and data once; "
+                          "--isolation process); flower: Flower's default, a new process per message.")
+    loc.add_argument("--supernode-poll", type=float, default=SUPERNODE_POLL, metavar="S",
+                     help="Longest sleep between a SuperNode's polls of the SuperLink (Flower's: 3 s when idle); "
+                          "0 = Flower's own flower-supernode.")
     add_config_options(loc, title="{section} settings (as in `fedkd run`; win over --config/--run-config)")
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",
@@ -789,7 +839,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         out = deploy_local(overrides, nodes=args.nodes, certs=CertPaths(args.tls) if args.tls else None,
                            auth=args.auth, state_dir=args.state_dir, keep=args.keep, timeout=args.timeout,
-                           startup_timeout=args.startup_timeout, out=lambda s: print(s, flush=True))
+                           startup_timeout=args.startup_timeout, out=lambda s: print(s, flush=True),
+                           clientapp=args.clientapp, supernode_poll=args.supernode_poll)
     except DeployError as exc:
         print(f"fedkd: error: deployment failed: {exc}", file=sys.stderr)
         return 1
