@@ -46,32 +46,36 @@ SECTION = "deploy-bench"
 
 # name -> (what it is, `fedkd deploy local` options, extra environment)
 VARIANTS: dict[str, tuple[str, list[str], dict[str, str]]] = {
-    "flower": ("Flower's defaults (before): a `flwr-clientapp` process per message; SuperNode polls 3 s, "
-               "SuperExec 1 s, ServerApp 3 s; content retried after 1 s",
+    "flower": ("Flower's defaults (before): a `flwr-clientapp` process per message; the SuperNode polls every 3 s "
+               "when idle, the SuperExec every 1 s, the ServerApp every 3 s; content not there yet is retried "
+               "after 1 s, 2 s, 4 s ...",
                ["--clientapp", "flower", "--supernode-poll", "3", "--reply-poll-interval", "3"], {}),
-    "flower-polls": ("a process per message, fedkd's polls: SuperNode, SuperExec and ServerApp 0.1 s, "
-                     "content retried after 0.05 s (not in the ClientApp processes)",
+    "flower-polls": ("a process per message with fedkd's polls: the SuperNode 0.1 s after a message (up to 1 s when "
+                     "idle), the SuperExec 0.1 s, the ServerApp 0.1 s; content retried after 0.05 s, at most 0.5 s "
+                     "apart (except in the `flwr-clientapp` processes: Flower's)",
                      ["--clientapp", "flower", "--supernode-poll", "0.1", "--reply-poll-interval", "0.1"],
                      {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}),
-    "worker-flower-polls": ("one long-lived ClientApp worker per SuperNode (its own claims every 0.1 s, retries "
-                            "after 0.05 s); SuperNode and ServerApp poll as Flower's (3 s)",
+    "worker-flower-polls": ("one long-lived ClientApp worker per SuperNode (its own claims and retries as below); "
+                            "the SuperNode and the ServerApp poll and retry as Flower's",
                             ["--clientapp", "worker", "--supernode-poll", "3", "--reply-poll-interval", "3"], {}),
-    "worker": ("`fedkd deploy local`'s default (after): the worker, every poll 0.1 s, retries after 0.05 s",
+    "worker": ("`fedkd deploy local`'s default (after): the worker (claims 0.05 s after a task, up to 0.5 s when "
+               "idle) and fedkd's polls and retries everywhere",
                ["--clientapp", "worker", "--supernode-poll", "0.1", "--reply-poll-interval", "0.1"], {}),
 }
 SETTINGS = ["--synthetic-users", "50", "--synthetic-items", "80", "--teacher-epochs", "2", "--progress", "false"]
 
 # The phases of one message, in order: (key, label). Each is the time between two records.
 PHASES = [
-    ("to_node", "ServerApp → SuperNode: the ServerApp's push, the SuperNode's poll (Flower: every 3 s when idle)"),
-    ("content", "SuperNode pulls the message's content (retries while it is still being pushed: Flower 1 s, 2 s, ...)"),
-    ("claim", "SuperNode → ClientApp: the task claimed (SuperExec: every 1 s, then a new process; worker: every 0.1 s)"),
-    ("startup", "ClientApp ready: Python start-up, imports, FAB install, Flower's task input (worker: task input only)"),
-    ("data", "the device's config, population and partition (fedkd.population / fedkd.edge)"),
-    ("training", "local training (the reply's train-seconds)"),
+    ("to_node", "ServerApp → SuperNode: the ServerApp's push, the SuperNode's poll (Flower: 3 s when idle)"),
+    ("content", "the SuperNode pulls the content (retried while the ServerApp still pushes it: Flower after 1 s, "
+                "2 s, 4 s ...)"),
+    ("claim", "SuperNode → ClientApp: the task claimed (SuperExec: every 1 s, then a new process; worker: polls)"),
+    ("startup", "ClientApp ready: Python start-up, imports, FAB install, Flower's task input (worker: task input)"),
+    ("data", "the device's config, population and partition (`fedkd.population`, `fedkd.edge`)"),
+    ("training", "local training (the reply's `train-seconds`)"),
     ("handler", "rest of the handler: decode the student and proxy, build the model, encode the update"),
-    ("to_supernode", "reply → SuperNode: push, process exit, the SuperNode's check for the reply (0.5 s)"),
-    ("to_server", "SuperNode → ServerApp: push, the ServerApp's poll (Flower: 3 s), content retries"),
+    ("to_supernode", "reply → SuperNode: push, process exit, the SuperNode's check for it (Flower: every 0.5 s)"),
+    ("to_server", "SuperNode → ServerApp: push, the ServerApp's poll (Flower: 3 s), its content retries"),
 ]
 
 

@@ -434,3 +434,24 @@ def test_a_local_fleet_starts_each_supernode_with_its_worker_or_flowers_way(tmp_
     for bad in ({"clientapp": "ray"}, {"supernode_poll": -1.0}):
         with pytest.raises(ValueError, match="--clientapp|--supernode-poll"):
             deploy.LocalFleet(tmp_path / "c", out=lambda s: None, **bad)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec's, inside Flower's build
+def test_the_staged_app_gives_the_same_fab_without_walking_ignored_folders(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    from simulations import deploy
+    app = tmp_path / "app"
+    files = {"pyproject.toml": (deploy.APP_DIR / "pyproject.toml").read_text(), ".gitignore": ".venv/\noutputs/\n*.pyc\n",
+             "clients/client_app.py": "app = None\n", "server/server_app.py": "app = None\n", "README.md": "# x\n",
+             "docs/img/plot.png": "png", "tests/test_x.py": "", ".venv/lib/site.py": "x = 1\n",
+             "outputs/run/summary.json": "{}", "clients/__pycache__/x.pyc": "", ".git/info.json": "{}"}
+    for rel, text in files.items():
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(text)
+    staged = deploy.stage_app(app, tmp_path / "staged")
+    copied = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert copied == [".gitignore", "README.md", "clients/client_app.py", "pyproject.toml", "server/server_app.py",
+                      "tests/test_x.py"]
+    (app / ".git/info.json").unlink()  # Flower would ship a .git file it matches; nothing of .git is app code
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
