@@ -9,21 +9,23 @@ process for each one: it imports Flower, installs the run's FAB, imports the app
 pandas, fedkd), fedkd rebuilds the population from the interaction file, the process handles
 one message and exits. With ``--isolation process`` the SuperNode starts nothing and waits
 for a process of its own choosing to claim its tasks. This worker is that process, and it
-stays: it claims tasks (Flower's ``AcquireTask``; 0.05 s after a task, then ever less often
-while none comes, at most every 0.5 s) and runs each as
-``flwr-clientapp`` does, with Flower's own functions (``pull_task_input``, the ``ClientApp``
-call, ``push_message``, ``push_task_output``, the task heartbeat, the same error reply when
-the app raises), but in this process. The imports, the loaded app and fedkd's per-process
-caches (config, population, this device's partition: ``fedkd.population``, ``fedkd.edge``,
-keyed by the config and the data file's identity) then outlive the message, as they do in
-the simulation engine's long-lived workers. Node state (``context.state``) stays with the
-SuperNode, which hands it over with every task, as before.
+stays: it claims tasks (Flower's ``AcquireTask``; 0.05 s after a task, then less often while
+none comes, at most every 0.5 s) and runs each as ``flwr-clientapp`` does, with Flower's own
+functions (``pull_task_input``, the ``ClientApp`` call, ``push_message``, ``push_task_output``,
+the task heartbeat, the same error reply when the app raises), but in this process. The
+imports, the loaded app and fedkd's per-process caches (config, population, this device's
+partition: ``fedkd.population``, ``fedkd.edge``, keyed by the config and the data file's
+identity) then outlive the message, as they do in the simulation engine's long-lived
+workers. Node state (``context.state``) stays with the SuperNode, which hands it over with
+every task, as before.
 
 The app is loaded once, from the FAB of the first task (installed under ``FLWR_HOME`` like
 ``flwr-clientapp`` installs it), and serves every task of that FAB. A task of another FAB
 (another version of the app) goes to a fresh ``flwr-clientapp`` process, Flower's own path:
 Python cannot unload the first app's modules. For the same reason this module imports
-nothing of fedkd: the app's modules come from the FAB alone.
+nothing of fedkd: the app's modules come from the FAB alone. Under another flwr version than
+:data:`FLWR_VERSION` every task goes to ``flwr-clientapp`` (the worker then only does what
+``flower-superexec`` does).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Worker:
         self.fab_hash: str | None = None
         self.handled = self.handed_off = 0
         self._acquirer = None
+        import flwr
+        self.in_process = getattr(flwr, "__version__", "") == FLWR_VERSION  # else Flower's flwr-clientapp
 
     # ---- plumbing (Flower's Runtime API client, as flower-superexec and flwr-clientapp build it)
     def _client(self, component: str, token: str | None = None):
@@ -105,7 +109,8 @@ class Worker:
                 continue
             token, task = got
             taken, wait = taken + 1, self.poll
-            if self.fab_hash is not None and task.fab_hash and task.fab_hash != self.fab_hash:
+            other_app = self.fab_hash is not None and task.fab_hash and task.fab_hash != self.fab_hash
+            if other_app or not self.in_process:
                 self.hand_off(token)
             else:
                 self.run_task(token)

@@ -57,7 +57,7 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # long-lived process per SuperNode (--isolation process + simulations.clientapp_worker); "flower" =
 # Flower's default, a flwr-clientapp process per message.
 CLIENTAPP_MODES = ("worker", "flower")
-SUPERNODE_POLL = 0.1  # seconds between a SuperNode's polls when idle (simulations.supernode; Flower: 3 s)
+SUPERNODE_POLL = 0.1  # a SuperNode's next poll after a message, doubling to 1 s (simulations.supernode; Flower: 3 s)
 
 
 class DeployError(RuntimeError):
@@ -408,8 +408,9 @@ class LocalFleet:
     ``clientapp``: ``worker`` starts each SuperNode with ``--isolation process`` and, next to
     it, one long-lived ClientApp worker (``simulations.clientapp_worker``, named
     ``<supernode>-clientapp``); ``flower`` leaves Flower's process per message.
-    ``supernode_poll``: the SuperNodes' longest sleep between polls (``simulations.supernode``);
-    0 runs Flower's own ``flower-supernode``, which sleeps 3 s when idle.
+    ``supernode_poll``: when a SuperNode polls the SuperLink again after a message, doubling to
+    1 s while nothing comes (``simulations.supernode``); 0 runs Flower's own ``flower-supernode``,
+    which sleeps 3 s whenever nothing came.
     """
 
     def __init__(self, state_dir: Path, *, certs: CertPaths | None = None, auth: bool = False,
@@ -820,8 +821,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="worker: one long-lived ClientApp process per SuperNode (imports and data once; "
                           "--isolation process); flower: Flower's default, a new process per message.")
     loc.add_argument("--supernode-poll", type=float, default=SUPERNODE_POLL, metavar="S",
-                     help="Longest sleep between a SuperNode's polls of the SuperLink (Flower's: 3 s when idle); "
-                          "0 = Flower's own flower-supernode.")
+                     help="A SuperNode polls the SuperLink again S seconds after a message, then twice as late "
+                          "each time nothing came, up to 1 s (Flower's: 3 s, fixed); 0 = Flower's own "
+                          "flower-supernode.")
     add_config_options(loc, title="{section} settings (as in `fedkd run`; win over --config/--run-config)")
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",

@@ -130,7 +130,8 @@ def exchanges(rows: list[dict], kind: str = "train") -> list[dict]:
         if r["kind"] == kind:
             ex = out.setdefault(r["push_started"], {"round": r["round"], "start": r["push_started"], "end": 0.0})
             ex["end"] = max(ex["end"], r["pulled"])
-    return [{"round": e["round"], "seconds": e["end"] - e["start"]} for e in sorted(out.values(), key=lambda e: e["start"])]
+    ordered = sorted(out.values(), key=lambda e: e["start"])
+    return [{"round": e["round"], "seconds": e["end"] - e["start"]} for e in ordered]
 
 
 def mean(values) -> float:

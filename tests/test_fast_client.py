@@ -201,6 +201,10 @@ def test_a_task_of_another_app_goes_to_a_fresh_flwr_clientapp(worker, monkeypatc
     assert cmd[0].endswith("flwr-clientapp") and cmd[cmd.index("--token") + 1] == "t2"
     assert "--insecure" in cmd and cmd[cmd.index("--parent-pid") + 1] == str(os.getpid())
     assert cmd[cmd.index("--runtime-api-address") + 1] == "127.0.0.1:1"
+    w.in_process = False  # another flwr version: every task goes to flwr-clientapp, as flower-superexec does
+    tasks.append(("t3", SimpleNamespace(fab_hash="h1")))
+    w.serve(max_tasks=1)
+    assert w.handled == 1 and w.handed_off == 2
 
 
 def test_worker_command_and_its_warm_up_leave_the_random_state_alone():
@@ -279,7 +283,8 @@ def test_the_worker_claims_soon_after_a_task_and_less_while_idle(worker, monkeyp
     w.poll, w.poll_cap = 0.05, 0.5
     slept = []
     monkeypatch.setattr(clientapp_worker.time, "sleep", slept.append)
-    tasks = [None] * 5 + [("t1", SimpleNamespace(fab_hash="h1"))] + [None] * 2 + [("t2", SimpleNamespace(fab_hash="h1"))]
+    task = ("t", SimpleNamespace(fab_hash="h1"))
+    tasks = [None] * 5 + [task] + [None] * 2 + [task]
     monkeypatch.setattr(w, "acquire", lambda: tasks.pop(0))
     w.serve(max_tasks=2)
     assert slept == [0.05, 0.1, 0.2, 0.4, 0.5, 0.05, 0.1] and w.handled == 2
@@ -442,7 +447,8 @@ def test_the_staged_app_gives_the_same_fab_without_walking_ignored_folders(tmp_p
 
     from simulations import deploy
     app = tmp_path / "app"
-    files = {"pyproject.toml": (deploy.APP_DIR / "pyproject.toml").read_text(), ".gitignore": ".venv/\noutputs/\n*.pyc\n",
+    files = {"pyproject.toml": (deploy.APP_DIR / "pyproject.toml").read_text(),
+             ".gitignore": ".venv/\noutputs/\n*.pyc\n",
              "clients/client_app.py": "app = None\n", "server/server_app.py": "app = None\n", "README.md": "# x\n",
              "docs/img/plot.png": "png", "tests/test_x.py": "", ".venv/lib/site.py": "x = 1\n",
              "outputs/run/summary.json": "{}", "clients/__pycache__/x.pyc": "", ".git/info.json": "{}"}
