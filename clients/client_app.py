@@ -21,7 +21,8 @@ from flwr.clientapp import ClientApp
 
 from clients.mods import TRAIN_MODS
 from clients.mods.update import finish
-from clients.node import round_of, setup, store
+from clients.mods.usage import usage_mod
+from clients.node import fingerprint, round_of, setup, store
 from clients.profile import profile_mod
 from fedkd import streams
 from fedkd.budget import StepBudget
@@ -33,12 +34,15 @@ from fedkd.local import get_state, local_train, set_state
 from fedkd.metrics import evaluate_ranking
 from fedkd.models import build_model
 from fedkd.nested import embed, sub_config, sub_layout
+from fedkd.privacy import distributed_for, dp_rng
 from fedkd.proxy import decode_cached_proxy, decode_full_proxy, decode_proxy, encode_labels, soft_labels
-from fedkd import secagg
+from fedkd import ddp, secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
-app = ClientApp(mods=[profile_mod])  # timestamps per message, only with FEDKD_PROFILE_DIR set
+# Outermost around every handler: the device's own time and memory (a node config's usage-log),
+# then timestamps per message (only with FEDKD_PROFILE_DIR set, for simulations.deploy_bench).
+app = ClientApp(mods=[usage_mod, profile_mod])
 
 
 def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):
@@ -83,9 +87,12 @@ def _own_model(cfg: ExperimentConfig, data: ClientData, context: Context):
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is, so it can sample clients reproducibly."""
+    """Tell the server who this node is, so it can sample clients reproducibly, and what its data
+    is (its fingerprint), so it can refuse a device whose data is not the fleet's."""
     cfg, data = setup(context)
-    configs = {"secagg": {"enc-key": _encryption_key(context).public_bytes}} if cfg.secure_aggregation else {}
+    configs = {"fingerprint": fingerprint(context, cfg, data).as_dict()}  # checked by the server (fedkd.shards)
+    if cfg.secure_aggregation:
+        configs["secagg"] = {"enc-key": _encryption_key(context).public_bytes}
     return Message(pack(Content(configs=configs, metrics={"metrics": metric_dict({
         "partition-id": data.partition_id, "tier": data.tier,
         "num-examples": len(data.train[1])})})), reply_to=msg)
@@ -232,11 +239,35 @@ def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: 
     rec["mask-keys"] = content.configs["peers"]["keys"]  # step 3 needs them
     rec["holders"] = holders
     bits = secagg.code_bits(cfg.quant_bits)
-    k = secagg.ring_bits(len(holders), bits)
-    codes = secagg.quantize(padded, sub_layout(full, cfg.student_dim), ranges, bits, rng,
-                            stats=cfg.dp_mode != "central",
-                            norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
+    layout = sub_layout(full, cfg.student_dim)
+    if cfg.dp_mode == "distributed":
+        codes, k = _noised(cfg, data, content, layout, padded, len(holders), int(rec["t"]), round_idx, rng)
+    else:
+        k = secagg.ring_bits(len(holders), bits)
+        codes = secagg.quantize(padded, layout, ranges, bits, rng, stats=cfg.dp_mode != "central",
+                                norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
     return secagg.pack_ring(secagg.mask(codes, data.partition_id, rec["b"], rec["s"], mask_keys, k, round_idx), k)
+
+
+def _noised(cfg: ExperimentConfig, data: ClientData, content: Content, layout: dict, update: dict, holders: int,
+            t: int, round_idx: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Distributed DP (fedkd.ddp): the update clipped, conditionally rounded onto the grid, with the
+    unclipped bit under adaptive clipping, plus this device's discrete Gaussian share for ``t``
+    guaranteed survivors, reduced into the ring sized for ``holders`` codes and their noise.
+
+    The mechanism comes from the run config and the number of eligible clients the server names,
+    which only a calibrated noise (``dp-target-epsilon`` without ``dp-noise-multiplier``) depends
+    on. The clip is its own ``dp-clip-norm``, or under adaptive clipping the server's round clip
+    (public: it follows the released noisy counts); the grid scales with the clip, so the noise
+    over the sensitivity does not depend on it."""
+    setting = distributed_for(cfg, int(config_of(content, "config", "dp-clients", int)),
+                              sum(secagg.sizes_of(layout)))[1]
+    clip = float(config_of(content, "config", "dp-clip", float)) if cfg.dp_clip_adaptive else cfg.dp_clip_norm
+    noise_rng = dp_rng(cfg.dp_secure_rng, cfg.seed, Stream.DISTRIBUTED_DP_NOISE, round_idx, data.partition_id)
+    ints, _ = ddp.encode(update, layout, clip=clip, bits=setting.bits, rng=rng, noise_rng=noise_rng,
+                         share_std=setting.share_std(t), count_scale=setting.count_scale)
+    k = secagg.ring_bits(holders, setting.bits, noise_bound=setting.noise_bound(holders, t), top=setting.top())
+    return np.mod(ints, 1 << k).astype(np.uint64), k
 
 
 @app.query("secagg_unmask")

@@ -156,7 +156,12 @@ def check_experiment(cfg: ExperimentConfig, *, devices: bool = True) -> Plan:
             notes.append(f"{n - trainable} of {n} devices cannot hold the narrowest student and never train")
 
     # --- privacy: the noise calibration must exist (cached: the server reuses it)
-    if cfg.dp_mode != "off":
+    if cfg.dp_mode == "distributed":  # also: the shares' size, the count's weight, a ring within 32 bits
+        from fedkd.nested import sub_layout
+        from fedkd.privacy import distributed_for
+        from fedkd.secagg import sizes_of
+        distributed_for(cfg, trainable, sum(sizes_of(sub_layout(cfg.student_model(ds.num_items), cfg.student_dim))))
+    elif cfg.dp_mode != "off":
         from fedkd.privacy import accountant_for, adaptive_noise_split
         acc = accountant_for(cfg, trainable)
         if cfg.dp_clip_adaptive:  # the count's noise must leave the sum some of the budget

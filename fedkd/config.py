@@ -154,9 +154,13 @@ class ExperimentConfig:
                                                "last) | step (x server-lr-final from the second half on).")
     server_lr_final: float = _opt(0.05, "server-lr-schedule cosine or step: the final factor on server-lr.")
     round_timeout: float = _opt(0.0, "Seconds the server waits for replies in a round (0 = no limit).")
-    reply_poll_interval: float = _opt(0.1, "Seconds between the server's checks for replies while it waits "
-                                           "(Flower's own: 3 s on the Deployment Engine, 0.1 s in simulation); "
-                                           "no result depends on it (docs/devices.md).")
+    handshake_timeout: float = _opt(0.0, "Seconds the server waits for the nodes' handshake replies; a node "
+                                         "that has not answered by then (e.g. a device out of memory) is refused "
+                                         "(rejections.jsonl, reason timeout) and the run goes on without it "
+                                         "(0 = wait for every node).")
+    reply_poll_interval: float = _opt(0.1, "Seconds between the server's checks for replies while it waits on "
+                                           "the Deployment Engine (Flower's own: 3 s; the simulation's grid checks "
+                                           "every 0.1 s by itself); no result depends on it (docs/devices.md).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
@@ -240,24 +244,30 @@ class ExperimentConfig:
     dp_mode: str = _opt("off", "Client-level differential privacy (protocol params). central: the server clips "
                                "each decoded update to dp-clip-norm and adds Gaussian noise to their sum, clients "
                                "are Poisson-sampled at rate clients-per-round / clients; local: each device clips "
-                               "and noises its own update before quantisation; off: neither.")
-    dp_clip_norm: float = _opt(1.0, "L2 norm C every client update is clipped to (dp-mode central or local).")
+                               "and noises its own update before quantisation; distributed (needs "
+                               "secure-aggregation): each device clips, rounds onto the secure sum's grid and adds "
+                               "its share of discrete Gaussian noise, so the server only ever sees the noisy sum "
+                               "(Poisson-sampled as central); off: none.")
+    dp_clip_norm: float = _opt(1.0, "L2 norm C every client update is clipped to (dp-mode central, local or "
+                                    "distributed).")
     dp_noise_multiplier: float = _opt(0.0, "Noise standard deviation as a multiple of dp-clip-norm. 0 with "
                                            "dp-target-epsilon > 0: calibrated so that num-rounds rounds end at "
                                            "the target; 0 without a target: clipping only (epsilon = inf).")
     dp_target_epsilon: float = _opt(0.0, "Privacy budget at dp-delta: a round that would exceed it is refused "
                                          "and training stops there (0 = no budget).")
     dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
-    dp_secure_rng: bool = _opt(False, "Draw DP randomness (local DP's noise on the devices; central DP's noise, "
-                                      "Poisson sampling and the adaptive clip's noisy count on the server) from "
+    dp_secure_rng: bool = _opt(False, "Draw DP randomness (local and distributed DP's noise on the devices; "
+                                      "central DP's noise, Poisson sampling and the adaptive clip's noisy count on "
+                                      "the server) from "
                                       "the operating system's cryptographically secure generator instead of the "
                                       "seeded streams: the noise can then not be recomputed from the seed, and "
                                       "runs no longer repeat (docs/privacy.md).")
-    dp_clip_adaptive: bool = _opt(False, "dp-mode central: adapt the clipping norm each round towards the "
-                                         "dp-clip-quantile quantile of the update norms (Andrew et al. 2021, as "
-                                         "Flower's DifferentialPrivacyServerSideAdaptiveClipping), starting at "
-                                         "dp-clip-norm; the private count it needs is part of the accounted "
-                                         "release. Not with secure-aggregation.")
+    dp_clip_adaptive: bool = _opt(False, "dp-mode central or distributed: adapt the clipping norm each round "
+                                         "towards the dp-clip-quantile quantile of the update norms (Andrew et al. "
+                                         "2021, as Flower's DifferentialPrivacyServerSideAdaptiveClipping), starting "
+                                         "at dp-clip-norm; the private count it needs is part of the accounted "
+                                         "release (distributed: one more noised coordinate of the secure sum). Not "
+                                         "with central DP under secure-aggregation.")
     dp_clip_quantile: float = _opt(0.5, "dp-clip-adaptive: target quantile of the update norms, i.e. the share "
                                         "of updates left unclipped (the paper's gamma).")
     dp_clip_lr: float = _opt(0.2, "dp-clip-adaptive: learning rate of the geometric clip update "
@@ -277,8 +287,8 @@ class ExperimentConfig:
                                         "and is refused, with its reason logged, below t.")
     secagg_range: float = _opt(1.0, "Secure aggregation: first round's clipping range of every tensor on the "
                                     "shared quantisation grid; later rounds use the survivors' mean peak |update| "
-                                    "of each tensor, learnt only as a sum (under dp-mode central: fixed at "
-                                    "dp-clip-norm instead).")
+                                    "of each tensor, learnt only as a sum (under dp-mode central or "
+                                    "distributed: fixed at dp-clip-norm instead).")
     membership_attack: bool = _opt(True, "After the run, a loss-threshold membership-inference attack on the "
                                          "chosen global student; its AUC goes into summary.json.")
     reconstruction_attack: bool = _opt(True, "protocol params: each round, the server ranks items by how much "
@@ -710,7 +720,7 @@ def _rules_rounds(c: ExperimentConfig) -> None:
     _at_least(c, ("num_rounds", "batch_size", "eval_every", "eval_k", "val_smoothing"), 1)
     _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
     _finite(c, ("local_lr", "server_lr"), positive=True)
-    _finite(c, ("round_timeout", "local_clip_norm"), positive=False)
+    _finite(c, ("round_timeout", "handshake_timeout", "local_clip_norm"), positive=False)
     _check(0 < c.reply_poll_interval <= 60, "reply-poll-interval", c.reply_poll_interval, "a number in (0, 60]")
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
@@ -778,7 +788,8 @@ def _rules_wire(c: ExperimentConfig) -> None:
 
 
 def _rules_privacy(c: ExperimentConfig) -> None:
-    _check(c.dp_mode in {"off", "central", "local"}, "dp-mode", c.dp_mode, "off, central or local")
+    _check(c.dp_mode in {"off", "central", "local", "distributed"}, "dp-mode", c.dp_mode,
+           "off, central, local or distributed")
     _check(math.isfinite(c.dp_clip_norm) and c.dp_clip_norm > 0, "dp-clip-norm", c.dp_clip_norm,
            "a finite number > 0")
     _finite(c, ("dp_noise_multiplier", "dp_target_epsilon"), positive=False)
@@ -850,20 +861,24 @@ def _rules_across(c: ExperimentConfig) -> None:
                f"off with protocol = {c.protocol} (DP acts on parameter updates)")
         _check(c.teacher_refine_steps == 0, "teacher-refine-steps", c.teacher_refine_steps,
                "0 with dp-mode on (refinement reads single clients' models, which DP does not cover)")
-        _check(c.dp_mode != "central" or c.selection == "uniform", "selection", c.selection,
-               "uniform with dp-mode = central (clients are Poisson-sampled)")
+        _check(c.dp_mode not in {"central", "distributed"} or c.selection == "uniform", "selection", c.selection,
+               f"uniform with dp-mode = {c.dp_mode} (clients are Poisson-sampled)")
     _check(0 < c.dp_clip_quantile < 1, "dp-clip-quantile", c.dp_clip_quantile, "a number in (0, 1)")
     _check(math.isfinite(c.dp_clip_lr) and c.dp_clip_lr > 0, "dp-clip-lr", c.dp_clip_lr, "a finite number > 0")
     _check(math.isfinite(c.dp_clip_count_stddev) and c.dp_clip_count_stddev >= 0, "dp-clip-count-stddev",
            c.dp_clip_count_stddev, "a finite number >= 0 (0 = expected clients per round / 20)")
     _check(not c.dp_secure_rng or c.dp_mode != "off", "dp-secure-rng", c.dp_secure_rng,
            "false with dp-mode = off (there is no DP noise to draw)")
+    _check(c.dp_mode != "distributed" or c.secure_aggregation, "dp-mode", c.dp_mode,
+           "off, central or local without secure-aggregation (distributed DP adds its noise shares under the "
+           "masks of the secure sum: set secure-aggregation = true)")
     if c.dp_clip_adaptive:
-        _check(c.dp_mode == "central", "dp-clip-adaptive", c.dp_clip_adaptive,
-               f"false with dp-mode = {c.dp_mode} (the server adapts the norm it clips to: central DP only)")
-        _check(not c.secure_aggregation, "dp-clip-adaptive", c.dp_clip_adaptive,
-               "false with secure-aggregation (the devices clip there, and their clipped bits would need a "
-               "secure sum of their own)")
+        _check(c.dp_mode in {"central", "distributed"}, "dp-clip-adaptive", c.dp_clip_adaptive,
+               f"false with dp-mode = {c.dp_mode} (adaptive clipping needs central or distributed DP)")
+        _check(c.dp_mode == "distributed" or not c.secure_aggregation, "dp-clip-adaptive", c.dp_clip_adaptive,
+               "false with dp-mode = central and secure-aggregation (the devices clip there and the server adds "
+               "the noise, so their unclipped bits would go un-noised into the secure sum; dp-mode = "
+               "distributed counts them under the masks with the devices' noise)")
     _check(0 < c.secagg_threshold <= 1, "secagg-threshold", c.secagg_threshold, "a fraction in (0, 1]")
     _check(math.isfinite(c.secagg_range) and c.secagg_range > 0, "secagg-range", c.secagg_range,
            "a finite number > 0")

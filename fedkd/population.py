@@ -38,6 +38,12 @@ class Population:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @functools.cached_property
+    def data_hash(self) -> str:
+        """``Dataset.fingerprint()``, computed once per population (the server checks every device
+        against it at the handshake; see fedkd.shards)."""
+        return self.dataset.fingerprint()
+
 
 def load_dataset(cfg: ExperimentConfig) -> Dataset:
     if cfg.data_path:

@@ -18,6 +18,11 @@ orders equals a direct numerical integration (tests/test_privacy.py), while Goog
 there; dp-accounting is the independent check in the tests. Its state is a small JSON-able
 dict (:meth:`PrivacyAccountant.to_dict` / :meth:`from_dict`).
 
+Distributed DP (``dp-mode = distributed``, :mod:`fedkd.ddp`): the devices clip, round and add
+shares of discrete Gaussian noise under secure aggregation's masks; the accountant counts the
+rounds like central DP's, with the distributed discrete Gaussian's RDP (:func:`fedkd.ddp.epsilon`),
+and also the releases of each client, for the epsilon without amplification by sampling.
+
 Unit of privacy: one *client* (one user with the default ``users-per-client = 1``), i.e.
 user-level DP for edge users. Cloud users opted in and are not protected. Evaluation
 metrics and training metrics (example counts, losses) that clients report are *not*
@@ -34,11 +39,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedkd import streams
+from fedkd import ddp, streams
 from fedkd.streams import Stream
 
 Update = Mapping[str, np.ndarray]
-MODES = ("off", "central", "local")
+MODES = ("off", "central", "local", "distributed")
 
 
 # ----------------------------------------------------------------------------- mechanism
@@ -151,19 +156,21 @@ def epsilon_for(noise_multiplier: float, rate: float, rounds: int, delta: float)
 
 
 def calibrate_noise(target_epsilon: float, rate: float, rounds: int, delta: float, *,
-                    tol: float = 1e-4) -> float:
+                    tol: float = 1e-4, epsilon=None) -> float:
     """Smallest noise multiplier (to ``tol`` relative) whose ``rounds`` releases stay within
-    ``target_epsilon`` at ``delta``: bisection on :func:`epsilon_for`, which falls as noise grows."""
+    ``target_epsilon`` at ``delta``: bisection on :func:`epsilon_for` (or on ``epsilon(z)``, another
+    mechanism's epsilon of the same releases), which falls as noise grows."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
+    eps_of = epsilon or (lambda z: epsilon_for(z, rate, rounds, delta))
     lo, hi = 0.0, 1.0
-    while epsilon_for(hi, rate, rounds, delta) > target_epsilon:
+    while eps_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} at delta {delta}")
     while hi - lo > tol * hi:
         mid = (lo + hi) / 2
-        if epsilon_for(mid, rate, rounds, delta) > target_epsilon:
+        if eps_of(mid) > target_epsilon:
             lo = mid
         else:
             hi = mid
@@ -178,6 +185,9 @@ class PrivacyAccountant:
     ``mode`` "local": every participating client releases its own noisy update; the server
     sees who took part, so there is no amplification by sampling, and the guarantee is that
     of the most exposed client (``max(participations)`` Gaussian releases).
+    ``mode`` "distributed": one release per round of the noisy secure sum, sampled at ``rate``,
+    priced by the distributed discrete Gaussian's RDP (``tau``, ``dim``: :func:`fedkd.ddp.epsilon`);
+    the participations are counted too, for :meth:`epsilon_unamplified`.
     """
 
     mode: str
@@ -185,12 +195,14 @@ class PrivacyAccountant:
     rate: float
     delta: float
     target_epsilon: float = 0.0  # 0 = no budget
-    rounds: int = 0  # central: releases so far
-    participations: dict[int, int] = field(default_factory=dict)  # local: per partition id
+    rounds: int = 0  # central, distributed: releases so far
+    participations: dict[int, int] = field(default_factory=dict)  # local, distributed: per partition id
+    tau: float = 0.0  # distributed: KLS21's correction for a sum of discrete Gaussians
+    dim: int = 1  # distributed: coordinates of the noisy sum
 
     def __post_init__(self) -> None:
-        if self.mode not in ("central", "local"):
-            raise ValueError(f"accountant mode must be central or local, got {self.mode!r}")
+        if self.mode not in ("central", "local", "distributed"):
+            raise ValueError(f"accountant mode must be central, local or distributed, got {self.mode!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
@@ -198,18 +210,27 @@ class PrivacyAccountant:
     @property
     def releases(self) -> int:
         """Gaussian releases that count for the most exposed client."""
-        return self.rounds if self.mode == "central" else max(self.participations.values(), default=0)
+        return self.rounds if self.mode != "local" else max(self.participations.values(), default=0)
 
     def epsilon(self, releases: int | None = None) -> float:
         n = self.releases if releases is None else releases
+        if self.mode == "distributed":
+            return ddp.epsilon(self.noise_multiplier, self.rate, n, self.delta, tau=self.tau, dim=self.dim)
         rate = self.rate if self.mode == "central" else 1.0
         return epsilon_for(self.noise_multiplier, rate, n, self.delta)
+
+    def epsilon_unamplified(self) -> float:
+        """Distributed: the most exposed client's epsilon without amplification by sampling (the
+        server picked the devices, so it knows who took part): each of its releases one unsampled
+        DDG release, a device that stays in the round with a zero update as its neighbour."""
+        return ddp.epsilon(self.noise_multiplier, 1.0, max(self.participations.values(), default=0), self.delta,
+                           tau=self.tau, dim=self.dim)
 
     # -- the budget
     def would_exceed(self, partition_ids: Sequence[int] = ()) -> tuple[bool, float]:
         """Whether one more release (central: a round; local: these clients taking part) would
         take epsilon past the target; also returns the epsilon it would reach."""
-        if self.mode == "central":
+        if self.mode != "local":
             nxt = self.rounds + 1
         else:
             nxt = max([self.participations.get(p, 0) + 1 for p in partition_ids], default=self.releases)
@@ -221,29 +242,39 @@ class PrivacyAccountant:
         return self.would_exceed([partition_id])[0]
 
     def record(self, partition_ids: Sequence[int] = ()) -> None:
-        """Record one release: a round (central) or these clients' noisy updates (local)."""
-        if self.mode == "central":
+        """Record one release: a round (central), these clients' noisy updates (local), or both
+        (distributed: the round's noisy sum, and the clients whose shares went into it)."""
+        if self.mode != "local":
             self.rounds += 1
-        for p in partition_ids if self.mode == "local" else ():
+        for p in partition_ids if self.mode != "central" else ():
             self.participations[int(p)] = self.participations.get(int(p), 0) + 1
 
     # -- state, for checkpoints
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "rate": self.rate,
-                "delta": self.delta, "target_epsilon": self.target_epsilon, "rounds": self.rounds,
-                "participations": {str(k): v for k, v in sorted(self.participations.items())}}
+        out = {"mode": self.mode, "noise_multiplier": self.noise_multiplier, "rate": self.rate,
+               "delta": self.delta, "target_epsilon": self.target_epsilon, "rounds": self.rounds,
+               "participations": {str(k): v for k, v in sorted(self.participations.items())}}
+        return {**out, "tau": self.tau, "dim": self.dim} if self.mode == "distributed" else out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> PrivacyAccountant:
         return cls(mode=str(d["mode"]), noise_multiplier=float(d["noise_multiplier"]), rate=float(d["rate"]),
                    delta=float(d["delta"]), target_epsilon=float(d.get("target_epsilon", 0.0)),
                    rounds=int(d["rounds"]),
-                   participations={int(k): int(v) for k, v in dict(d.get("participations", {})).items()})
+                   participations={int(k): int(v) for k, v in dict(d.get("participations", {})).items()},
+                   tau=float(d.get("tau", 0.0)), dim=int(d.get("dim", 1)))
 
     def report(self) -> dict:
         """What a results folder shows: the state plus epsilon at delta."""
         eps = self.epsilon()
-        return {**self.to_dict(), "epsilon": eps if math.isfinite(eps) else "inf", "releases": self.releases}
+        out = {**self.to_dict(), "epsilon": _json_number(eps), "releases": self.releases}
+        if self.mode == "distributed":
+            out["epsilon_unamplified"] = _json_number(self.epsilon_unamplified())
+        return out
+
+
+def _json_number(x: float) -> float | str:
+    return x if math.isfinite(x) else "inf"
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -267,15 +298,73 @@ def resolve_noise(mode: str, noise_multiplier: float, target_epsilon: float, rat
     return calibrate_noise(target_epsilon, rate if mode == "central" else 1.0, rounds, delta)
 
 
-def accountant_for(cfg, num_clients: int) -> PrivacyAccountant | None:
-    """The run's accountant (None when DP is off); ``cfg`` is an ExperimentConfig."""
+def accountant_for(cfg, num_clients: int, *, dim: int | None = None) -> PrivacyAccountant | None:
+    """The run's accountant (None when DP is off); ``cfg`` is an ExperimentConfig. Distributed DP
+    needs ``dim``, the coordinates of a device's update (:func:`distributed_for`)."""
     if cfg.dp_mode == "off":
         return None
+    if cfg.dp_mode == "distributed":
+        if dim is None:
+            raise ValueError("distributed DP's accountant needs the update's dimension")
+        return distributed_for(cfg, num_clients, dim)[0]
     rate = sampling_rate(cfg.clients_per_round, num_clients)
     z = resolve_noise(cfg.dp_mode, cfg.dp_noise_multiplier, cfg.dp_target_epsilon, rate, cfg.num_rounds,
                       cfg.dp_delta)
     return PrivacyAccountant(mode=cfg.dp_mode, noise_multiplier=z, rate=rate, delta=cfg.dp_delta,
                              target_epsilon=cfg.dp_target_epsilon)
+
+
+def distributed_for(cfg, num_clients: int, dim: int):
+    """Distributed DP's accountant (a fresh one) and mechanism (:class:`fedkd.ddp.Setting`), from
+    the config, the number of clients that can take part and the update's dimension ``dim``."""
+    setting, tau = _distributed(cfg, num_clients, dim)
+    acc = PrivacyAccountant(mode="distributed", noise_multiplier=setting.noise_multiplier,
+                            rate=sampling_rate(cfg.clients_per_round, num_clients), delta=cfg.dp_delta,
+                            target_epsilon=cfg.dp_target_epsilon, tau=tau, dim=setting.coordinates)
+    return acc, setting
+
+
+@functools.lru_cache(maxsize=32)
+def _distributed(cfg, num_clients: int, dim: int):
+    """``(setting, tau)`` of :func:`distributed_for`, cached (the calibration is the slow part).
+
+    ``z`` is ``dp-noise-multiplier``, or the smallest that keeps ``num-rounds`` rounds within
+    ``dp-target-epsilon`` by the DDG accountant. ``tau`` is priced for the worst round: every
+    client a survivor, each share at the largest threshold ``t`` (the fewest survivors a round
+    of all clients guarantees), at the accounted ``z``. With adaptive clipping the noise is split
+    as for central DP (:func:`adaptive_noise_split`) and the count is one more coordinate.
+    Refuses shares below the discrete Gaussian bound's range and rings above 32 bits."""
+    from fedkd import secagg
+
+    rate = sampling_rate(cfg.clients_per_round, num_clients)
+    bits = secagg.code_bits(cfg.quant_bits)
+    bound = ddp.rounded_norm_bound(ddp.levels(bits), dim)
+    t_max = secagg.threshold(num_clients, cfg.secagg_threshold)
+    coords = dim + (1 if cfg.dp_clip_adaptive else 0)
+
+    def tau(z: float) -> float:
+        return ddp.ddg_tau(num_clients, z * bound / math.sqrt(t_max)) if z > 0 else 0.0
+
+    z = cfg.dp_noise_multiplier
+    if z <= 0 and cfg.dp_target_epsilon > 0:
+        z = calibrate_noise(cfg.dp_target_epsilon, rate, cfg.num_rounds, cfg.dp_delta,
+                            epsilon=lambda x: ddp.epsilon(x, rate, cfg.num_rounds, cfg.dp_delta, tau=tau(x),
+                                                          dim=coords))
+    count_std, z_u = 0.0, z
+    if cfg.dp_clip_adaptive:
+        count_std, z_u = adaptive_noise_split(z, rate * num_clients, cfg.dp_clip_count_stddev)
+    setting = ddp.Setting(bits=bits, dim=dim, noise_multiplier=z, update_noise=z_u,
+                          count_stddev=count_std, adaptive=cfg.dp_clip_adaptive)
+    if z > 0 and setting.share_std(t_max) < ddp.MIN_SHARE_STD:
+        raise ValueError(f"distributed DP: a device's noise share would be {setting.share_std(t_max):.3g} grid "
+                         f"steps (noise multiplier {z:.4g} x rounded norm bound {bound:.4g} / sqrt({t_max} devices)), "
+                         f"below the {ddp.MIN_SHARE_STD} the discrete Gaussian's bound needs; raise "
+                         "dp-noise-multiplier or quant-bits")
+    if setting.adaptive and setting.count_scale < 1:
+        raise ValueError(f"distributed DP: the noise on the clipped count (dp-clip-count-stddev {count_std:.4g}) is "
+                         f"more than half the sum's noise ({setting.std:.4g} grid steps): lower dp-clip-count-stddev")
+    secagg.ring_bits(num_clients, bits, noise_bound=setting.noise_bound(num_clients, t_max), top=setting.top())
+    return setting, tau(z)
 
 
 def private_sum(updates: Sequence[Update], clip_norm: float) -> tuple[dict[str, np.ndarray], list[float]]:
@@ -348,6 +437,11 @@ class QuantileClip:
         centred = sum(1 for x in norms if x <= self.clip) - 0.5 * len(norms)
         if self.count_stddev > 0:
             centred += float(rng.normal(0.0, self.count_stddev))
+        return self.step(centred)
+
+    def step(self, centred: float) -> float:
+        """Move the clip from an already noisy centred count ``sum_i (b_i - 1/2) + noise`` (distributed
+        DP: summed and noised under secure aggregation); returns the unclipped share."""
         share = min(1.0, max(0.0, centred / self.expected + 0.5))
         self.clip *= math.exp(-self.lr * (share - self.quantile))
         return share

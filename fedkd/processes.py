@@ -80,6 +80,24 @@ def descendants(roots: Iterable[int]) -> set[int]:
     return out
 
 
+def with_env(name: str, value: str) -> set[int]:
+    """Live processes (other than this one) whose environment holds ``name=value``: a marker set
+    in the environment of the processes one launcher started finds them and everything they
+    started, even after their parents exited and they were reparented."""
+    needle = f"{name}={value}".encode() + b"\0"
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes() + b"\0"
+        except OSError:
+            continue
+        if needle in env and alive(int(d.name)):
+            out.add(int(d.name))
+    return out
+
+
 def flower_name(cmd: Sequence[str]) -> str | None:
     """The Flower executable a command line runs (``flower-superlink ...`` or ``python
     .../flower-superlink ...``, as console scripts appear in /proc), else None."""

@@ -73,12 +73,23 @@ def top_code(bits: int) -> int:
     return (1 << bits) - 2
 
 
-def ring_bits(n: int, bits: int) -> int:
-    """Smallest ``k`` with ``n * (2^b - 2) < 2^k``: the sum of ``n`` codes never wraps in ``Z_(2^k)``."""
-    k = max(1, (int(n) * top_code(bits)).bit_length())
+def ring_bits(n: int, bits: int, *, noise_bound: int = 0, top: int | None = None) -> int:
+    """Smallest ``k`` with ``n * top + 2 T < 2^k``: the sum of ``n`` codes in ``[0, top]`` (``top``
+    defaults to ``2^b - 2``) plus a noise sum in ``[-T, T]`` (distributed DP's, ``T = noise_bound``)
+    never wraps in ``Z_(2^k)``: :func:`lift` gives it back exactly."""
+    top = top_code(bits) if top is None else int(top)
+    k = max(1, (int(n) * top + 2 * int(noise_bound)).bit_length())
     if k > MAX_RING_BITS:
-        raise SecAggError(f"{n} devices at {bits} bits need a {k}-bit ring (at most {MAX_RING_BITS})")
+        noise = f" and a noise sum within +-{noise_bound}" if noise_bound else ""
+        raise SecAggError(f"{n} devices at {bits} bits{noise} need a {k}-bit ring (at most {MAX_RING_BITS})")
     return k
+
+
+def lift(total: np.ndarray, k: int, noise_bound: int = 0) -> np.ndarray:
+    """The exact integer sum from its residue mod ``2^k``, given that it lies in
+    ``[-noise_bound, 2^k - noise_bound)`` (:func:`ring_bits`), as int64; the identity without noise."""
+    t, m = int(noise_bound), 1 << int(k)
+    return (np.asarray(total, np.uint64).astype(np.int64) + t) % m - t
 
 
 def pack_ring(values: np.ndarray, k: int) -> np.ndarray:
@@ -418,9 +429,11 @@ class Round:
 
 def simulate_round(codes: Mapping[int, np.ndarray], bits: int, round_idx: int, *, threshold_fraction: float = 0.5,
                    drop_after_sharing: Sequence[int] = (), drop_before_sharing: Sequence[int] = (),
-                   silent_in_unmask: Sequence[int] = ()) -> Round:
+                   silent_in_unmask: Sequence[int] = (), noise_bound: int = 0, top: int | None = None) -> Round:
     """Every step of the protocol with real keys and ciphertexts; devices in ``drop_after_sharing``
-    send no masked vector, those in ``silent_in_unmask`` send it but do not reveal shares."""
+    send no masked vector, those in ``silent_in_unmask`` send it but do not reveal shares.
+    ``noise_bound``, ``top``: the ring of :func:`ring_bits` for noisy codes (distributed DP), whose
+    values ``codes`` must already be reduced into it."""
     ids = sorted(int(i) for i in codes)
     enc = {i: KeyPair.generate() for i in ids}
     enc_keys = [enc[i].public_bytes for i in ids]
@@ -434,7 +447,7 @@ def simulate_round(codes: Mapping[int, np.ndarray], bits: int, round_idx: int, *
         mask_keys[i] = pub
         for j, ct in zip([j for j in ids if j != i], cts):
             inbox[j][i] = ct
-    k = ring_bits(len(mask_keys), bits)
+    k = ring_bits(len(mask_keys), bits, noise_bound=noise_bound, top=top)
     masked = {i: mask(codes[i], i, kept[i].b, kept[i].s, mask_keys, k, round_idx)
               for i in mask_keys if i not in drop_after_sharing}
     masked = {i: unpack_ring(pack_ring(v, k), k, len(v)) for i, v in masked.items()}  # through the wire format

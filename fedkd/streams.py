@@ -44,6 +44,8 @@ class Stream(IntEnum):
     COMPRESS_RECOVERY = 20  # fedkd.recover: held-out rows and fine-tune batches (20: issue 20's number,
     #                         clear of tags other branches may be adding)
     WARM_START = 21        # the server's warm start of the global student (batches and dropout)
+    DISTRIBUTED_DP_NOISE = 181  # (round, partition) a device's discrete Gaussian noise share (distributed DP;
+    #                             181: issue 18's second stream, clear of the small numbers other branches take)
     SYNTHETIC = 0x5E0      # the synthetic data generator
 
 

@@ -40,7 +40,8 @@ def teacher_cache_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_finge
 
 # TrainConfig fields added after teachers were cached: left out of the key while at their
 # default, so adding an option does not invalidate every cached teacher.
-_LATER_FIELDS = {"lr_schedule": "constant", "warmup_epochs": 0.0, "min_epochs": 0, "amp": False}
+_LATER_FIELDS = {"lr_schedule": "constant", "warmup_epochs": 0.0, "min_epochs": 0, "amp": False,
+                 "val_smoothing": 1}
 
 
 def _train_key(train_cfg: TrainConfig) -> dict:

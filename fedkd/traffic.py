@@ -19,7 +19,7 @@ UP_PARTS = ("update", "soft_labels", "metrics", "keys", "envelope")
 
 _RECORD_PART = {"student": "student", "next": "proxy_inputs", "config": "config", "update": "update",
                 "preds": "soft_labels", "metrics": "metrics", "masked": "update", "peers": "keys",
-                "secagg": "keys"}
+                "secagg": "keys", "fingerprint": "metrics"}  # fingerprint: the handshake's (fedkd.shards)
 _PROXY_INPUTS = {"histories", "rows", "hist-mask"}  # the rest of a "proxy" record is soft labels
 
 

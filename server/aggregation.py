@@ -10,6 +10,8 @@ None: nothing to apply). They compose the way Flower's strategies do:
 ``CentralDP(sum)``   wraps a sum (clipped or secure) and releases its noisy mean,
                      as Flower's ``DifferentialPrivacyServerSideFixedClipping``
                      wraps a strategy
+``DistributedDP``    wraps a secure sum whose devices added the noise (fedkd.ddp)
+                     and releases its mean; the server adds nothing
 ==================  ==============================================================
 
 The server step (:mod:`fedkd.server_opt`: FedAvg with ``server-lr``, FedAvgM, FedAdam, ...)
@@ -78,11 +80,13 @@ class SecureSum:
     ``rejections.jsonl`` and ``run.log``): nothing goes into the model."""
 
     def __init__(self, full_model, student_dim: int, transport: Transport, *, quant_bits: int,
-                 threshold: float, initial_range: float, adaptive: bool, weighted: bool = False) -> None:
+                 threshold: float, initial_range: float, adaptive: bool, weighted: bool = False,
+                 noise=None) -> None:
         self.layout = sub_layout(full_model, student_dim)
         self.transport = transport
         self.bits, self.fraction, self.adaptive = secagg.code_bits(quant_bits), threshold, adaptive
         self.weighted = weighted  # devices send examples/reference x update; the mean divides by their sum
+        self.noise = noise  # distributed DP's fedkd.ddp.Setting: the ring holds the noise, and maybe a count
         self.ranges = np.full(len(self.layout), float(initial_range))
         self._reset()
 
@@ -92,14 +96,31 @@ class SecureSum:
         self.inbox: dict[int, dict[int, bytes]] = {}  # receiver -> {sender: ciphertext}
         self.node_of: dict[int, Node] = {}
         self.used, self.nbytes, self.reference, self.weight = None, (0, 0), 1.0, 0.0
+        self.extra = np.zeros(self.extras, np.int64)  # the sums of the coordinates after the update's (the count)
+
+    @property
+    def extras(self) -> int:
+        """Coordinates after the update's and its range statistics: distributed DP's count."""
+        return 1 if self.noise is not None and self.noise.adaptive else 0
+
+    @property
+    def noise_bound(self) -> int:
+        """The noise sum the ring holds (0 without distributed DP), for this round's holders and threshold."""
+        return self.noise.noise_bound(len(self.mask_keys), self.t) if self.noise is not None else 0
 
     @property
     def ring_bits(self) -> int:
-        return secagg.ring_bits(len(self.mask_keys), self.bits)
+        top = self.noise.top() if self.noise is not None else None
+        return secagg.ring_bits(len(self.mask_keys), self.bits, noise_bound=self.noise_bound, top=top)
+
+    @property
+    def length(self) -> int:
+        """Values in a masked upload: the codes, the range statistics, the extra coordinates."""
+        return secagg.input_length(self.layout, stats=self.adaptive) + self.extras
 
     def expected_bytes(self) -> int:
-        """Size of a masked upload this round: the codes and range statistics at ``ring_bits``."""
-        return secagg.packed_ring_bytes(secagg.input_length(self.layout, stats=self.adaptive), self.ring_bits)
+        """Size of a masked upload this round: every value at ``ring_bits``."""
+        return secagg.packed_ring_bytes(self.length, self.ring_bits)
 
     def before_train(self, grid: Grid, sent: list[Node], contents, r: int) -> tuple[list[Node], tuple[int, int]]:
         """Step 1: the devices about to train share their seeds (encrypted, routed by the server);
@@ -146,9 +167,7 @@ class SecureSum:
         self.used, self.last_sum = 0, None
         if not self.mask_keys:  # nobody took part: an empty sum (central DP still releases its noise)
             return {k: np.zeros(shape, np.float64) for k, shape in self.layout.items()}
-        masked = {u.node.partition_id: secagg.unpack_ring(u.payload, self.ring_bits,
-                                                          secagg.input_length(self.layout, stats=self.adaptive))
-                  for u in uploads}
+        masked = {u.node.partition_id: secagg.unpack_ring(u.payload, self.ring_bits, self.length) for u in uploads}
         survivors = sorted(masked)
         if len(survivors) < self.t:
             return self._refuse(r, f"only {len(survivors)} of the {len(self.mask_keys)} devices that shared their "
@@ -175,6 +194,10 @@ class SecureSum:
             total = secagg.unmask(masked, self.mask_keys, self.ids, revealed, self.t, self.ring_bits, r)
         except (secagg.SecAggError, ValueError) as exc:
             return self._refuse(r, str(exc))
+        if self.noise is not None:  # a noisy sum: back from the ring to signed integers
+            total = secagg.lift(total, self.ring_bits, self.noise_bound)
+        if self.extras:
+            total, self.extra = total[:-self.extras], total[-self.extras:]
         sums, ratio = secagg.dequantize_sum(total, len(survivors), self.layout, self.ranges, self.bits,
                                             stats=self.adaptive)
         self.ranges = secagg.next_ranges(self.ranges, ratio)
@@ -278,6 +301,63 @@ class CentralDP:
     @property
     def before_train(self):  # secure aggregation's key exchange, when the sum is secure
         return getattr(self.inner, "before_train", None)
+
+
+class DistributedDP:
+    """Distributed DP around a secure sum (:mod:`fedkd.ddp`): each device clipped its update,
+    rounded it onto the sum's grid and added a share of discrete Gaussian noise under the masks,
+    so the unmasked sum is already noisy; the server adds nothing and divides it by the expected
+    number of participants (q x eligible clients), as :class:`CentralDP` does. A refused round
+    releases nothing.
+
+    The grid's ranges are the clip norm (data-independent). With ``adaptive`` (a
+    :class:`fedkd.privacy.QuantileClip`), the sum's last coordinate is the noisy count of
+    unclipped updates (centred, weighted by ``m``, noised with the rest); the clip, and the grid
+    with it, follows it from round to round. The devices get the clip, and the number of
+    eligible clients from which they derive the mechanism as the server does, in the train
+    message."""
+
+    def __init__(self, inner: SecureSum, setting, *, clip: float, rate: float, eligible: int,
+                 adaptive: QuantileClip | None = None) -> None:
+        self.inner, self.setting, self.clip, self.rate, self.eligible = inner, setting, clip, rate, eligible
+        self.adaptive = adaptive
+
+    @property
+    def round_clip(self) -> float:
+        return self.adaptive.clip if self.adaptive is not None else self.clip
+
+    def before_train(self, grid: Grid, sent: list[Node], contents, r: int):
+        """Secure aggregation's key exchange, with the round's clip as every tensor's range."""
+        self.inner.ranges = np.full(len(self.inner.layout), float(self.round_clip))
+        out = self.inner.before_train(grid, sent, contents, r)
+        for c in contents:
+            c.configs["config"].update({"dp-clip": float(self.round_clip), "dp-clients": int(self.eligible)})
+        return out
+
+    def __call__(self, uploads: list[Upload], r: int) -> Aggregate:
+        clip = self.round_clip
+        total = self.inner.total(uploads, r)
+        used, nbytes = self.inner.used, self.inner.nbytes
+        if total is None:  # a refused secure sum releases nothing
+            return Aggregate(None, used=0, nbytes=nbytes)
+        update = {k: (np.asarray(v, np.float64) / (self.rate * self.eligible)).astype(np.float32)
+                  for k, v in total.items()}
+        done = {"released": True, "used": used if used is not None else len(uploads), "nbytes": nbytes}
+        if self.adaptive is None:
+            return Aggregate(update, **done)
+        m = self.setting.count_scale  # each survivor sent m (1 + s_i), s_i = +1 unclipped, -1 clipped
+        centred = (float(self.inner.extra[0]) - used * m) / (2 * m) if used else 0.0  # sum_i (b_i - 1/2) + noise
+        share = self.adaptive.step(centred)
+        return Aggregate(update, clip=clip, columns={"dp_clip_norm": clip, "dp_unclipped_share": share}, **done)
+
+    def state_dict(self) -> dict:
+        out = {"inner": self.inner.state_dict()}
+        return {**out, "adaptive": self.adaptive.state_dict()} if self.adaptive is not None else out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
 
 
 class FedAvgStep:

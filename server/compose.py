@@ -1,23 +1,29 @@
 """Which parts an experiment runs with: the one place where the config picks them.
 
 Cross-feature rules live here, once: central DP samples clients by Poisson draws and wraps
-the sum (clipped by the server, or by the devices under secure aggregation); local DP weighs
+the sum (clipped by the server, or by the devices under secure aggregation); distributed DP
+samples the same way and wraps the secure sum whose devices added the noise; local DP weighs
 updates equally; secure aggregation adds its key exchange before the train messages.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 
 from flwr.serverapp import Grid
 
+from fedkd import shards
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
-from fedkd.privacy import QuantileClip, accountant_for, adaptive_noise_split
+from fedkd.nested import sub_layout
+from fedkd.population import population
+from fedkd.privacy import QuantileClip, accountant_for, adaptive_noise_split, distributed_for
+from fedkd.secagg import sizes_of
 from fedkd.server_opt import make_server_optimizer
-from server.aggregation import CentralDP, ClippedSum, FedAvgStep, SecureSum, ServerStep, WeightedMean
+from server.aggregation import CentralDP, ClippedSum, DistributedDP, FedAvgStep, SecureSum, ServerStep, WeightedMean
 from server.attacks import ReconstructionAttack, membership_step, reconstruction_step
 from server.cloud import Cloud
 from server.evaluation import Evaluator
@@ -39,20 +45,27 @@ def compose(exp, grid: Grid) -> None:
     exp.student = build_model(cfg.student_model(cloud.num_items), seed=cfg.seed)
     exp.warm_start = cloud.warm_start(exp.student) if cfg.warms_up else None
     t_warm = time.perf_counter()
-    nodes = exp.transport.handshake(grid)
+    pop = population(cfg)  # loaded by the cloud already; the fingerprints every device must have
+    nodes = exp.transport.handshake(grid, admit=functools.partial(
+        shards.admit, num_partitions=pop.num_clients, expected=lambda pid: shards.fingerprint(cfg, pop, pid)))
     if not nodes:
-        raise RuntimeError("no client answered the handshake; nothing to train")
+        raise RuntimeError("no client passed the handshake (rejections.jsonl says why); nothing to train")
     exp.startup = {"cloud_setup_s": t_cloud - t0, "warm_start_s": t_warm - t_cloud,
                    "handshake_s": time.perf_counter() - t_warm}
     log.info("start-up: teacher and proxy set %.1fs, warm start %.1fs, handshake with %d nodes %.1fs",
              exp.startup["cloud_setup_s"], exp.startup["warm_start_s"], len(nodes), exp.startup["handshake_s"])
     exp.fleet = fleet = Fleet(cfg, nodes, cfg.student_model(cloud.num_items), cloud.num_clients)
-    accountant = accountant_for(cfg, len(fleet.eligible))
+    if cfg.dp_mode == "distributed":  # the devices' mechanism, which depends on the update's dimension
+        accountant, exp.ddp = distributed_for(cfg, len(fleet.eligible), update_dim(cfg, fleet))
+    else:
+        accountant, exp.ddp = accountant_for(cfg, len(fleet.eligible)), None
     exp.privacy = (PrivacyBudget(accountant, clip=cfg.dp_clip_norm, eligible=fleet.eligible, out=exp.out,
                                  num_rounds=cfg.num_rounds) if accountant is not None else None)
+    if exp.ddp is not None:
+        exp.privacy.distribute(exp.ddp, threshold=cfg.secagg_threshold)
     log.info("protocol %s: %d clients, student %d parameters, %d rounds", cfg.protocol, len(nodes),
              num_parameters(exp.student), cfg.num_rounds)
-    if cfg.dp_mode == "central":  # what the amplification bound assumes
+    if cfg.dp_mode in ("central", "distributed"):  # what the amplification bound assumes
         exp.sampler = PoissonSampler(seed=cfg.seed, rate=accountant.rate, secure_rng=cfg.dp_secure_rng)
     else:
         exp.sampler = FixedSizeSampler(seed=cfg.seed, k=cfg.clients_per_round, policy=cfg.selection,
@@ -113,24 +126,33 @@ def make_server_step(cfg):
                       schedule=cfg.server_lr_schedule, num_rounds=cfg.num_rounds, final=cfg.server_lr_final)
 
 
+def update_dim(cfg, fleet: Fleet) -> int:
+    """Coordinates of a device's update at full width: what distributed DP clips, rounds and noises."""
+    return sum(sizes_of(sub_layout(fleet.full_model, cfg.student_dim)))
+
+
 def make_aggregator(cfg, exp, fleet: Fleet, accountant):
     """The update path of the params protocol, from the config."""
     if cfg.secure_aggregation:
-        central = cfg.dp_mode == "central"  # a data-independent grid: ranges that adapt would leak un-noised
+        # central or distributed DP: a data-independent grid (ranges that adapt would leak un-noised)
+        fixed = cfg.dp_mode in ("central", "distributed")
         total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport, quant_bits=cfg.quant_bits,
-                          threshold=cfg.secagg_threshold, initial_range=cfg.dp_clip_norm if central else cfg.secagg_range,
-                          adaptive=not central, weighted=cfg.dp_mode == "off")
+                          threshold=cfg.secagg_threshold, initial_range=cfg.dp_clip_norm if fixed else cfg.secagg_range,
+                          adaptive=not fixed, weighted=cfg.dp_mode == "off", noise=getattr(exp, "ddp", None))
     else:
         total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
+    adaptive, update_noise = None, None
+    if cfg.dp_clip_adaptive:  # Andrew et al. 2021: the clip follows a quantile of the norms
+        expected = accountant.rate * len(fleet.eligible)
+        count_std, update_noise = adaptive_noise_split(accountant.noise_multiplier, expected,
+                                                       cfg.dp_clip_count_stddev)
+        adaptive = QuantileClip(clip=cfg.dp_clip_norm, quantile=cfg.dp_clip_quantile, lr=cfg.dp_clip_lr,
+                                count_stddev=count_std, expected=expected)
+        exp.privacy.adapt(adaptive, update_noise)
+    if cfg.dp_mode == "distributed":
+        return DistributedDP(total, exp.ddp, clip=cfg.dp_clip_norm, rate=accountant.rate,
+                             eligible=len(fleet.eligible), adaptive=adaptive)
     if cfg.dp_mode == "central":
-        adaptive, update_noise = None, None
-        if cfg.dp_clip_adaptive:  # Andrew et al. 2021: the clip follows a quantile of the norms
-            expected = accountant.rate * len(fleet.eligible)
-            count_std, update_noise = adaptive_noise_split(accountant.noise_multiplier, expected,
-                                                           cfg.dp_clip_count_stddev)
-            adaptive = QuantileClip(clip=cfg.dp_clip_norm, quantile=cfg.dp_clip_quantile, lr=cfg.dp_clip_lr,
-                                    count_stddev=count_std, expected=expected)
-            exp.privacy.adapt(adaptive, update_noise)
         return CentralDP(total, accountant, clip=cfg.dp_clip_norm, eligible=len(fleet.eligible), seed=cfg.seed,
                          template=get_state(exp.student), secure_rng=cfg.dp_secure_rng, adaptive=adaptive,
                          update_noise=update_noise)

@@ -46,7 +46,8 @@ class Experiment:
         self.metrics, self.timing = CsvLog(out / "metrics.csv"), CsvLog(out / "timing.csv")
         self.profile = Profile()
         self.transport = Transport(out, round_timeout=cfg.round_timeout, wire_payloads=cfg.wire_payloads,
-                                   profile=self.profile, poll=cfg.reply_poll_interval)
+                                   profile=self.profile, handshake_timeout=cfg.handshake_timeout,
+                                   poll=cfg.reply_poll_interval)
         self.cum_bytes, self.extra_tests, self.wall_before = 0, {}, 0.0
         self.rounds_run, self.stopped = 0, ""
 
@@ -218,6 +219,7 @@ class Experiment:
             "bytes_up_total": int(sum(r["bytes_up"] for r in rows)),
             "stragglers_total": int(sum(r["stragglers"] for r in rows)),
             "rejected_total": int(sum(r["rejected"] for r in rows)),
+            "nodes_refused": len(self.transport.refused),  # at the handshake (rejections.jsonl, round 0)
             "tests_at_rounds": self.extra_tests, "teacher": self.cloud.teacher_info,
             **ev.tier_summary(grid, test, rows), **(self.privacy.summary() if self.privacy is not None else {}),
             "wall_seconds": time.perf_counter() - self.t_start, "startup": self.startup,

@@ -26,6 +26,7 @@ class PrivacyBudget:
         self.acc, self.clip, self.eligible, self.out = accountant, clip, eligible, out
         self.stop: dict | None = None
         self.clipper, self.update_noise = None, None  # adaptive clipping (see adapt)
+        self.ddp, self.threshold = None, None  # distributed DP's mechanism (see distribute)
         log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
                  "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
                  accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
@@ -39,6 +40,20 @@ class PrivacyBudget:
                  "count std %.4g over %.4g expected clients; sum noise multiplier %.4g (accounted: %.4g)",
                  clipper.clip, clipper.quantile, clipper.lr, clipper.count_stddev, clipper.expected, update_noise,
                  self.acc.noise_multiplier)
+
+    def distribute(self, setting, *, threshold: float) -> None:
+        """Distributed DP: the devices add the noise (``setting``, a :class:`fedkd.ddp.Setting`);
+        the accountant prices its sum when only ``threshold`` of a round's devices survive."""
+        self.ddp, self.threshold = setting, threshold
+        log.info("distributed DP: %d-bit grid (%d steps per clip norm), rounded norm bound %.4g steps (%.2f%% above "
+                 "the clip), sum noise std %.4g steps (%.4g x the clip norm), each device's share of it at a "
+                 "threshold of %g of a round's devices; tau %.3g over %d coordinates", setting.bits,
+                 setting.levels, setting.bound, 100 * (setting.bound / setting.levels - 1), setting.std,
+                 setting.std / setting.levels, threshold, self.acc.tau, self.acc.dim)
+        if setting.bound > 1.25 * setting.levels:
+            log.warning("distributed DP: rounding %d coordinates onto a grid of %d steps per clip norm raises the "
+                        "sensitivity, and with it the noise, %.2fx; more quant-bits (32: 16-bit codes) cost a few "
+                        "ring bits and remove most of it", setting.dim, setting.levels, setting.bound / setting.levels)
 
     def refuses(self, r: int) -> bool:
         """With a target epsilon: refuse round ``r`` if its release would take epsilon past the
@@ -71,7 +86,7 @@ class PrivacyBudget:
         """Record the round's release (central: the noisy aggregate, if there was one; local:
         every device that sent a noisy update) and return metrics.csv's dp columns."""
         acc = self.acc
-        if acc.mode == "central" and not agg.released:  # a void secure sum releases nothing
+        if acc.mode != "local" and not agg.released:  # a void secure sum releases nothing
             return {"dp_epsilon": acc.epsilon(), "dp_clipped": "", "dp_norm_median": ""}
         acc.record() if acc.mode == "central" else acc.record(released)
         write_json(self.out / "privacy.json", acc.report())
@@ -87,6 +102,9 @@ class PrivacyBudget:
             report["adaptive_clip"] = {"initial_clip": self.clip, "final_clip": c.clip, "quantile": c.quantile,
                                        "lr": c.lr, "count_stddev": c.count_stddev, "expected_clients": c.expected,
                                        "update_noise_multiplier": self.update_noise}
+        if self.ddp is not None:
+            report["distributed"] = {**self.ddp.to_dict(), "secagg_threshold": self.threshold,
+                                     "noise": "discrete Gaussian shares of variance sigma^2 / t on each device"}
         return {"dp_epsilon": eps if np.isfinite(eps) else "inf", "privacy": report}
 
     def state_dict(self) -> dict:

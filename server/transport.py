@@ -4,13 +4,14 @@ Every message in either direction gets a line in ``wire.jsonl`` (and, with ``wir
 its values in ``wire/``); training messages add their bytes, by content, to the traffic
 meter behind metrics.csv's ``bytes_*`` columns; a node that sends no usable reply (Flower's
 error reply, or none before ``round-timeout``) is logged in ``rejections.jsonl`` with its
-reason. Replies come back sorted by partition id, because arrival order must not change a
-result.
+reason, as is a node refused at the handshake (its data's fingerprint is not the fleet's,
+fedkd.shards). Replies come back sorted by partition id, because arrival order must not
+change a result.
 
-Waiting for replies is :func:`send_and_receive`: Flower's ``Grid.send_and_receive`` loop
-(push, then pull until every reply is in or the timeout passes) with the pause between pulls
-set by ``reply-poll-interval`` instead of Flower's fixed 3 s on the Deployment Engine, which
-alone added 1.5 s on average to every exchange (docs/devices.md).
+Waiting for replies is :func:`send_and_receive`: on the Deployment Engine, Flower's
+``Grid.send_and_receive`` loop (push, then pull until every reply is in or the timeout passes)
+with the pause between pulls set by ``reply-poll-interval`` instead of Flower's fixed 3 s,
+which alone added 1.5 s on average to every exchange (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedkd import timeline
 from fedkd.codec import PayloadError
+from fedkd.shards import Claim, Fingerprint, Refusal
 from fedkd.results import JsonLines
 from fedkd.traffic import TrafficMeter, part_of
 from wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
@@ -86,32 +89,61 @@ class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
     def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
-                 poll: float = 0.1) -> None:
+                 handshake_timeout: float = 0.0, poll: float = 0.1) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
+        self.handshake_timeout = handshake_timeout
         self.poll = poll  # seconds between pulls while waiting for replies (reply-poll-interval)
         self.wire_log = JsonLines(out / "wire.jsonl")
         self.rejections = JsonLines(out / "rejections.jsonl")
         (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
         self.traffic = TrafficMeter()  # training bytes by content (docs/communication.md)
         self.seq = 0
+        self.refused: list[Refusal] = []  # nodes refused at the handshake
 
-    def handshake(self, grid: Grid) -> list[Node]:
-        """Ask every connected node who it is (partition, tier, examples)."""
+    def handshake(self, grid: Grid, *, admit: Callable[[list[Claim]], tuple[list[Claim], list[Refusal]]] | None = None
+                  ) -> list[Node]:
+        """Ask every connected node who it is (partition, tier, examples, the fingerprint of its
+        data) and keep the nodes ``admit`` accepts (``fedkd.shards.admit`` with the fingerprints the
+        server expects). A node refused, whose handshake failed, or that did not answer within
+        ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
+        ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run."""
         msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
         for m in msgs:
             self.audit("down", m, 0, None)
-        nodes = []
-        for rep in send_and_receive(grid, msgs, timeout=None, poll=self.poll, label=("query", 0)):
+        nodes, claims, answered = {}, [], set()
+        for rep in send_and_receive(grid, msgs, timeout=self.handshake_timeout or None, poll=self.poll,
+                                    label=("query", 0)) if msgs else []:
             self.audit("up", rep, 0, None)
+            answered.add(rep.metadata.src_node_id)
             if rep.has_error():
-                log.warning("node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
+                self.refuse(Refusal(rep.metadata.src_node_id, None, "crashed",
+                                    f"error code {rep.error.code}: {rep.error.reason[-300:]}"))
                 continue
             got = unpack(rep.content)
             m = got.metrics["metrics"]
             enc_key = got.configs.get("secagg", {}).get("enc-key", b"")
-            nodes.append(Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]),
-                              int(m["num-examples"]), enc_key if isinstance(enc_key, bytes) else b""))
-        return sorted(nodes, key=lambda n: n.partition_id)
+            node = Node(rep.metadata.src_node_id, int(m["partition-id"]), int(m["tier"]), int(m["num-examples"]),
+                        enc_key if isinstance(enc_key, bytes) else b"")
+            nodes[node.node_id] = node
+            claims.append(Claim(node.node_id, node.partition_id, _fingerprint(got)))
+        for m in msgs:  # a device that cannot even answer (e.g. out of memory before its reply) holds no one up
+            if m.metadata.dst_node_id not in answered:
+                self.refuse(Refusal(m.metadata.dst_node_id, None, "timeout",
+                                    f"no handshake reply within handshake-timeout ({self.handshake_timeout:g} s)"))
+        if admit is not None:
+            admitted, refused = admit(claims)
+            for refusal in refused:
+                self.refuse(refusal)
+            nodes = {c.node_id: nodes[c.node_id] for c in admitted}
+        return sorted(nodes.values(), key=lambda n: n.partition_id)
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Log a node refused at the handshake (fedkd.shards.HANDSHAKE_REASONS) and remember it."""
+        self.refused.append(refusal)
+        self.rejections.append({"round": 0, "partition_id": refusal.partition_id, "node_id": refusal.node_id,
+                                "type": "query", "reason": refusal.reason, "detail": refusal.detail})
+        log.warning("node %s (partition %s) refused at the handshake (%s): %s", refusal.node_id,
+                    "?" if refusal.partition_id is None else refusal.partition_id, refusal.reason, refusal.detail)
 
     def exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:
         """Send each node its content; collect the replies. Training exchanges are timed as
@@ -203,16 +235,37 @@ class Transport:
         self.seq = state["seq"]
 
 
+def _fingerprint(content: Content) -> Fingerprint | None:
+    """The fingerprint a handshake reply carries; None if it carries none or a malformed one."""
+    try:
+        return Fingerprint.from_dict(content.configs["fingerprint"])
+    except (KeyError, ValueError):
+        return None
+
+
 def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,
                      label: tuple[str, int] = ("", 0)) -> list[Message]:
-    """Flower's ``Grid.send_and_receive``, pulling every ``poll`` seconds.
+    """The replies to ``messages`` (all, or those in by ``timeout`` seconds; None: no limit).
 
-    Push every message, then pull the replies to them until all are in or ``timeout``
-    seconds have passed (None: no limit), exactly as Flower's loop does; only the pause
-    between pulls differs (Flower's ``HttpGrid``: 3 s; its ``InMemoryGrid``: 0.1 s). With
-    ``FEDKD_PROFILE_DIR`` set, records when the messages were pushed and each reply pulled
-    (``label``: the message kind and round, for the record).
+    On Flower's ``HttpGrid`` (the Deployment Engine), which waits a fixed 3 s between pulls,
+    :func:`poll_replies` runs the same loop with ``poll`` seconds between pulls. Any other Grid
+    answers with its own ``send_and_receive`` (the simulation's ``InMemoryGrid`` pulls every
+    0.1 s already). With ``FEDKD_PROFILE_DIR`` set, records when the messages were pushed and
+    each reply pulled (``label``: the message kind and round, for the record).
     """
+    if _HttpGrid is not None and isinstance(grid, _HttpGrid):
+        return poll_replies(grid, messages, timeout=timeout, poll=poll, label=label)
+    started = timeline.now()
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    _record(replies, label, started, started, timeline.now())
+    return replies
+
+
+def poll_replies(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,
+                 label: tuple[str, int] = ("", 0)) -> list[Message]:
+    """Flower's ``Grid.send_and_receive`` loop, pulling every ``poll`` seconds: push every
+    message, then pull the replies to them until all are in or ``timeout`` seconds have passed
+    (None: no limit), exactly as Flower's loop does; only the pause between pulls differs."""
     started = timeline.now()
     ids = set(grid.push_messages(messages))
     pushed = timeline.now()
@@ -220,14 +273,23 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | No
     replies: list[Message] = []
     while timeout is None or time.time() < end:
         got = list(grid.pull_messages(ids))
-        if got and timeline.enabled():
-            pulled = timeline.now()
-            for rep in got:
-                timeline.record("server", event="reply", message_id=rep.metadata.reply_to_message_id,
-                                kind=label[0], round=label[1], push_started=started, pushed=pushed, pulled=pulled)
+        _record(got, label, started, pushed, timeline.now())
         replies += got
         ids.difference_update(rep.metadata.reply_to_message_id for rep in got)
         if not ids:
             break
         time.sleep(poll)
     return replies
+
+
+def _record(replies: list[Message], label: tuple[str, int], started: float, pushed: float, pulled: float) -> None:
+    if replies and timeline.enabled():
+        for rep in replies:
+            timeline.record("server", event="reply", message_id=rep.metadata.reply_to_message_id, kind=label[0],
+                            round=label[1], push_started=started, pushed=pushed, pulled=pulled)
+
+
+try:  # flwr 1.41's Grid of a ServerApp on a SuperLink
+    from flwr.superlink.grid.http_grid import HttpGrid as _HttpGrid
+except ImportError:  # another flwr: its own send_and_receive everywhere
+    _HttpGrid = None

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(cfg.student_model(pop.dataset.num_items), seed=cfg.seed)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      patience=args.patience, seed=cfg.seed, max_seconds=args.max_seconds or None,
-                     lr_schedule=args.schedule, warmup_epochs=args.warmup, min_epochs=args.min_epochs)
+                     lr_schedule=args.schedule, warmup_epochs=args.warmup, min_epochs=args.min_epochs,
+                     val_smoothing=args.val_smoothing)
     t0 = time.perf_counter()
 
     def progress(row: dict) -> None:
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     out = {"cloud_fraction": args.cloud_fraction, "seed": args.seed, "dim": args.dim, "dropout": args.dropout,
            "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay,
            "schedule": args.schedule, "warmup": args.warmup, "epochs": args.epochs, "patience": args.patience,
-           "min_epochs": args.min_epochs, "max_len": args.max_len, "users": int(len(edge)),
+           "min_epochs": args.min_epochs, "val_smoothing": args.val_smoothing, "max_len": args.max_len, "users": int(len(edge)),
            "train_samples": int(len(train[1])), "params": num_parameters(model), "best_epoch": res.best_epoch,
            "epochs_run": res.epochs_run, "val_ndcg10": res.best_valid_ndcg, "test_ndcg10": te.ndcg,
            "test_hr10": te.hr, "seconds": time.perf_counter() - t0}
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.0, help="Warm-up epochs.")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--val-smoothing", type=int, default=1,
+                   help="Choose the epoch on the mean of the last N validations (as the federated runs' "
+                        "val-smoothing); patience counts epochs without a better mean. Default: 1 (no smoothing).")
     p.add_argument("--min-epochs", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=0)
     p.add_argument("--trace-test", action="store_true", help="Print test NDCG@10 every epoch (diagnostic only).")

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, stop_cmd, sweep
+from simulations import audit_cmd, data_cmd, deploy, export_cmd, report, shard_cmd, stop_cmd, sweep
 from simulations.options import (HelpFormatter, Parser, add_config_options, blame, config_values, load_overrides,
                                  read_overrides)
 from simulations.runner import STARTUP_TIMEOUT_S
@@ -26,13 +26,22 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                     "--resume continues after the last complete round and ends with the results "
                     "an uninterrupted run would have written. The settings below are grouped by "
                     "section; each is also a key of [tool.flwr.app.config] (`flwr run . --run-config`).",
-        usage="fedkd run [--config FILE] [--num-cpus N] [--startup-timeout SECONDS] [--verbose] [--KEY VALUE ...]",
+        usage="fedkd run [--config FILE] [--num-cpus N | --ray-address HOST:PORT] [--startup-timeout SECONDS] "
+              "[--verbose] [--KEY VALUE ...]",
         formatter_class=HelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=[],
                    help="TOML file of overrides (flat kebab-case keys, as in simulations/*.toml); "
                         "may repeat, later files win; command-line options win over files.")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs the simulation engine may use (default: all).")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="Run the ClientApps on an existing Ray cluster (started with `ray start --head --port "
+                        "PORT` on HOST and `ray start --address HOST:PORT` on the other machines) instead of "
+                        "starting Ray here: each node runs one ClientApp worker per CPU it declared; the "
+                        "ServerApp runs in this process, which must be on a node of the cluster. Every node "
+                        "needs the same Python environment, fedkd checkout and data file at the same paths "
+                        "(docs/cluster.md). Checked before anything starts: an address where nothing answers "
+                        "is refused (exit code 2). Excludes --num-cpus. Without it, RAY_ADDRESS is ignored.")
     p.add_argument("--verbose", action="store_true", help="Flower debug logging.")
     p.add_argument("--startup-timeout", type=float, default=STARTUP_TIMEOUT_S, metavar="SECONDS",
                    help="Seconds the simulation engine may take to come up: to start Ray and its workers, "
@@ -71,6 +80,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     data_cmd.add_parser(sub)
+    shard_cmd.add_parser(sub)
     sweep.add_parser(sub)
     report.add_parser(sub)
     deploy.add_parser(sub)
@@ -100,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             _log_to_stderr()
             with blame(where):
                 out = run_experiment({**files, **typed}, num_cpus=args.num_cpus, verbose=args.verbose,
-                                     startup_timeout=args.startup_timeout)
+                                     startup_timeout=args.startup_timeout, ray_address=args.ray_address)
             print("\n".join(summary_lines(out)))
         elif args.command == "data":
             return data_cmd.main(args)
+        elif args.command == "shard":
+            return shard_cmd.main(args)
         elif args.command == "sweep":
             return sweep.main(args, command)
         elif args.command == "report":

@@ -47,6 +47,7 @@ PRELOAD = ("numpy", "pandas", "torch")  # third-party modules of the app, import
 # Flower's retries of an object not there yet (its own: after 1 s, doubling to 10 s, 500 tries); = wire.waits
 INITIAL_BACKOFF, BACKOFF_CAP = 0.05, 0.5
 FLOWER_BACKOFF_CAP, FLOWER_TRIES = 10.0, 500
+TASK_START_ENV = "FEDKD_TASK_START"  # = fedkd.usage.TASK_START_ENV: when this worker claimed the current task
 POLL, POLL_CAP = 0.05, 0.5  # seconds between claims: after a task, and at most (flower-superexec: 1 s, fixed)
 
 
@@ -145,6 +146,7 @@ class Worker:
             app = self._load(run, fab)
             record(message_id=message.metadata.message_id, claimed=claimed, input_pulled=pulled,
                    app_ready=time.time())
+            os.environ[TASK_START_ENV] = repr(claimed)  # fedkd.usage: the message's cost counts from here
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # pylint: disable=broad-exception-caught  (Flower's own handling, verbatim)

@@ -223,17 +223,25 @@ def superlink_command(*, port: int, host: str = "127.0.0.1", certs: CertPaths | 
     return cmd + ["--disable-runtime-dependency-installation"]
 
 
-def node_config(partition_id: int, num_partitions: int, data_path: str | None = None) -> str:
-    """The ``--node-config`` string a fedkd SuperNode needs (TOML values, space separated)."""
-    text = f"partition-id={partition_id} num-partitions={num_partitions}"
-    if data_path:
-        text += f" data-path={json.dumps(str(data_path))}"  # a TOML basic string
-    return text
+def node_config(partition_id: int | None, num_partitions: int | None = None, data_path: str | None = None, *,
+                shard: str | None = None, usage_log: str | None = None) -> str:
+    """The ``--node-config`` string a fedkd SuperNode needs (TOML values, space separated).
+
+    ``shard``: the device's own shard folder (``fedkd shard``; its partition id is in its manifest,
+    so ``partition_id`` may be None); ``usage-log``: where the device writes its time and memory
+    per message (fedkd.usage)."""
+    parts = [] if partition_id is None else [f"partition-id={partition_id}"]
+    parts += [] if num_partitions is None else [f"num-partitions={num_partitions}"]
+    for key, value in (("data-path", data_path), ("shard", shard), ("usage-log", usage_log)):
+        if value:
+            parts.append(f"{key}={json.dumps(str(value))}")  # a TOML basic string
+    return " ".join(parts)
 
 
-def supernode_command(*, superlink: str, partition_id: int, num_partitions: int, port: int | None = None,
-                      root_certificates: Path | str | None = None, private_key: Path | str | None = None,
-                      data_path: str | None = None, exe: str = "flower-supernode", isolation: str | None = None,
+def supernode_command(*, superlink: str, partition_id: int | None, num_partitions: int | None,
+                      port: int | None = None, root_certificates: Path | str | None = None,
+                      private_key: Path | str | None = None, data_path: str | None = None, shard: str | None = None,
+                      usage_log: str | None = None, exe: str = "flower-supernode", isolation: str | None = None,
                       launcher: Sequence[str] = ()) -> list[str]:
     """``flower-supernode`` for one partition; ``port`` is its ClientApp runtime API (default 9094).
 
@@ -250,7 +258,39 @@ def supernode_command(*, superlink: str, partition_id: int, num_partitions: int,
         cmd += ["--port", str(port)]
     if isolation:
         cmd += ["--isolation", isolation]
-    return cmd + ["--node-config", node_config(partition_id, num_partitions, data_path)]
+    return cmd + ["--node-config", node_config(partition_id, num_partitions, data_path, shard=shard,
+                                               usage_log=usage_log)]
+
+
+@dataclass(frozen=True)
+class WeakDevice:
+    """How ``fedkd deploy local --weak-node`` confines one SuperNode: the CPUs it may run on
+    (``taskset -c``) and a cap on each process's data memory (``prlimit --data``: heap and private
+    writable mappings, thread stacks included, shared libraries not; an allocation past it fails
+    with MemoryError), both inherited by the SuperExec and every ClientApp process it starts, and
+    given to its ClientApp worker alike.
+
+    A data cap rather than an address-space one (``--as``): glibc reserves 64 MB of address
+    space per thread arena, up to 8 per core of the machine, so an address-space cap would
+    measure the host's core count more than the device's memory."""
+
+    cpus: str = "0"
+    memory_mb: int = 1000
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"\d+([-,]\d+)*", self.cpus):
+            raise ValueError(f"--weak-cpus must be a CPU list as taskset -c takes it (e.g. 0 or 0,2), got {self.cpus!r}")
+        if self.memory_mb < 16:
+            raise ValueError(f"--weak-memory-mb must be at least 16, got {self.memory_mb}")
+
+    def wrap(self, cmd: Sequence[str]) -> list[str]:
+        missing = [t for t in ("taskset", "prlimit") if shutil.which(t) is None]
+        if missing:
+            raise ValueError(f"--weak-node needs {' and '.join(missing)} (util-linux) on this machine")
+        return ["taskset", "-c", self.cpus, "prlimit", f"--data={self.memory_mb * 1_000_000}", *cmd]
+
+    def describe(self) -> str:
+        return f"CPU {self.cpus}, data memory <= {self.memory_mb} MB per process"
 
 
 def connection_toml(address: str, *, name: str = CONNECTION, root_certificates: Path | str | None = None,
@@ -370,18 +410,7 @@ _proc_stat, alive, descendants = processes.proc_stat, processes.alive, processes
 
 def processes_with_marker(marker: str) -> set[int]:
     """Live processes whose environment holds ``FEDKD_DEPLOY_ID=marker`` (started by one fleet)."""
-    needle = f"{MARKER_ENV}={marker}".encode() + b"\0"
-    out = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            env = (d / "environ").read_bytes() + b"\0"
-        except OSError:
-            continue
-        if needle in env and alive(int(d.name)):
-            out.add(int(d.name))
-    return out
+    return processes.with_env(MARKER_ENV, marker)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -535,21 +564,43 @@ class LocalFleet:
             raise DeployError(f"registering {public_key} failed (exit {res.returncode}):\n{res.stdout[-2000:]}")
         return res.stdout.strip().splitlines()[-1]
 
-    def start_supernode(self, partition_id: int, num_partitions: int, *, private_key: Path | None = None,
-                        data_path: str | None = None, name: str | None = None) -> str:
+    def start_supernode(self, partition_id: int | None, num_partitions: int | None, *,
+                        private_key: Path | None = None, data_path: str | None = None, shard: str | None = None,
+                        usage_log: str | None = None, weak: WeakDevice | None = None, name: str | None = None) -> str:
         name = name or f"supernode-{partition_id}"
         port, worker = free_ports(1)[0], self.clientapp == "worker"
         cmd = supernode_command(superlink=self.address, partition_id=partition_id, num_partitions=num_partitions,
                                 port=port, root_certificates=self.certs.ca_cert if self.certs else None,
-                                private_key=private_key, data_path=data_path, exe=flower_exe("flower-supernode"),
-                                isolation="process" if worker else None,
+                                private_key=private_key, data_path=data_path, shard=shard, usage_log=usage_log,
+                                exe=flower_exe("flower-supernode"), isolation="process" if worker else None,
                                 launcher=supernode.command(self.supernode_poll) if self.supernode_poll else ())
-        proc = self.start(name, cmd, home=self.home(name))
-        if worker:  # the same Flower home: the run's FAB is installed there, as Flower's own ClientApps do
+        proc = self.start(name, weak.wrap(cmd) if weak else cmd, home=self.home(name))
+        if worker:  # the same Flower home (the run's FAB is installed there) and the same confinement
             self.workers[name] = f"{name}-clientapp"
-            self.start(self.workers[name], clientapp_worker.command(f"127.0.0.1:{port}", parent_pid=proc.pid),
-                       home=self.home(name))
+            wcmd = clientapp_worker.command(f"127.0.0.1:{port}", parent_pid=proc.pid)
+            self.start(self.workers[name], weak.wrap(wcmd) if weak else wcmd, home=self.home(name))
         return name
+
+    def peak_rss_mb(self, name: str) -> dict[str, float]:
+        """Peak resident memory (VmHWM, MB) of a running process of the fleet and of each long-lived
+        process below it (a SuperNode's SuperExec), by command name. A ClientApp process still
+        finishing its message is left out, and a SuperNode's ClientApp worker is not below it: the
+        node's usage log has every ClientApp's own peak (the worker's, over all its messages)."""
+        root = self.procs[name].pid
+        out = {}
+        for pid in [root, *sorted(descendants([root]))]:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+            cmd = processes.command_line(pid)
+            exe = next((Path(a).name for a in cmd[:2] if Path(a).name.startswith(("flower-", "flwr-"))), "")
+            if cmd[1:3] == ["-m", "simulations.supernode"]:  # flower-supernode through fedkd's launcher
+                exe = "flower-supernode"
+            if hwm and exe and exe != "flwr-clientapp":
+                out[exe] = max(out.get(exe, 0.0), int(hwm.group(1)) * 1024 / 1e6)
+        return out
 
     def wait_online(self, names: Sequence[str], *, timeout: float = 120) -> None:
         """Until every named SuperNode has been activated by the SuperLink (it logs its node ID)."""
@@ -631,11 +682,19 @@ def _interrupt(signum, frame):
 
 def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPaths | None = None,
                  auth: bool = False, state_dir: Path | None = None, keep: bool = False,
-                 timeout: float = 0.0, startup_timeout: float = 180.0,
+                 timeout: float = 0.0, startup_timeout: float = 180.0, shards: bool = False,
+                 extra_nodes: Sequence[Path] = (), weak_node: int | None = None, weak: WeakDevice | None = None,
                  out: Callable[[str], None] = print, clientapp: str = "worker",
                  supernode_poll: float = SUPERNODE_POLL) -> Path:
     """Start a SuperLink and ``nodes`` SuperNodes here, run the experiment, stop everything.
 
+    ``shards``: write each partition's shard (fedkd.shards) into the state folder and start
+    SuperNode i from ``shards/device-i`` (it reads nothing else). ``extra_nodes``: shard folders
+    of more SuperNodes, beyond the fleet (a device whose data may not be the fleet's: the
+    ServerApp refuses it at the handshake unless its shard matches a partition no one holds).
+    ``weak_node``: confine SuperNode ``weak_node`` as ``weak`` says (one CPU, a memory cap).
+    Every node logs its time and memory per message (fedkd.usage); the summary is printed and
+    written to ``device_usage.json`` in the results folder.
     ``clientapp`` and ``supernode_poll``: how the SuperNodes run their ClientApps (:class:`LocalFleet`).
 
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
@@ -644,10 +703,18 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     from fedkd.checks import check_run_config
     from simulations.runner import resolve_overrides
     overrides = fit_fleet(resolve_overrides(overrides), nodes)
-    cfg, _ = check_run_config(overrides)  # every check, before any process starts (the ServerApp repeats it)
+    cfg, plan = check_run_config(overrides)  # every check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
     check_clientapp(clientapp, supernode_poll)
+    if auth and extra_nodes:
+        raise ValueError("--extra-node with --auth: an extra SuperNode has no registered key and could not join")
+    if weak_node is not None:
+        if not 0 <= weak_node < nodes:
+            raise ValueError(f"--weak-node must be a partition id in 0..{nodes - 1}, got {weak_node}")
+        weak = weak or WeakDevice()
+        weak.wrap([])  # the tools exist, before anything starts
+    extra = [Path(p).resolve() for p in extra_nodes]
     if certs is not None:
         certs = CertPaths(certs.root.resolve()).check(nodes=nodes if auth else 0)
     made_dir = state_dir is None
@@ -656,28 +723,51 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     results = Path(cfg.output_dir) / cfg.experiment_name
     run_config = state / "run-config.toml"
     run_config.write_text(overrides_toml(overrides))
+    folders: list[Path | None] = [None] * nodes
+    if shards:
+        from fedkd.shards import write_shards
+        folders = write_shards(cfg, plan.population, state / "shards", replace=True)
+    usage_dir = state / "usage"
     fleet = LocalFleet(state, certs=certs, auth=auth, out=out, clientapp=clientapp, supernode_poll=supernode_poll)
     atexit.register(fleet.stop)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     ok = False
     try:
         out(f"[fedkd deploy] {nodes} SuperNodes, state and logs in {state}")
+        if shards:
+            out(f"[fedkd deploy] {nodes} device shards in {state / 'shards'}: SuperNode i reads only device-i "
+                f"(fleet fingerprint {_fleet_fingerprint(folders[0])})")
         fleet.start_superlink(timeout=startup_timeout)
         keys: list[Path | None] = [None] * nodes
         if auth:
             for i in range(nodes):
                 keys[i] = certs.node_key(i)
                 out(f"[fedkd deploy] {fleet.register(certs.node_pub(i))} ({certs.node_pub(i).name})")
-        names = [fleet.start_supernode(i, nodes, private_key=keys[i]) for i in range(nodes)]
+        names = [fleet.start_supernode(i, nodes, private_key=keys[i], shard=folders[i] and str(folders[i]),
+                                       usage_log=str(usage_dir / f"supernode-{i}.jsonl"),
+                                       weak=weak if i == weak_node else None) for i in range(nodes)]
+        if weak_node is not None:
+            out(f"[fedkd deploy] supernode-{weak_node} is a weak device: {weak.describe()}")
+        for j, shard in enumerate(extra):
+            names.append(fleet.start_supernode(None, None, shard=str(shard), name=f"extra-{j}",
+                                               usage_log=str(usage_dir / f"extra-{j}.jsonl")))
+            out(f"[fedkd deploy] extra-{j}: one more SuperNode, from the shard {shard}")
         fleet.wait_online(names, timeout=startup_timeout)
-        out(f"[fedkd deploy] {nodes} SuperNodes online; flwr run . {CONNECTION} (results: {results})")
+        out(f"[fedkd deploy] {nodes} SuperNodes online{f' and {len(extra)} extra' if extra else ''}; "
+            f"flwr run . {CONNECTION} (results: {results})")
         run_id = _run(fleet, run_config, names, timeout=timeout)
+        peaks = {name: fleet.peak_rss_mb(name) for name in names}  # of the long-lived processes, before they stop
         status = _final_status(fleet, run_id)
         if status != "finished:completed":
             raise DeployError(f"run {run_id} ended as {status or 'unknown'}; see the ServerApp log above"
                               f"{'' if (results / 'summary.json').exists() else ' (no summary.json written)'}")
         if not (results / "summary.json").exists():
             raise DeployError(f"run {run_id} completed but {results / 'summary.json'} is missing")
+        report = device_usage(usage_dir, names, peaks, weak={f"supernode-{weak_node}": weak.describe()}
+                              if weak_node is not None else {})
+        (results / "device_usage.json").write_text(json.dumps(report, indent=2) + "\n")
+        for line in usage_lines(report):
+            out(line)
         ok = True
         return results
     finally:
@@ -693,6 +783,36 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
             shutil.rmtree(state, ignore_errors=True)
         else:
             out(f"[fedkd deploy] logs kept in {state / 'logs'}")
+
+
+def _fleet_fingerprint(folder: Path | None) -> str:
+    return json.loads((folder / "manifest.json").read_text())["fingerprint"]["fleet"] if folder else "-"
+
+
+def device_usage(usage_dir: Path, names: Sequence[str], peaks: Mapping[str, Mapping[str, float]], *,
+                 weak: Mapping[str, str]) -> dict:
+    """Every node's usage as it measured it (fedkd.usage: its ClientApp processes, per message)
+    and the peak memory of its long-lived processes (SuperNode, SuperExec) read from /proc."""
+    from fedkd import usage
+    return {"nodes": [{"name": name, "weak": weak.get(name), **usage.summarize(usage.read(usage_dir / f"{name}.jsonl")),
+                       "processes_peak_rss_mb": {k: round(v, 1) for k, v in peaks.get(name, {}).items()}}
+                      for name in names]}
+
+
+def usage_lines(report: Mapping) -> list[str]:
+    """The deployment's device usage, one line per node (weak nodes marked)."""
+    lines = ["[fedkd deploy] device usage, as each node measured its ClientApp processes (device_usage.json):"]
+    for node in report["nodes"]:
+        peak = "-" if node["peak_rss_mb"] is None else f"{node['peak_rss_mb']:.0f} MB"
+        if node.get("data_mb") is not None:
+            peak += f" (data {node['data_mb']:.0f} MB)"
+        rounds = "; ".join(f"round {r['round']} {r['process_s']:.1f} s (handler {r['handler_s']:.1f} s)"
+                           for r in node["rounds"] if r["process_s"] is not None) or "no train message"
+        procs = ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(node["processes_peak_rss_mb"].items()))
+        tag = f" [weak: {node['weak']}]" if node["weak"] else ""
+        lines.append(f"[fedkd deploy]   {node['name']}{tag}: {node['messages']} messages, ClientApp peak RSS {peak}; "
+                     f"train {rounds}" + (f"; long-lived: {procs}" if procs else ""))
+    return lines
 
 
 def _run(fleet: LocalFleet, run_config: Path, nodes: Sequence[str], *, timeout: float) -> int:
@@ -745,7 +865,7 @@ def _final_status(fleet: LocalFleet, run_id: int, wait: float = 30.0) -> str:
 
 # --------------------------------------------------------------------------- device instructions
 def device_commands(*, superlink: str, nodes: int, certs_dir: Path | None, device_dir: str = "/home/pi/fedkd",
-                    data_path: str | None = None, server_host: str = "0.0.0.0") -> str:
+                    data_path: str | None = None, server_host: str = "0.0.0.0", shards_dir: Path | None = None) -> str:
     """Copy-paste instructions: SuperLink, connection, registration, one SuperNode per device, the run."""
     host, _, port = superlink.rpartition(":")
     if not host or not port.isdigit():
@@ -774,19 +894,29 @@ def device_commands(*, superlink: str, nodes: int, certs_dir: Path | None, devic
         out.append(f"#  device {i}:")
         if files:
             out.append(q(["scp", *files, f"pi@device-{i}:{device_dir}/"]) + "   # from the server")
-        if data_path:
+        if shards_dir:
+            out.append(q(["scp", "-r", str(Path(shards_dir).resolve() / f"device-{i}"),
+                          f"pi@device-{i}:{device_dir}/shard"]) + "   # its own users' histories only")
+        elif data_path:
             out.append(f"#    and copy the same data file to {data_path} on the device")
         cmd = supernode_command(superlink=superlink, partition_id=i, num_partitions=nodes,
                                 root_certificates=f"{device_dir}/ca.crt" if certs else None,
-                                private_key=f"{device_dir}/node-{i}" if certs else None, data_path=data_path)
+                                private_key=f"{device_dir}/node-{i}" if certs else None,
+                                data_path=None if shards_dir else data_path,
+                                shard=f"{device_dir}/shard" if shards_dir else None)
         out.append(q(cmd))
     out += ["", f"# {5 if certs else 4}. From the fedkd checkout, once every SuperNode is online "
-            "(`flwr supernode ls fedkd`).",
-            "#    run-config.toml: your settings with absolute output-dir and cache-dir and a users-per-client",
-            f"#    that splits the edge users into exactly {nodes} clients (`fedkd deploy local --nodes {nodes} "
-            "--keep` writes one to its state folder).",
-            "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
-            "flwr run . fedkd --stream --run-config run-config.toml"]
+            "(`flwr supernode ls fedkd`)."]
+    if shards_dir:
+        out += [f"#    {Path(shards_dir).resolve() / 'run-config.toml'}: the settings the shards were cut with "
+                "(`fedkd shard` wrote it); the server refuses a device whose shard does not match them."]
+    else:
+        out += ["#    run-config.toml: your settings with absolute output-dir and cache-dir and a users-per-client",
+                f"#    that splits the edge users into exactly {nodes} clients (`fedkd deploy local --nodes {nodes} "
+                "--keep` writes one to its state folder)."]
+    run_config = Path(shards_dir).resolve() / "run-config.toml" if shards_dir else "run-config.toml"
+    out += ["export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+            q(["flwr", "run", ".", "fedkd", "--stream", "--run-config", str(run_config)])]
     return "\n".join(out)
 
 
@@ -817,6 +947,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="Give up on the run after this many seconds (0 = never).")
     loc.add_argument("--startup-timeout", type=float, default=180.0,
                      help="Seconds the SuperLink and the SuperNodes may take to come up.")
+    loc.add_argument("--shards", action="store_true",
+                     help="Write each device's shard (as `fedkd shard`) to STATE/shards and start SuperNode i from "
+                          "device-i: it reads only its own users' histories, not the data file.")
+    loc.add_argument("--extra-node", type=Path, action="append", default=[], metavar="SHARD",
+                     help="Start one more SuperNode, beyond the fleet, from this shard folder (a device whose data "
+                          "may not be the fleet's: the ServerApp refuses it at the handshake, rejections.jsonl); "
+                          "may repeat.")
+    loc.add_argument("--weak-node", type=int, default=None, metavar="I",
+                     help="Confine SuperNode I as a weak device: --weak-cpus (taskset -c) and --weak-memory-mb "
+                          "(prlimit --data, per process); every node's peak memory and per-round times are reported.")
+    loc.add_argument("--weak-cpus", default=WeakDevice.cpus, metavar="LIST",
+                     help="CPUs the weak node may run on (taskset -c syntax).")
+    loc.add_argument("--weak-memory-mb", type=int, default=WeakDevice.memory_mb, metavar="MB",
+                     help="Data-memory limit (RLIMIT_DATA: heap and private writable memory) of each of the weak "
+                          "node's processes, in MB (10^6 bytes).")
     loc.add_argument("--clientapp", choices=CLIENTAPP_MODES, default="worker",
                      help="worker: one long-lived ClientApp process per SuperNode (imports and data once; "
                           "--isolation process); flower: Flower's default, a new process per message.")
@@ -846,6 +991,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dev.add_argument("--certs", type=Path, default=None, help="Folder of `fedkd deploy certs` (TLS + auth).")
     dev.add_argument("--data-path", default=None, help="Path of the data file on each device.")
     dev.add_argument("--device-dir", default="/home/pi/fedkd", help="Folder on each device for the CA and its key.")
+    dev.add_argument("--shards", type=Path, default=None, metavar="DIR",
+                     help="Shards of `fedkd shard --out DIR`: copy DIR/device-i to device i, which runs from it "
+                          "alone (instead of --data-path).")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -862,13 +1010,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.deploy_command == "device-commands":
         print(device_commands(superlink=args.superlink, nodes=args.nodes, certs_dir=args.certs,
-                              data_path=args.data_path, device_dir=args.device_dir))
+                              data_path=args.data_path, device_dir=args.device_dir, shards_dir=args.shards))
         return 0
     overrides = load_settings(args.config, args.run_config, config_values(args))
     try:
+        weak = WeakDevice(cpus=args.weak_cpus, memory_mb=args.weak_memory_mb) if args.weak_node is not None else None
         out = deploy_local(overrides, nodes=args.nodes, certs=CertPaths(args.tls) if args.tls else None,
                            auth=args.auth, state_dir=args.state_dir, keep=args.keep, timeout=args.timeout,
-                           startup_timeout=args.startup_timeout, out=lambda s: print(s, flush=True),
+                           startup_timeout=args.startup_timeout, shards=args.shards, extra_nodes=args.extra_node,
+                           weak_node=args.weak_node, weak=weak, out=lambda s: print(s, flush=True),
                            clientapp=args.clientapp, supernode_poll=args.supernode_poll)
     except DeployError as exc:
         print(f"fedkd: error: deployment failed: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from pathlib import Path
 from fedkd.checks import check_run_config
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.population import population
+from simulations import cluster
 
 APP_DIR = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("output-dir", "cache-dir", "data-path")
@@ -49,13 +50,22 @@ def resolve_overrides(overrides: Mapping[str, Scalar], *, base: Path | None = No
 
 
 def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = None,
-                   verbose: bool = False, startup_timeout: float = STARTUP_TIMEOUT_S) -> Path:
+                   verbose: bool = False, startup_timeout: float = STARTUP_TIMEOUT_S,
+                   ray_address: str | None = None) -> Path:
     """Run one experiment; return its results folder.
 
     ``startup_timeout`` (seconds, 0 = no limit) bounds how long the simulation engine may take
     to come up (see :class:`EngineWatch`); an engine that does not come up, or fails while
     starting, ends this process with exit code 3 and a message instead of a hang.
+    ``ray_address`` (``HOST:PORT``) runs the ClientApps on that existing Ray cluster instead of a
+    Ray instance of ``num_cpus`` CPUs started here (:mod:`simulations.cluster`); the two exclude
+    each other.
     """
+    if ray_address:
+        if num_cpus is not None:
+            raise ValueError("--num-cpus and --ray-address exclude each other: on a Ray cluster each node's "
+                             "`ray start --num-cpus` decides how many ClientApp workers it runs")
+        cluster.parse_address(ray_address)
     overrides = resolve_overrides(overrides)
     if not sys.stderr.isatty():  # a bar redrawn with \r between log lines garbles a log file or pipe
         overrides["progress"] = False
@@ -68,6 +78,8 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     log.info("%s", plan.describe())
     for note in plan.notes:
         log.info("note: %s", note)
+    if ray_address:
+        cluster.check_reachable(ray_address)  # still before Flower and Ray are imported
 
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
@@ -89,16 +101,20 @@ def run_experiment(overrides: Mapping[str, Scalar], *, num_cpus: int | None = No
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=fused)
     cpus = num_cpus or os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR",
-                             "log_to_driver": True}}
+    backend = cluster.backend_config(num_cpus=cpus, ray_address=ray_address)
+    if not ray_address and (dropped := cluster.drop_address_env()) is not None:
+        log.info("RAY_ADDRESS=%s is ignored: without --ray-address, fedkd starts Ray on this machine", dropped)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if os.environ.get("FEDKD_FLOWER_DISPATCH", "") != "1":  # =1 keeps Flower's own (for comparisons)
         from simulations.fast_dispatch import install
         install()
-    logging.getLogger("fedkd").info("starting Flower simulation: %d clients on %d CPUs", num_clients, cpus)
+    if ray_address:
+        log.info("starting Flower simulation: %d clients on the Ray cluster at %s (one ClientApp worker per CPU "
+                 "of its nodes)", num_clients, ray_address)
+    else:
+        log.info("starting Flower simulation: %d clients on %d CPUs", num_clients, cpus)
     out = Path(cfg.output_dir) / cfg.experiment_name
-    with EngineWatch(startup_timeout, out) as watch:
+    with EngineWatch(startup_timeout, out, ray_address=ray_address) as watch:
         try:
             _run_simulation(
                 num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -136,8 +152,8 @@ class EngineWatch:
     duration of one run and are removed afterwards.
     """
 
-    def __init__(self, timeout: float, out: Path) -> None:
-        self.timeout, self.out = float(timeout), out
+    def __init__(self, timeout: float, out: Path, *, ray_address: str | None = None) -> None:
+        self.timeout, self.out, self.ray_address = float(timeout), out, ray_address
         self.t0 = time.monotonic()
         self.built: float | None = None     # the engine's first worker thread started
         self.taken: float | None = None     # a worker took the first message
@@ -196,9 +212,14 @@ class EngineWatch:
         if started:
             msg = f"{what}. The rounds so far are in {self.out} (run.log; `--resume` continues after a checkpoint)"
         else:
-            msg = (f"{what} (--startup-timeout {self.timeout:g}). The machine may be overloaded: run the "
-                   f"command again, give --startup-timeout more seconds (0 waits forever) or fewer --num-cpus. "
-                   f"Nothing was trained; the log so far is in {self.out / 'run.log'}")
+            where = (f"The Ray cluster at {self.ray_address} may be down, overloaded, or run another Ray or Python "
+                     f"version (`ray status --address {self.ray_address}`): check it, then run the command again or "
+                     f"give --startup-timeout more seconds (0 waits forever)."
+                     if self.ray_address else
+                     "The machine may be overloaded: run the command again, give --startup-timeout more seconds "
+                     "(0 waits forever) or fewer --num-cpus.")
+            msg = f"{what} (--startup-timeout {self.timeout:g}). {where} Nothing was trained; the log so far is in " \
+                  f"{self.out / 'run.log'}"
         logging.getLogger("fedkd").error("%s", msg)
         print(f"fedkd: error: {msg}", file=sys.stderr, flush=True)
         from fedkd.processes import descendants

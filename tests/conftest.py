@@ -84,33 +84,53 @@ def teacher_cache(golden, tmp_path) -> Path:
     return golden.teacher_copy(tmp_path / "teacher-cache")
 
 
-# Plain federated distillation's float32 soft labels with local DP on, 2 rounds on BASE's data.
-NAIVE_LDP = {**BASE, "soft-label-format": "full", "dp-mode": "local", "dp-noise-multiplier": 0.5,
-             "dp-clip-norm": 0.5}
+# The real sweep's two configs (each over BASE's data and server settings), 2 and 3 rounds:
+# plain federated distillation's float32 soft labels with local DP on; and 4-bit uploads with
+# error feedback, half of each update sent (sparse), 8-bit downloads and cached soft labels sent
+# as row numbers after round 1.
+NAIVE_LDP = {"soft-label-format": "full", "dp-mode": "local", "dp-noise-multiplier": 0.5, "dp-clip-norm": 0.5}
+ERROR_FEEDBACK = {"num-rounds": 3, "quant-bits": 4, "down-bits": 8, "error-feedback": True, "update-density": 0.5,
+                  "kd-cache": True, "proxy-size": 64, "proxy-batch": 64}
+
+
+def _toml(flat: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in flat.items())
 
 
 @pytest.fixture(scope="session")
 def real_sweep(golden, tmp_path_factory) -> SimpleNamespace:
-    """A real `fedkd sweep` of one config over seeds 0 and 1, the two runs side by side (``--jobs
-    2``, one worker each), whose config is NAIVE_LDP: one sweep for three claims that do not
-    touch each other. test_sweep: a sweep runs every run, reports, and resumes with nothing
-    to do. On its seed-0 run (``naive_labels_local_dp``), test_e2e_communication: the bytes of
-    the labels sent down; test_privacy_e2e: the accounting of the noised updates sent up."""
+    """A real `fedkd sweep` of two configs at seed 0, the two runs side by side (``--jobs 2``,
+    one worker each): one sweep for claims that do not touch each other. test_sweep: a sweep
+    runs every run, reports, and resumes with nothing to do. Its ``naive-ldp`` run
+    (``naive_labels_local_dp``): test_e2e_communication, the bytes of the labels sent down;
+    test_privacy_e2e, the accounting of the noised updates sent up. Its ``error-feedback`` run
+    (``error_feedback_run``): test_e2e_communication, what the devices keep and the bytes."""
     tmp = tmp_path_factory.mktemp("sweep")
     cache = golden.teacher_copy(tmp / "cache")
-    base = "\n".join(f"{k} = {json.dumps(v)}" for k, v in NAIVE_LDP.items() if k != "progress")
+    base = {k: v for k, v in BASE.items() if k != "progress"}
     spec = tmp / "spec.toml"
-    spec.write_text(f'name = "tiny"\nseeds = [0, 1]\n[base]\n{base}\ncache-dir = "{cache}"\n')
+    spec.write_text(f'name = "tiny"\nseeds = [0]\n[base]\n{_toml(base)}cache-dir = "{cache}"\n'
+                    f"[configs.naive-ldp]\n{_toml(NAIVE_LDP)}[configs.error-feedback]\n{_toml(ERROR_FEEDBACK)}")
     cmd = [sys.executable, "-m", "simulations.cli", "sweep", str(spec), "--output-dir", str(tmp / "out"),
            "--jobs", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     return SimpleNamespace(cmd=cmd, proc=proc, dir=tmp / "out" / "sweeps" / "tiny")
 
 
-@pytest.fixture(scope="session")
-def naive_labels_local_dp(real_sweep) -> Run:
-    """NAIVE_LDP with seed 0: the first run of ``real_sweep``."""
+def _sweep_run(real_sweep: SimpleNamespace, run: str) -> Run:
     proc = real_sweep.proc
     if proc.returncode != 0:
         raise RuntimeError(f"the sweep failed: {proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return Run(real_sweep.dir / "runs" / "base-s0", proc.stdout, proc.stderr)
+    return Run(real_sweep.dir / "runs" / run, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def naive_labels_local_dp(real_sweep) -> Run:
+    """BASE + NAIVE_LDP, 2 rounds: a run of ``real_sweep``."""
+    return _sweep_run(real_sweep, "naive-ldp-s0")
+
+
+@pytest.fixture(scope="session")
+def error_feedback_run(real_sweep) -> Run:
+    """BASE + ERROR_FEEDBACK, 3 rounds: a run of ``real_sweep``."""
+    return _sweep_run(real_sweep, "error-feedback-s0")

@@ -30,8 +30,12 @@ BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-
         "server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant"}
 CASES: dict[str, dict] = {
     "default": {},
-    "nested-deadline": {"student-widths": "4,16", "tier-memory-mb": "0.03,1", "tier-speed": "0.1,1",
-                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2},
+    # a mixed fleet: a device trace (tests/data/mixed-trace.csv: even clients weak, 0.1x speed,
+    # 0.01 MB; client 0 online from round 2, client 1 never) decides tiers and who is online;
+    # weak devices train a width-4 slice and fit fewer steps under the deadline; aggregated with
+    # the coordinate-wise trimmed mean, ring by ring of the nested widths
+    "nested-deadline": {"student-widths": "4,16", "device-trace": str(ROOT / "tests" / "data" / "mixed-trace.csv"),
+                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean"},
     "secagg": {"secure-aggregation": True, "clients-per-round": 10},
     "logits-refine": {"protocol": "logits", "teacher-refine-steps": 20, "teacher-refine-lr": 0.01,
                       "num-rounds": 3},
@@ -62,18 +66,21 @@ def cli_args(flat: dict) -> list[str]:
 WORKERS = 1  # ClientApp workers of a test run (see above)
 
 
-def run_command(name: str, out: Path, cache: Path, flat: dict, *, num_cpus: int = WORKERS) -> list[str]:
-    """`fedkd run` of the experiment ``name`` with the flat config keys ``flat``."""
-    return [sys.executable, "-m", "simulations.cli", "run", "--num-cpus", str(num_cpus), "--experiment-name", name,
+def run_command(name: str, out: Path, cache: Path, flat: dict, *, num_cpus: int = WORKERS,
+                ray_address: str | None = None) -> list[str]:
+    """`fedkd run` of the experiment ``name`` with the flat config keys ``flat``; with
+    ``ray_address``, on that Ray cluster (whose nodes' CPUs decide the workers) instead."""
+    engine = ["--ray-address", ray_address] if ray_address else ["--num-cpus", str(num_cpus)]
+    return [sys.executable, "-m", "simulations.cli", "run", *engine, "--experiment-name", name,
             "--output-dir", str(out), "--cache-dir", str(cache), *cli_args(flat)]
 
 
 def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, timeout: float = 900,
-             num_cpus: int = WORKERS) -> Run:
+             num_cpus: int = WORKERS, ray_address: str | None = None) -> Run:
     """One experiment through the CLI, as a user runs it, in its own process group so that a
     hang can be killed with its Ray processes. ``flat`` defaults to the golden case ``name``."""
     flat = {**BASE, **CASES[name]} if flat is None else flat
-    cmd = run_command(name, out, cache, flat, num_cpus=num_cpus)
+    cmd = run_command(name, out, cache, flat, num_cpus=num_cpus, ray_address=ray_address)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:  # minutes on a busy 2-core machine, well under one when idle

@@ -180,7 +180,66 @@ def test_deploy_local_refuses_bad_settings_before_starting_anything(tmp_path, ca
     assert "--auth needs --tls" in capsys.readouterr().err
     assert main(["deploy", "local", "--nodes", "3", "--run-config", "num-round=2"]) == 2
     assert "Unknown config key 'num-round'" in capsys.readouterr().err
+    assert main(["deploy", "local", "--nodes", "3", "--weak-node", "3", "--state-dir", str(state)]) == 2
+    assert "--weak-node must be a partition id in 0..2" in capsys.readouterr().err
+    assert main(["deploy", "local", "--nodes", "3", "--tls", "c", "--auth", "--extra-node", "s",
+                 "--state-dir", str(state)]) == 2
+    assert "--extra-node with --auth" in capsys.readouterr().err
     assert not state.exists()
+
+
+def test_node_config_names_a_shard_and_a_usage_log_as_flower_parses_them():
+    from flwr.common.config import parse_config_args
+    text = deploy.node_config(None, None, shard="/data/my shards/device-2", usage_log="/var/u.jsonl")
+    assert parse_config_args([text]) == {"shard": "/data/my shards/device-2", "usage-log": "/var/u.jsonl"}
+    cmd = deploy.supernode_command(superlink="h:1", partition_id=2, num_partitions=3, shard="/s/device-2")
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
+        "partition-id": 2, "num-partitions": 3, "shard": "/s/device-2"}
+
+
+def test_a_weak_device_runs_on_one_cpu_and_cannot_allocate_past_its_cap():
+    weak = deploy.WeakDevice(cpus="0", memory_mb=64)
+    probe = ("import os, resource\n"
+             "print(sorted(os.sched_getaffinity(0)), resource.getrlimit(resource.RLIMIT_DATA)[0])\n"
+             "try:\n    bytearray(200_000_000)\nexcept MemoryError:\n    print('MemoryError')\n")
+    cmd = weak.wrap([sys.executable, "-S", "-c", probe])
+    assert cmd[:5] == ["taskset", "-c", "0", "prlimit", "--data=64000000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[:2] == ["[0] 64000000", "MemoryError"], out.stdout + out.stderr
+    assert "CPU 0, data memory <= 64 MB" in weak.describe()
+    for bad in ({"cpus": "first"}, {"memory_mb": 8}):
+        with pytest.raises(ValueError, match="--weak-"):
+            deploy.WeakDevice(**bad)
+
+
+def test_usage_lines_report_each_node_and_mark_the_weak_one():
+    report = deploy.device_usage(Path("/nowhere"), ["supernode-0"], {"supernode-0": {"flower-supernode": 150.2}},
+                                 weak={"supernode-0": "CPU 0, data memory <= 1000 MB per process"})
+    assert report["nodes"][0]["messages"] == 0 and report["nodes"][0]["weak"].startswith("CPU 0")
+    report["nodes"][0].update(messages=3, peak_rss_mb=495.3, data_mb=610.0, rounds=[
+        {"round": 1, "process_s": 11.94, "handler_s": 3.54, "peak_rss_mb": 494.7},
+        {"round": 2, "process_s": 12.06, "handler_s": 3.03, "peak_rss_mb": 495.3}])
+    assert deploy.usage_lines(report)[1] == (
+        "[fedkd deploy]   supernode-0 [weak: CPU 0, data memory <= 1000 MB per process]: 3 messages, ClientApp peak "
+        "RSS 495 MB (data 610 MB); train round 1 11.9 s (handler 3.5 s); round 2 12.1 s (handler 3.0 s); "
+        "long-lived: flower-supernode 150 MB")
+
+
+def test_shard_command_writes_shards_and_the_settings_and_refuses_to_overwrite(tmp_path, capsys):
+    from simulations.cli import main
+    out = tmp_path / "shards"
+    assert main(["shard", "--out", str(out), "--nodes", "3", "--synthetic-users", "50", "--synthetic-items", "80"]) == 0
+    text = capsys.readouterr().out
+    assert "40 edge users in 3 clients" in text and "fleet fingerprint" in text
+    assert sorted(p.name for p in out.iterdir()) == ["device-0", "device-1", "device-2", "run-config.toml"]
+    assert tomllib.loads((out / "run-config.toml").read_text())["users-per-client"] == 14
+    assert json.loads((out / "device-2" / "manifest.json").read_text())["users"] == 12
+    assert main(["shard", "--out", str(out), "--synthetic-users", "50"]) == 2
+    assert "--force" in capsys.readouterr().err
+    text = deploy.device_commands(superlink="10.0.0.5:8000", nodes=3, certs_dir=None, shards_dir=out)
+    assert f"scp -r {out / 'device-1'} pi@device-1:/home/pi/fedkd/shard" in text
+    assert "'partition-id=1 num-partitions=3 shard=\"/home/pi/fedkd/shard\"'" in text and "data-path" not in text
+    assert f"--run-config {out / 'run-config.toml'}" in text
 
 
 def test_device_commands_without_tls():
@@ -212,9 +271,18 @@ def test_clientapp_reads_partition_and_device_data_path_from_node_config(tmp_pat
 # ------------------------------------------------------------------------------- slow: real fleets
 @pytest.fixture(scope="module")
 def loopback(tmp_path_factory):
+    """One deployment for every claim of the tests below: 3 SuperNodes, each from its own shard
+    (``--shards``), SuperNode 1 confined as a weak device (one CPU, a data-memory cap), and one
+    extra SuperNode whose shard was cut with other settings (cloud-fraction 0.3, the same data),
+    which the ServerApp must refuse at the handshake while the run goes on without it."""
+    from simulations.cli import main
     tmp = tmp_path_factory.mktemp("loopback")
+    assert main(["shard", "--out", str(tmp / "other"), "--synthetic-users", "50", "--synthetic-items", "80",
+                 "--cloud-fraction", "0.3", "--users-per-client", "14"]) == 0
     t0 = time.monotonic()
-    proc = subprocess.run(_deploy_cmd(tmp, "dep"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_deploy_cmd(tmp, "dep", "--shards", "--weak-node", "1", "--extra-node",
+                                      str(tmp / "other" / "device-2")),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     return SimpleNamespace(proc=proc, tmp=tmp, out=tmp / "out" / "dep", state=tmp / "state",
                            seconds=time.monotonic() - t0)
 
@@ -249,6 +317,41 @@ def test_deploy_local_three_supernodes_run_two_rounds_then_everything_stops(loop
                           text=True, timeout=60)
     assert stop.returncode == 0 and "nothing to stop" in stop.stdout, stop.stdout + stop.stderr
     print(f"deploy local: {loopback.seconds:.0f}s")
+
+
+@pytest.mark.slow
+def test_supernodes_from_shards_refuse_a_mismatched_device_and_measure_a_weak_one(loopback):
+    proc, out, state = loopback.proc, loopback.out, loopback.state
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # each SuperNode of the fleet was given its own shard, and nothing else to read
+    cmds = {r["name"]: r["cmd"] for r in json.loads((state / "processes.json").read_text())["processes"]}
+    for i in range(3):
+        assert f'shard="{state / "shards" / f"device-{i}"}"' in cmds[f"supernode-{i}"]
+        assert "data-path" not in cmds[f"supernode-{i}"]
+    # the extra device (a shard of other settings, claiming partition 2) refused at the handshake, with why
+    lines = [json.loads(x) for x in (out / "rejections.jsonl").read_text().splitlines()]
+    assert [(ln["round"], ln["type"], ln["partition_id"], ln["reason"]) for ln in lines] == [
+        (0, "query", 2, "fingerprint")]
+    assert 'cut with {"cloud-fraction":0.3,' in lines[0]["detail"], lines[0]["detail"]
+    assert 'this run uses {"cloud-fraction":0.2,' in lines[0]["detail"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nodes_refused"] == 1 and summary["clients"] == 3 and summary["rejected_total"] == 0
+    # the weak device took part under its confinement; every node measured itself
+    nodes = {n["name"]: n for n in json.loads((out / "device_usage.json").read_text())["nodes"]}
+    assert set(nodes) == {"supernode-0", "supernode-1", "supernode-2", "extra-0"}
+    weak = nodes["supernode-1"]
+    assert weak["weak"] and weak["cpus"] == [0] and weak["memory_limit_mb"] == 1000.0 and weak["errors"] == 0
+    assert [r["round"] for r in weak["rounds"]] == [1, 2]
+    assert all(r["process_s"] > r["handler_s"] > 0 for r in weak["rounds"])
+    assert 0 < weak["peak_rss_mb"] < 1000 and 0 < weak["data_mb"] < 1000
+    free = nodes["supernode-0"]
+    assert not free["weak"] and free["memory_limit_mb"] is None and free["cpus"] == sorted(os.sched_getaffinity(0))
+    assert nodes["extra-0"]["messages"] == 1 and nodes["extra-0"]["rounds"] == []  # the handshake, then nothing
+    assert "supernode-1 [weak: CPU 0, data memory <= 1000 MB per process]" in proc.stdout
+    print("weak node: ClientApp peak RSS {:.0f} MB (data {:.0f} MB); train {}; long-lived {}".format(
+        weak["peak_rss_mb"], weak["data_mb"],
+        ", ".join(f"round {r['round']} {r['process_s']:.1f} s (handler {r['handler_s']:.1f} s)" for r in weak["rounds"]),
+        weak["processes_peak_rss_mb"]))
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Real Flower simulations (ServerApp + ClientApps on the Ray engine), 2 rounds, small fleet.
 
 Runs the CLI in a subprocess, as a user would, so Ray starts and stops cleanly per run. Where
-a test needs a run that a golden case already is (the default experiment, the logit protocol),
+a test needs a run that a golden case already is (the default experiment, the logit protocol,
+the mixed fleet),
 it reads that case's results folder (``golden``, tests/conftest.py) instead of running its own.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_runs import BASE, ROOT, Run, run_case
+from e2e_runs import ROOT, Run
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +24,6 @@ def _short_end(run: Run) -> None:
     """A run ends with a few lines; the whole summary stays in summary.json."""
     lines = run.stdout.strip().splitlines()
     assert len(lines) <= 15 and lines[-1].startswith(f"results: {run.out} "), run.stdout
-
-
-def _run(tmp_path: Path, cache: Path, name: str, *extra: str) -> Path:
-    """A run of its own: 50 synthetic users, 80 items, 2 rounds, plus ``extra`` options."""
-    flat = {**BASE, **dict(zip((a.removeprefix("--") for a in extra[::2]), extra[1::2]))}
-    run = run_case(name, tmp_path / "out", cache, flat=flat)
-    _short_end(run)
-    return run.out
 
 
 def test_two_rounds_write_a_complete_results_folder(golden, faults_rerun):
@@ -114,20 +107,15 @@ def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(golden):
     assert not (out / "student.pt").exists()
 
 
-def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(tmp_path, teacher_cache):
+def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(golden):
     """A trace decides who is online each round; weak devices train a width-4 slice and fit
     fewer steps under the deadline; simulated time adds up round by round. Aggregated with the
     coordinate-wise trimmed mean, ring by ring of the nested widths (the robust aggregation
-    that test_reliability_e2e's faulty run, now the golden case, no longer uses)."""
-    trace = tmp_path / "trace.csv"
-    rows = ["client,tier,speed,memory_mb,uplink_kbps,downlink_kbps,availability,online_rounds"]
-    for c in range(40):
-        tier, speed, mem = ("weak", 0.1, 0.01) if c % 2 == 0 else ("strong", 1.0, 1.0)
-        online = "2" if c == 0 else "" if c == 1 else "1;2"
-        rows.append(f"{c},{tier},{speed},{mem},500,5000,{0.0 if c == 1 else 1.0},{online}")
-    trace.write_text("\n".join(rows) + "\n")
-    out = _run(tmp_path, teacher_cache, "mixed", "--device-trace", str(trace), "--student-widths", "4,16",
-               "--tier-steps", "16,16", "--round-deadline", "0.6", "--min-steps", "2", "--aggregation", "trimmed-mean")
+    that test_reliability_e2e's faulty run, now the golden case, no longer uses). The golden
+    case nested-deadline is this experiment (tests/e2e_runs.py)."""
+    run = golden["nested-deadline"]
+    _short_end(run)
+    out = run.out
     metrics = list(csv.DictReader((out / "metrics.csv").open()))
     summary = json.loads((out / "summary.json").read_text())
     assert [int(r["online"]) for r in metrics] == [38, 39]  # client 0 joins in round 2, client 1 never

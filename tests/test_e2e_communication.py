@@ -8,15 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2e_runs import BASE, run_case
 from fedkd.traffic import DOWN_PARTS, UP_PARTS
 
 pytestmark = pytest.mark.slow
-
-
-def _run(tmp_path: Path, cache: Path, name: str, flat: dict) -> Path:
-    """A run of its own: 50 synthetic users, 80 items, 3 rounds, plus ``flat``."""
-    return run_case(name, tmp_path / "out", cache, flat={**BASE, "num-rounds": 3, **flat}).out
 
 
 def _check_columns(out: Path) -> list[dict]:
@@ -39,10 +33,9 @@ def _check_columns(out: Path) -> list[dict]:
     return rows
 
 
-def test_error_feedback_cache_and_sparse_updates_in_a_real_run(tmp_path, teacher_cache):
-    out = _run(tmp_path, teacher_cache, "ef", {"quant-bits": 4, "down-bits": 8, "error-feedback": True,
-                                               "update-density": 0.5, "kd-cache": True, "proxy-size": 64,
-                                               "proxy-batch": 64})
+def test_error_feedback_cache_and_sparse_updates_in_a_real_run(error_feedback_run):
+    """(The shared run is a run of the real sweep of tests/conftest.py: ERROR_FEEDBACK, 3 rounds.)"""
+    out = error_feedback_run.out
     rows = _check_columns(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rejected_total"] == 0

@@ -102,6 +102,24 @@ def test_one_process_serving_two_runs_gives_each_its_own_data(tmp_path, loads):
     assert len(loads) == 2
 
 
+def test_a_replaced_shard_is_read_again(tmp_path, loads):
+    """A device that runs from its own shard (fedkd.shards) and is given a new one between runs."""
+    from clients.node import setup
+    from fedkd.shards import write_shards
+
+    def shard_of(seed):
+        cfg = ExperimentConfig.from_flat({**SMALL, "seed": seed})
+        return write_shards(cfg, population.population(cfg), tmp_path / "shards", replace=True)[0]
+
+    folder = shard_of(0)
+    ctx = Context(run_id=1, node_id=1, node_config={"shard": str(folder)}, state=RecordDict(), run_config=SMALL)
+    _, first = setup(ctx)
+    assert setup(ctx)[1] is first
+    assert shard_of(1) == folder  # the same folder, another partition's users
+    _, second = setup(ctx)
+    assert second is not first and not np.array_equal(second.users, first.users)
+
+
 # ------------------------------------------------------------------------------- the ClientApp worker
 class _Runtime:
     """Flower's task steps of one task as the worker calls them, recorded instead of sent."""
@@ -143,6 +161,7 @@ def worker(monkeypatch, tmp_path):
         monkeypatch.setattr(run_clientapp, name, getattr(runtime, name))
     monkeypatch.setattr("flwr.supercore.heartbeat.HeartbeatSender", _Heartbeat)
     launched = []
+    monkeypatch.setenv("FEDKD_TASK_START", "0")  # the worker sets it per task; removed again after the test
     w = clientapp_worker.Worker("127.0.0.1:1", poll=0.0, launch=launched.append)
     w._client = lambda component, token=None: SimpleNamespace(close=lambda: None)
     calls = []
@@ -165,6 +184,8 @@ def test_the_worker_runs_tasks_in_its_own_process_and_keeps_the_app(worker):
     w.run_task("token-1")
     w.run_task("token-2")
     assert worker.calls == [os.getpid(), os.getpid()]  # in this process, the same app object
+    from fedkd import usage
+    assert 0 <= usage.process_seconds() < 60  # a message's cost counts from its claim, not the worker's start
     assert [unpack(m.content).metrics["metrics"]["n"] for m in rt.pushed] == [1, 2]
     assert [(s, d) for _, s, d in rt.outputs] == [("completed", ""), ("completed", "")]
     assert rt.outputs[0][0] is rt.context and "seen" in rt.context.state  # the node state goes back
@@ -254,6 +275,8 @@ def test_object_pull_retries_start_sooner_in_every_process_the_same_way(flower_d
     assert clientapp_worker.shorten_object_pulls()  # the worker's own copy does the same
     assert inflatable_utils.pull_objects.__kwdefaults__ == after_wire
     assert clientapp_worker.FLWR_VERSION == waits.FLWR_VERSION
+    from fedkd import usage
+    assert clientapp_worker.TASK_START_ENV == usage.TASK_START_ENV
 
 
 def test_the_supernode_launcher_polls_soon_after_a_message_and_less_while_idle(flower_defaults, monkeypatch):
@@ -328,25 +351,38 @@ def _msgs(*ids):
 
 
 def test_the_server_pulls_until_every_reply_is_in_at_its_own_interval(monkeypatch, tmp_path):
-    from server.transport import send_and_receive
+    from server.transport import poll_replies
     slept = []
     monkeypatch.setattr("server.transport.time.sleep", slept.append)
     monkeypatch.setenv(timeline.ENV, str(tmp_path))
     grid = _Grid({"a": 1, "b": 3})
-    got = send_and_receive(grid, _msgs("a", "b"), timeout=None, poll=0.1, label=("train", 2))
+    got = poll_replies(grid, _msgs("a", "b"), timeout=None, poll=0.1, label=("train", 2))
     assert [r.metadata.reply_to_message_id for r in got] == ["a", "b"] and slept == [0.1, 0.1]
     records = timeline.read(tmp_path)
     assert {(r["message_id"], r["kind"], r["round"]) for r in records} == {("a", "train", 2), ("b", "train", 2)}
 
 
 def test_the_server_stops_waiting_at_the_timeout_with_what_it_has(monkeypatch):
-    from server.transport import send_and_receive
+    from server.transport import poll_replies
     clock = [1000.0]
     monkeypatch.setattr("server.transport.time.time", lambda: clock[0])
     monkeypatch.setattr("server.transport.time.sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     grid = _Grid({"a": 1, "b": 10**6})
-    got = send_and_receive(grid, _msgs("a", "b"), timeout=1.0, poll=0.25, label=("train", 1))
+    got = poll_replies(grid, _msgs("a", "b"), timeout=1.0, poll=0.25, label=("train", 1))
     assert [r.metadata.reply_to_message_id for r in got] == ["a"] and grid.pulls == 4
+
+
+def test_only_flowers_http_grid_is_polled_by_fedkd(monkeypatch):
+    """The Deployment Engine's Grid waits 3 s between pulls; any other Grid keeps its own loop."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from server import transport
+    called = []
+    monkeypatch.setattr(transport, "poll_replies", lambda grid, msgs, **kw: called.append(kw["poll"]) or [])
+    other = SimpleNamespace(send_and_receive=lambda msgs, timeout=None: called.append(("own", timeout)) or [])
+    transport.send_and_receive(other, _msgs("a"), timeout=5.0, poll=0.1)
+    transport.send_and_receive(object.__new__(HttpGrid), _msgs("a"), timeout=5.0, poll=0.1)
+    assert called == [("own", 5.0), 0.1]
 
 
 def test_reply_poll_interval_is_a_checked_setting():

@@ -1,7 +1,8 @@
 """Golden runs: what the round loop computes, pinned byte for byte before the server is redesigned.
 
 Six short real Flower simulations (the CLI in a subprocess, Ray included) cover every path
-through the round loop: the default synthetic experiment, nested widths under a deadline,
+through the round loop: the default synthetic experiment, nested widths under a deadline (a
+device trace deciding tiers and who is online, aggregated with the trimmed mean),
 secure aggregation, the logit protocol with teacher refinement, injected faults with norm
 bounding, and central differential privacy. For each, ``metrics.csv`` (every column: wall
 times live in ``timing.csv``) and the test metrics of ``summary.json`` must equal the files

@@ -3,6 +3,7 @@ the wire audit that proves no private history crosses, DP with a budget stop, lo
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -134,19 +135,38 @@ def test_local_dp_noises_every_update_on_the_device(naive_labels_local_dp):
     assert summary["rejected_total"] == 0 and summary["privacy"]["stopped"] is None
 
 
-def test_secure_aggregation_in_real_rounds(tmp_path, teacher_cache):
-    """SecAgg with dropout recovery in fedkd's own rounds, with central DP and 30% of the devices
-    crashing after they shared their seeds: every round the survivors' sum is recovered and moves
-    the model, and every step's messages are real Flower messages whose bytes are counted."""
-    out = _run(tmp_path, teacher_cache, "sa", {"secure-aggregation": True, "dp-mode": "central", "dp-clip-norm": 0.5,
-                                               "dp-noise-multiplier": 0.3, "clients-per-round": 10,
+def test_secure_aggregation_with_distributed_dp_in_real_rounds(tmp_path, teacher_cache):
+    """SecAgg with dropout recovery in fedkd's own rounds, with distributed DP (each device clips,
+    rounds and adds its discrete Gaussian share under the masks) and adaptive clipping (the
+    unclipped count as one more noised coordinate of the secure sum), and 30% of the devices
+    crashing after they shared their seeds: every round the survivors' noisy sum is recovered and
+    moves the model, the accountant prices it, the clip follows the count, and every step's
+    messages are real Flower messages whose bytes are counted."""
+    from fedkd import ddp
+
+    out = _run(tmp_path, teacher_cache, "sa", {"secure-aggregation": True, "dp-mode": "distributed",
+                                               "dp-clip-norm": 0.5, "dp-noise-multiplier": 0.3,
+                                               "dp-clip-adaptive": True, "clients-per-round": 10,
                                                "wire-payloads": True, "fault-crash": 0.3})
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["privacy"]["rounds"] == 2
+    privacy = summary["privacy"]
+    assert privacy["rounds"] == 2 and privacy["mode"] == "distributed"
+    assert summary["dp_epsilon"] == pytest.approx(ddp.epsilon(0.3, RATE, 2, 1e-5, tau=privacy["tau"],
+                                                              dim=privacy["dim"]))
+    assert summary["dp_epsilon"] > epsilon_for(0.3, RATE, 2, 1e-5)  # the general subsampling bound's price
+    mech = privacy["distributed"]
+    assert mech["update_noise_multiplier"] == pytest.approx((0.3 ** -2 - 1.0 ** -2) ** -0.5)  # sigma_b = 10 / 20
+    assert mech["count_scale"] == int(mech["noise_std_steps"] // (2 * 0.5))
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     lines = [json.loads(x) for x in (out / "wire.jsonl").open()]
     digests = [r["model_digest"] for r in rows]
     assert len(set(digests)) == 2  # the model moved in both rounds
+    clip = 0.5  # the clip follows the noisy count of unclipped updates
+    for row in rows:
+        assert float(row["dp_clip_norm"]) == pytest.approx(clip)
+        clip *= math.exp(-0.2 * (float(row["dp_unclipped_share"]) - 0.5))
+    assert privacy["adaptive_clip"]["final_clip"] == pytest.approx(clip)
+    assert sum(privacy["participations"].values()) == sum(int(r["aggregated"]) for r in rows)
     for r, row in zip((1, 2), rows):
         of = lambda kind, d: [ln for ln in lines if ln["round"] == r and ln["type"] == kind  # noqa: E731
                               and ln["direction"] == d]
@@ -158,6 +178,7 @@ def test_secure_aggregation_in_real_rounds(tmp_path, teacher_cache):
         assert all(set(ln["arrays"]) == {"masked"} and ln["arrays"]["masked"]["values"][0] == "uint8"
                    for ln in survivors)
         assert all(ln["configs"]["peers"] == {"ids": "list", "keys": "bytes"} for ln in of("train", "down"))
+        assert all({"dp-clip", "dp-clients"} <= set(ln["configs"]["config"]) for ln in of("train", "down"))
         # every message of the round is in its bytes columns, keys and shares included
         counted = [ln for ln in lines if ln["round"] == r and ln["type"] in
                    ("train", "query.secagg_keys", "query.secagg_unmask")]

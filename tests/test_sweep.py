@@ -295,17 +295,19 @@ def test_help_documents_the_spec_and_options():
 # --- a real sweep -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_sweep_runs_then_resumes_with_nothing_to_do(real_sweep):
-    """``real_sweep`` (tests/conftest.py): two real runs of one config, seeds 0 and 1, two at a time;
-    its seed-0 run is also the naive-labels/local-DP experiment of the end-to-end tests."""
+    """``real_sweep`` (tests/conftest.py): two real runs, two named configs at seed 0, two at a
+    time; the runs are also the naive-labels/local-DP and error-feedback experiments of the
+    end-to-end tests."""
     proc = real_sweep.proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 runs: 0 finished, 2 to run" in proc.stdout
     sweep_dir = real_sweep.dir
-    for run in ("base-s0", "base-s1"):
+    for run in ("naive-ldp-s0", "error-feedback-s0"):
         assert (sweep_dir / "runs" / run / "summary.json").is_file(), run
         assert (sweep_dir / "runs" / f"{run}.log").is_file()
     report = (sweep_dir / "report.md").read_text()
-    assert "| base | 2/2 |" in report and "Missing runs: none." in report
+    assert "| naive-ldp | 1/1 |" in report and "| error-feedback | 1/1 |" in report
+    assert "Missing runs: none." in report
     assert len((sweep_dir / "report.csv").read_text().splitlines()) == 3
     t0 = time.monotonic()
     again = subprocess.run(real_sweep.cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

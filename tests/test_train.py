@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,6 +134,21 @@ def test_early_stopping_after_patience_non_improving_epochs():
     assert res.epochs_run == 3 and res.best_epoch == 1
     assert [h["epoch"] for h in res.history] == [1, 2, 3] and seen == res.history
     assert set(res.history[0]) >= {"epoch", "loss", "valid_hr", "valid_ndcg", "seconds"}
+
+
+@pytest.mark.parametrize("smoothing, best_epoch, best", [(1, 2, 0.5), (2, 5, 0.35)])
+def test_validation_smoothing_keeps_a_single_lucky_epoch_from_choosing(monkeypatch, smoothing, best_epoch, best):
+    """Scripted validation NDCG per epoch with one spike (epoch 2): unsmoothed, the spike is
+    chosen; on the mean of the last 2 validations, epoch 5 (the best window's newest model)."""
+    import fedkd.train as train_mod
+
+    script = iter([0.1, 0.5, 0.1, 0.35, 0.35, 0.1])
+    monkeypatch.setattr(train_mod, "evaluate_ranking", lambda *a, **k: SimpleNamespace(hr=0.0, ndcg=next(script)))
+    _, train, valid, _ = TASK
+    res = train_central(build_model(MODEL, seed=0), train, valid,
+                        replace(FAST, epochs=6, patience=10, val_smoothing=smoothing))
+    assert (res.best_epoch, res.epochs_run) == (best_epoch, 6)
+    assert res.best_valid_ndcg == pytest.approx(best)
 
 
 def test_max_seconds_stops_after_the_epoch_in_progress():

@@ -5,6 +5,10 @@ with it, the server sees only the masked sum and cannot clip what it cannot see,
 clips its own, the job of Flower's ``fixedclipping_mod`` beside its client-side-clipping
 strategy wrappers. Unlike that mod this one clips the float update before it is masked, and
 takes the norm from the run config rather than from each message.
+
+Distributed DP (``dp-mode = distributed``) clips in the handler instead, in
+``fedkd.ddp.encode``, after every mod's step: its unclipped bit (adaptive clipping) needs the
+norm before clipping, and its rounding needs the clipped vector's grid.
 """
 
 from __future__ import annotations
