@@ -43,7 +43,7 @@ from logging import ERROR
 from pathlib import Path
 
 FLWR_VERSION = "1.41.0"  # the flwr-clientapp steps below were read from this version's run_clientapp.py
-PRELOAD = ("numpy", "pandas", "torch")  # third-party modules of the app, imported before the first task
+PRELOAD = ("numpy", "pandas", "torch")  # the app's heavy third-party modules (--preload: before the first task)
 # Flower's retries of an object not there yet (its own: after 1 s, doubling to 10 s, 500 tries); = wire.waits
 INITIAL_BACKOFF, BACKOFF_CAP = 0.05, 0.5
 FLOWER_BACKOFF_CAP, FLOWER_TRIES = 10.0, 500
@@ -67,6 +67,7 @@ class Worker:
         self.app = None  # the ClientApp of the FAB below, once loaded
         self.fab_hash: str | None = None
         self.handled = self.handed_off = 0
+        self.warm = False  # torch's optimiser machinery loaded (warm_up)
         self._acquirer = None
         import flwr
         self.in_process = getattr(flwr, "__version__", "") == FLWR_VERSION  # else Flower's flwr-clientapp
@@ -115,6 +116,17 @@ class Worker:
                 self.hand_off(token)
             else:
                 self.run_task(token)
+                self.warm_up()
+
+    def warm_up(self) -> None:
+        """Once the app has imported torch (its first task, the handshake), take one optimiser step
+        on a 2-number model, between messages: torch loads the machinery of its optimisers
+        (torch._dynamo, sympy: ~800 modules, 1.5 s on a loaded 2-core machine) at the first
+        step, which would otherwise land in the first training round. Until a task comes, the
+        worker imports nothing (``--preload`` to import at start)."""
+        if not self.warm and "torch" in sys.modules:
+            _first_step()
+            self.warm = True
 
     def hand_off(self, token: str) -> None:
         """A task of another app: a fresh ``flwr-clientapp`` process, as Flower's SubprocessExecutor starts it."""
@@ -215,18 +227,14 @@ def record(**fields: object) -> None:
 
 
 def preload(modules: Sequence[str]) -> None:
-    """Import the app's heavy third-party modules now, while the fleet starts, not at the first message;
-    with torch, also take one optimiser step on a 2-number model: torch loads the machinery of its
-    optimisers (torch._dynamo, sympy: ~800 modules, 1.5 s on a loaded 2-core machine) at the first
-    step, which would otherwise land in the first training round."""
+    """Import the app's heavy third-party modules now, not at the first message (a device that
+    boots long before its first message, ``--preload``)."""
     import importlib
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError:
             continue
-        if name == "torch":
-            _first_step()
 
 
 def _first_step() -> None:
@@ -251,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds between claims after a task, doubling while there is none (flower-superexec: 1 s)")
     p.add_argument("--poll-cap", type=float, default=POLL_CAP, help="the longest wait between claims")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) is gone")
-    p.add_argument("--preload", nargs="*", default=list(PRELOAD), help="modules to import before the first task")
+    p.add_argument("--preload", nargs="*", default=[], metavar="MODULE",
+                   help=f"modules to import (and, with torch, warm up) before the first task, e.g. "
+                        f"{' '.join(PRELOAD)}; by default the first task imports what the app needs")
     args = p.parse_args(argv)
     if not 0 < args.poll <= args.poll_cap <= 60:
         p.error("need 0 < --poll <= --poll-cap <= 60")
@@ -261,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     shorten_object_pulls()
     try:
         preload(args.preload)
-        Worker(args.runtime_api_address, insecure=args.root_certificates is None,
-               root_certificates=args.root_certificates, poll=args.poll, poll_cap=args.poll_cap).serve()
+        worker = Worker(args.runtime_api_address, insecure=args.root_certificates is None,
+                        root_certificates=args.root_certificates, poll=args.poll, poll_cap=args.poll_cap)
+        worker.warm_up()  # with --preload torch: now
+        worker.serve()
     except KeyboardInterrupt:  # the SuperNode is gone, or Ctrl-C
         pass
     return 0

@@ -218,6 +218,7 @@ def test_a_task_of_another_app_goes_to_a_fresh_flwr_clientapp(worker, monkeypatc
     monkeypatch.setattr(w, "acquire", lambda: tasks.pop(0))
     w.serve(max_tasks=2)
     assert w.handled == 1 and w.handed_off == 1 and not tasks
+    assert w.warm  # after its first task (torch is imported here): the optimiser machinery is loaded
     (cmd,) = worker.launched
     assert cmd[0].endswith("flwr-clientapp") and cmd[cmd.index("--token") + 1] == "t2"
     assert "--insecure" in cmd and cmd[cmd.index("--parent-pid") + 1] == str(os.getpid())
