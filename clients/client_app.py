@@ -23,6 +23,7 @@ from clients.mods import TRAIN_MODS
 from clients.mods.update import finish
 from clients.mods.usage import usage_mod
 from clients.node import fingerprint, round_of, setup, store
+from clients.profile import profile_mod
 from fedkd import streams
 from fedkd.budget import StepBudget
 from fedkd.codec import decode_state, decode_update, encode_update, layout_of, unpack_ids
@@ -39,7 +40,9 @@ from fedkd import ddp, secagg
 from fedkd.streams import Stream
 from wire import Content, config_of, from_record, metric_dict, pack, to_record, unpack
 
-app = ClientApp(mods=[usage_mod])  # outermost around every handler: the device's own time and memory
+# Outermost around every handler: the device's own time and memory (a node config's usage-log),
+# then timestamps per message (only with FEDKD_PROFILE_DIR set, for simulations.deploy_bench).
+app = ClientApp(mods=[usage_mod, profile_mod])
 
 
 def _proxy(cfg: ExperimentConfig, data: ClientData, content: Content, context: Context):

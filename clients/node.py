@@ -17,7 +17,7 @@ from fedkd import shards
 from fedkd.config import ExperimentConfig
 from fedkd.edge import ClientData, client_data, shard_client_data
 from fedkd.feedback import DeviceStore, device_folder
-from fedkd.population import population
+from fedkd.population import data_stamp, population
 from fedkd.shards import Fingerprint, Shard
 from wire import Content, config_of
 
@@ -64,13 +64,27 @@ def fingerprint(context: Context, cfg: ExperimentConfig, data: ClientData) -> Fi
     return shards.fingerprint(cfg, population(cfg), data.partition_id)
 
 
-@functools.lru_cache(maxsize=8)
+def _shard_stamp(path: str) -> tuple:
+    """The identity of a shard's files (``fedkd.population.data_stamp`` of its manifest and
+    histories): a long-lived ClientApp worker reads a shard again once it is replaced."""
+    return tuple(data_stamp(str(Path(path).expanduser() / name)) for name in (shards.MANIFEST, shards.HISTORIES))
+
+
 def _shard(path: str) -> Shard:
+    return _load_shard(path, _shard_stamp(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_shard(path: str, stamp: tuple) -> Shard:  # stamp: cache key only
     return shards.load_shard(path)
 
 
-@functools.lru_cache(maxsize=8)
 def _shard_data(cfg: ExperimentConfig, path: str) -> ClientData:
+    return _shard_data_cached(cfg, path, _shard_stamp(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_data_cached(cfg: ExperimentConfig, path: str, stamp: tuple) -> ClientData:  # stamp: cache key only
     return shard_client_data(cfg, _shard(path))
 
 

@@ -158,6 +158,9 @@ class ExperimentConfig:
                                          "that has not answered by then (e.g. a device out of memory) is refused "
                                          "(rejections.jsonl, reason timeout) and the run goes on without it "
                                          "(0 = wait for every node).")
+    reply_poll_interval: float = _opt(0.1, "Seconds between the server's checks for replies while it waits on "
+                                           "the Deployment Engine (Flower's own: 3 s; the simulation's grid checks "
+                                           "every 0.1 s by itself); no result depends on it (docs/devices.md).")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
@@ -718,6 +721,7 @@ def _rules_rounds(c: ExperimentConfig) -> None:
     _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
     _finite(c, ("local_lr", "server_lr"), positive=True)
     _finite(c, ("round_timeout", "handshake_timeout", "local_clip_norm"), positive=False)
+    _check(0 < c.reply_poll_interval <= 60, "reply-poll-interval", c.reply_poll_interval, "a number in (0, 60]")
     _check(c.local_optimizer in {"sgd", "adam"}, "local-optimizer", c.local_optimizer, "sgd or adam")
     _check(c.server_optimizer in {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"}, "server-optimizer",
            c.server_optimizer, "fedavg, fedavgm, fedadam, fedyogi or fedadagrad")

@@ -1,8 +1,9 @@
 """A client's private view: its users' training prefixes and held-out items.
 
 Built from the deterministic population, or from the device's own shard (fedkd.shards), and
-cached per process (one simulated worker serves many clients, and Flower rebuilds the
-ClientApp for every message).
+cached per process (one simulated worker serves many clients, Flower rebuilds the ClientApp
+for every message, and a SuperNode's ClientApp worker serves many messages), keyed by the
+whole config, the partition and the data file's identity (``fedkd.population.data_stamp``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from fedkd.budget import assign_tiers
 from fedkd.config import ExperimentConfig
-from fedkd.population import population
+from fedkd.population import data_stamp, population
 from fedkd.samples import EvalSet, eval_set, train_samples
 from fedkd.shards import Shard
 
@@ -33,8 +34,9 @@ class ClientData:
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int) -> ClientData:
-    """Partition ``partition_id``'s view, derived from the whole population (every party can)."""
-    return _cached(cfg, partition_id)
+    """Partition ``partition_id``'s view, derived from the whole population (every party can);
+    cached per process by (config, partition, data file identity)."""
+    return _cached(cfg, partition_id, data_stamp(cfg.data_path))
 
 
 def shard_client_data(cfg: ExperimentConfig, shard: Shard) -> ClientData:
@@ -45,7 +47,7 @@ def shard_client_data(cfg: ExperimentConfig, shard: Shard) -> ClientData:
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached(cfg: ExperimentConfig, partition_id: int) -> ClientData:
+def _cached(cfg: ExperimentConfig, partition_id: int, stamp: tuple = ()) -> ClientData:  # stamp: cache key only
     pop = population(cfg)
     if not 0 <= partition_id < pop.num_clients:
         raise ValueError(f"partition-id {partition_id} outside 0..{pop.num_clients - 1}: the fleet "

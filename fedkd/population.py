@@ -3,13 +3,17 @@
 Every party (server, each simulated client) derives this view independently from the
 data settings and the seed, so nothing but model traffic needs to cross the wire. The
 server only ever reads the cloud users; a client only ever reads its own partition.
-Results are cached per process because Flower rebuilds the ClientApp for every message.
+Results are cached per process because Flower rebuilds the ClientApp for every message, keyed
+by the data settings and the data file's identity (:func:`data_stamp`): a long-lived process
+(a simulation worker, a SuperNode's ClientApp worker) that serves several runs builds again
+when a setting or the file changes, and never hands out a population of another file.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -56,12 +60,26 @@ def load_dataset(cfg: ExperimentConfig) -> Dataset:
                          source=source)
 
 
+def data_stamp(path: str) -> tuple:
+    """The identity of an interaction file: resolved path, size, modification time (ns), inode;
+    ``()`` for synthetic data (no file: a pure function of the settings). Rewriting or replacing
+    the file changes it; a stat, not a read, so it is cheap enough to check on every message."""
+    if not path:
+        return ()
+    file = Path(path).expanduser()
+    try:
+        st = file.stat()
+    except OSError:  # missing: loading it raises the error worth reading (and errors are not cached)
+        return (str(file),)
+    return (str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def population(cfg: ExperimentConfig) -> Population:
-    return _cached(tuple(getattr(cfg, k) for k in DATA_KEYS))
+    return _cached(tuple(getattr(cfg, k) for k in DATA_KEYS), data_stamp(cfg.data_path))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(key: tuple) -> Population:
+def _cached(key: tuple, stamp: tuple = ()) -> Population:  # stamp: only part of the cache key
     # Only the data-relevant fields decide the cache entry.
     cfg = ExperimentConfig().replace(**dict(zip(DATA_KEYS, key)))
     ds = load_dataset(cfg)

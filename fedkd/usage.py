@@ -3,8 +3,9 @@
 A device whose node config names ``usage-log`` (``flower-supernode --node-config
 "... usage-log=\"/var/lib/fedkd/usage.jsonl\""``) appends one JSON line per message it handles
 (:func:`record`): the message type and round, the seconds its handler took, the seconds since
-its process started (on a SuperNode a ClientApp process starts per message, so this is the
-device's whole cost of the message but the reply's upload), its peak resident memory so far
+its process started (with Flower's own SuperNode a ClientApp process starts per message, so
+this is the device's whole cost of the message but the reply's upload; fedkd's long-lived
+ClientApp worker counts from when it claimed the message instead), its peak resident memory so far
 (``getrusage``'s ``ru_maxrss``: exact, the kernel's high-water mark), its data memory at the
 end of the handler (``VmData``, what a data cap bounds), and what confines it
 (CPUs it may run on, its data-memory limit, ``RLIMIT_DATA``). :func:`summarize` turns the lines of one device
@@ -18,6 +19,7 @@ import json
 import os
 import resource
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -42,8 +44,16 @@ def data_mb() -> float | None:
     return None
 
 
+TASK_START_ENV = "FEDKD_TASK_START"  # set by a long-lived ClientApp worker: when it claimed the current task
+
+
 def process_seconds() -> float | None:
-    """Seconds since this process started (``/proc``); None where there is no ``/proc``."""
+    """Seconds since this process started (``/proc``), or, in a long-lived ClientApp worker
+    (``simulations/clientapp_worker.py``), since it claimed the message's task (it sets
+    ``FEDKD_TASK_START``): either way the device's cost of the message but the reply's upload.
+    None where there is no ``/proc``."""
+    if started := os.environ.get(TASK_START_ENV):
+        return time.time() - float(started)
     try:
         stat = Path("/proc/self/stat").read_text()
         uptime = float(Path("/proc/uptime").read_text().split()[0])

@@ -46,7 +46,8 @@ class Experiment:
         self.metrics, self.timing = CsvLog(out / "metrics.csv"), CsvLog(out / "timing.csv")
         self.profile = Profile()
         self.transport = Transport(out, round_timeout=cfg.round_timeout, wire_payloads=cfg.wire_payloads,
-                                   profile=self.profile, handshake_timeout=cfg.handshake_timeout)
+                                   profile=self.profile, handshake_timeout=cfg.handshake_timeout,
+                                   poll=cfg.reply_poll_interval)
         self.cum_bytes, self.extra_tests, self.wall_before = 0, {}, 0.0
         self.rounds_run, self.stopped = 0, ""
 

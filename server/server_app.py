@@ -16,6 +16,7 @@ from fedkd import processes
 from fedkd.checks import check_run_config
 from fedkd.results import prepare_dir, write_json
 from server.experiment import Experiment
+from wire.waits import FLOWER_INITIAL_BACKOFF, shorten_object_pulls
 
 app = ServerApp()
 
@@ -25,6 +26,10 @@ def main(grid: Grid, context: Context) -> None:
     # The one validation step of every entry point (`fedkd run` calls it too): a bad value fails here,
     # before anything is written or round 1 starts, with the message `fedkd run` gives for it.
     cfg, _ = check_run_config(context.run_config)
+    if cfg.reply_poll_interval < FLOWER_INITIAL_BACKOFF:
+        # On a SuperLink a reply is announced before its content has arrived: retry the content at
+        # the polls' pace, not after Flower's 1 s, 2 s, ... (simulation pulls no objects: no effect)
+        shorten_object_pulls(cfg.reply_poll_interval)
     out = Path(cfg.output_dir).expanduser().resolve() / cfg.experiment_name
     if cfg.resume:  # continue in place from the last checkpoint (the server checks it matches)
         if not out.is_dir():

@@ -7,6 +7,11 @@ error reply, or none before ``round-timeout``) is logged in ``rejections.jsonl``
 reason, as is a node refused at the handshake (its data's fingerprint is not the fleet's,
 fedkd.shards). Replies come back sorted by partition id, because arrival order must not
 change a result.
+
+Waiting for replies is :func:`send_and_receive`: on the Deployment Engine, Flower's
+``Grid.send_and_receive`` loop (push, then pull until every reply is in or the timeout passes)
+with the pause between pulls set by ``reply-poll-interval`` instead of Flower's fixed 3 s,
+which alone added 1.5 s on average to every exchange (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedkd import timeline
 from fedkd.codec import PayloadError
 from fedkd.shards import Claim, Fingerprint, Refusal
 from fedkd.results import JsonLines
@@ -83,9 +89,10 @@ class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
     def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
-                 handshake_timeout: float = 0.0) -> None:
+                 handshake_timeout: float = 0.0, poll: float = 0.1) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
         self.handshake_timeout = handshake_timeout
+        self.poll = poll  # seconds between pulls while waiting for replies (reply-poll-interval)
         self.wire_log = JsonLines(out / "wire.jsonl")
         self.rejections = JsonLines(out / "rejections.jsonl")
         (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
@@ -104,7 +111,8 @@ class Transport:
         for m in msgs:
             self.audit("down", m, 0, None)
         nodes, claims, answered = {}, [], set()
-        for rep in grid.send_and_receive(msgs, timeout=self.handshake_timeout or None) if msgs else []:
+        for rep in send_and_receive(grid, msgs, timeout=self.handshake_timeout or None, poll=self.poll,
+                                    label=("query", 0)) if msgs else []:
             self.audit("up", rep, 0, None)
             answered.add(rep.metadata.src_node_id)
             if rep.has_error():
@@ -138,7 +146,10 @@ class Transport:
                     "?" if refusal.partition_id is None else refusal.partition_id, refusal.reason, refusal.detail)
 
     def exchange(self, grid: Grid, items: list[tuple[Node, Content]], kind: str, r: int) -> Exchanged:
-        """Send each node its content; collect the replies."""
+        """Send each node its content; collect the replies. Training exchanges are timed as
+        ``exchange_s``; validation and test ones belong to their caller's section (``validate_s``)."""
+        if kind not in TRAINING_KINDS:
+            return self._exchange(grid, items, kind, r)
         with self.profile.timed("exchange_s"):
             return self._exchange(grid, items, kind, r)
 
@@ -156,7 +167,8 @@ class Transport:
         by_id = {n.node_id: n for n, _ in items}
         down = sum(d for d, _ in sizes.values())
         up, out, answered, errors = 0, [], set(), []
-        for rep in grid.send_and_receive(msgs, timeout=self.round_timeout or None) if msgs else []:
+        for rep in send_and_receive(grid, msgs, timeout=self.round_timeout or None, poll=self.poll,
+                                    label=(kind, r)) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
@@ -229,3 +241,55 @@ def _fingerprint(content: Content) -> Fingerprint | None:
         return Fingerprint.from_dict(content.configs["fingerprint"])
     except (KeyError, ValueError):
         return None
+
+
+def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,
+                     label: tuple[str, int] = ("", 0)) -> list[Message]:
+    """The replies to ``messages`` (all, or those in by ``timeout`` seconds; None: no limit).
+
+    On Flower's ``HttpGrid`` (the Deployment Engine), which waits a fixed 3 s between pulls,
+    :func:`poll_replies` runs the same loop with ``poll`` seconds between pulls. Any other Grid
+    answers with its own ``send_and_receive`` (the simulation's ``InMemoryGrid`` pulls every
+    0.1 s already). With ``FEDKD_PROFILE_DIR`` set, records when the messages were pushed and
+    each reply pulled (``label``: the message kind and round, for the record).
+    """
+    if _HttpGrid is not None and isinstance(grid, _HttpGrid):
+        return poll_replies(grid, messages, timeout=timeout, poll=poll, label=label)
+    started = timeline.now()
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    _record(replies, label, started, started, timeline.now())
+    return replies
+
+
+def poll_replies(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,
+                 label: tuple[str, int] = ("", 0)) -> list[Message]:
+    """Flower's ``Grid.send_and_receive`` loop, pulling every ``poll`` seconds: push every
+    message, then pull the replies to them until all are in or ``timeout`` seconds have passed
+    (None: no limit), exactly as Flower's loop does; only the pause between pulls differs."""
+    started = timeline.now()
+    ids = set(grid.push_messages(messages))
+    pushed = timeline.now()
+    end = time.time() + (timeout if timeout is not None else 0.0)
+    replies: list[Message] = []
+    while timeout is None or time.time() < end:
+        got = list(grid.pull_messages(ids))
+        _record(got, label, started, pushed, timeline.now())
+        replies += got
+        ids.difference_update(rep.metadata.reply_to_message_id for rep in got)
+        if not ids:
+            break
+        time.sleep(poll)
+    return replies
+
+
+def _record(replies: list[Message], label: tuple[str, int], started: float, pushed: float, pulled: float) -> None:
+    if replies and timeline.enabled():
+        for rep in replies:
+            timeline.record("server", event="reply", message_id=rep.metadata.reply_to_message_id, kind=label[0],
+                            round=label[1], push_started=started, pushed=pushed, pulled=pulled)
+
+
+try:  # flwr 1.41's Grid of a ServerApp on a SuperLink
+    from flwr.superlink.grid.http_grid import HttpGrid as _HttpGrid
+except ImportError:  # another flwr: its own send_and_receive everywhere
+    _HttpGrid = None

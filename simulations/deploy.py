@@ -43,6 +43,7 @@ from pathlib import Path
 
 from fedkd import processes
 from fedkd.config import ExperimentConfig, Scalar
+from simulations import clientapp_worker, supernode
 from simulations.options import (HelpFormatter, RawHelpFormatter, add_config_options, blame, config_values,
                                  read_overrides)
 from simulations.runner import overrides_toml
@@ -52,6 +53,11 @@ CONNECTION = "fedkd-local"
 MARKER_ENV = "FEDKD_DEPLOY_ID"  # set in every process a LocalFleet starts, to find strays
 DEVICE_PORT = 8000  # flwr 1.41's default SuperLink port (Fleet, Control and Runtime over HTTP(S))
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# How a local fleet runs its ClientApps (docs/devices.md, "A fast ClientApp path"): "worker" = one
+# long-lived process per SuperNode (--isolation process + simulations.clientapp_worker); "flower" =
+# Flower's default, a flwr-clientapp process per message.
+CLIENTAPP_MODES = ("worker", "flower")
+SUPERNODE_POLL = 0.1  # a SuperNode's next poll after a message, doubling to 1 s (simulations.supernode; Flower: 3 s)
 
 
 class DeployError(RuntimeError):
@@ -235,14 +241,23 @@ def node_config(partition_id: int | None, num_partitions: int | None = None, dat
 def supernode_command(*, superlink: str, partition_id: int | None, num_partitions: int | None,
                       port: int | None = None, root_certificates: Path | str | None = None,
                       private_key: Path | str | None = None, data_path: str | None = None, shard: str | None = None,
-                      usage_log: str | None = None, exe: str = "flower-supernode") -> list[str]:
-    """``flower-supernode`` for one partition; ``port`` is its ClientApp runtime API (default 9094)."""
-    cmd = [exe, "--superlink", superlink]
+                      usage_log: str | None = None, exe: str = "flower-supernode", isolation: str | None = None,
+                      launcher: Sequence[str] = ()) -> list[str]:
+    """``flower-supernode`` for one partition; ``port`` is its ClientApp runtime API (default 9094).
+
+    ``isolation``: Flower's ``--isolation`` (``process``: the SuperNode starts no ClientApp, a
+    worker claims its tasks); ``launcher``: a command that runs flower-supernode with the
+    arguments that follow (``simulations.supernode.command``), instead of ``exe``.
+    """
+    cmd = [*launcher] if launcher else [exe]
+    cmd += ["--superlink", superlink]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if private_key:
         cmd += ["--auth-supernode-private-key", str(private_key)]
     if port is not None:
         cmd += ["--port", str(port)]
+    if isolation:
+        cmd += ["--isolation", isolation]
     return cmd + ["--node-config", node_config(partition_id, num_partitions, data_path, shard=shard,
                                                usage_log=usage_log)]
 
@@ -252,7 +267,8 @@ class WeakDevice:
     """How ``fedkd deploy local --weak-node`` confines one SuperNode: the CPUs it may run on
     (``taskset -c``) and a cap on each process's data memory (``prlimit --data``: heap and private
     writable mappings, thread stacks included, shared libraries not; an allocation past it fails
-    with MemoryError), both inherited by the SuperExec and every ClientApp process it starts.
+    with MemoryError), both inherited by the SuperExec and every ClientApp process it starts, and
+    given to its ClientApp worker alike.
 
     A data cap rather than an address-space one (``--as``): glibc reserves 64 MB of address
     space per thread arena, up to 8 per core of the machine, so an address-space cap would
@@ -293,6 +309,32 @@ def connection_toml(address: str, *, name: str = CONNECTION, root_certificates: 
 def flwr_run_command(run_config: Path, *, app_dir: Path = APP_DIR, connection: str = CONNECTION,
                      exe: str = "flwr") -> list[str]:
     return [exe, "run", str(app_dir), connection, "--run-config", str(run_config), "--stream"]
+
+
+def stage_app(src: Path, dest: Path) -> Path:
+    """Copy into ``dest`` the files of the app at ``src`` that Flower would put into its FAB.
+
+    ``flwr run DIR`` (flwr 1.41, ``flwr.cli.utils.collect_files``) lists every file under DIR,
+    resolving each path, before it drops what ``.gitignore`` and its include rules exclude:
+    with a virtual environment inside the checkout that is ~46,000 files, about 20 s on a
+    loaded 2-core machine, for an app of 1.5 MB. This walk skips the folders ``.gitignore``
+    excludes (and ``.git``) and keeps exactly the files Flower's own filter keeps
+    (``filter_paths_for_publish``), so ``flwr run dest`` builds the same FAB.
+    """
+    from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
+    ignored = build_pathspec(load_gitignore_patterns(src / ".gitignore"))
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        dirnames[:] = [d for d in dirnames if d != ".git" and not (Path(dirpath) / d).is_symlink()
+                       and not ignored.match_file(f"{(rel / d).as_posix()}/")]
+        files.update({(rel / f).as_posix(): Path(dirpath) / f for f in filenames
+                      if not (Path(dirpath) / f).is_symlink()})
+    shutil.rmtree(dest, ignore_errors=True)
+    for rel, path in filter_paths_for_publish(files).items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest / rel)
+    return dest
 
 
 # --------------------------------------------------------------------------- run settings
@@ -378,18 +420,36 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def check_clientapp(clientapp: str, supernode_poll: float) -> None:
+    if clientapp not in CLIENTAPP_MODES:
+        raise ValueError(f"--clientapp must be one of {', '.join(CLIENTAPP_MODES)}, got {clientapp!r}")
+    if not (math.isfinite(supernode_poll) and supernode_poll >= 0):
+        raise ValueError(f"--supernode-poll must be a number >= 0, got {supernode_poll}")
+
+
 class LocalFleet:
     """A SuperLink and SuperNodes on this machine, and the ``flwr`` CLI pointed at them.
 
     Every process is started in its own session with ``FEDKD_DEPLOY_ID`` in its environment;
     :meth:`stop` signals them, everything they spawned (Flower's SuperExec, ServerApp and
     ClientApp processes) and any stray carrying the marker, then waits until all are gone.
+
+    ``clientapp``: ``worker`` starts each SuperNode with ``--isolation process`` and, next to
+    it, one long-lived ClientApp worker (``simulations.clientapp_worker``, named
+    ``<supernode>-clientapp``); ``flower`` leaves Flower's process per message.
+    ``supernode_poll``: when a SuperNode polls the SuperLink again after a message, doubling to
+    1 s while nothing comes (``simulations.supernode``); 0 runs Flower's own ``flower-supernode``,
+    which sleeps 3 s whenever nothing came.
     """
 
     def __init__(self, state_dir: Path, *, certs: CertPaths | None = None, auth: bool = False,
-                 out: Callable[[str], None] = print) -> None:
+                 out: Callable[[str], None] = print, clientapp: str = "worker",
+                 supernode_poll: float = SUPERNODE_POLL) -> None:
         if auth and certs is None:
             raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
+        check_clientapp(clientapp, supernode_poll)
+        self.clientapp, self.supernode_poll = clientapp, supernode_poll
+        self.workers: dict[str, str] = {}  # SuperNode name -> its ClientApp worker's name
         self.dir = Path(state_dir)
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.certs, self.auth, self.out = certs, auth, out
@@ -508,17 +568,24 @@ class LocalFleet:
                         private_key: Path | None = None, data_path: str | None = None, shard: str | None = None,
                         usage_log: str | None = None, weak: WeakDevice | None = None, name: str | None = None) -> str:
         name = name or f"supernode-{partition_id}"
+        port, worker = free_ports(1)[0], self.clientapp == "worker"
         cmd = supernode_command(superlink=self.address, partition_id=partition_id, num_partitions=num_partitions,
-                                port=free_ports(1)[0], root_certificates=self.certs.ca_cert if self.certs else None,
+                                port=port, root_certificates=self.certs.ca_cert if self.certs else None,
                                 private_key=private_key, data_path=data_path, shard=shard, usage_log=usage_log,
-                                exe=flower_exe("flower-supernode"))
-        self.start(name, weak.wrap(cmd) if weak else cmd, home=self.home(name))
+                                exe=flower_exe("flower-supernode"), isolation="process" if worker else None,
+                                launcher=supernode.command(self.supernode_poll) if self.supernode_poll else ())
+        proc = self.start(name, weak.wrap(cmd) if weak else cmd, home=self.home(name))
+        if worker:  # the same Flower home (the run's FAB is installed there) and the same confinement
+            self.workers[name] = f"{name}-clientapp"
+            wcmd = clientapp_worker.command(f"127.0.0.1:{port}", parent_pid=proc.pid)
+            self.start(self.workers[name], weak.wrap(wcmd) if weak else wcmd, home=self.home(name))
         return name
 
     def peak_rss_mb(self, name: str) -> dict[str, float]:
         """Peak resident memory (VmHWM, MB) of a running process of the fleet and of each long-lived
         process below it (a SuperNode's SuperExec), by command name. A ClientApp process still
-        finishing its message is left out: the node's usage log has every ClientApp's own peak."""
+        finishing its message is left out, and a SuperNode's ClientApp worker is not below it: the
+        node's usage log has every ClientApp's own peak (the worker's, over all its messages)."""
         root = self.procs[name].pid
         out = {}
         for pid in [root, *sorted(descendants([root]))]:
@@ -529,6 +596,8 @@ class LocalFleet:
             hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
             cmd = processes.command_line(pid)
             exe = next((Path(a).name for a in cmd[:2] if Path(a).name.startswith(("flower-", "flwr-"))), "")
+            if cmd[1:3] == ["-m", "simulations.supernode"]:  # flower-supernode through fedkd's launcher
+                exe = "flower-supernode"
             if hwm and exe and exe != "flwr-clientapp":
                 out[exe] = max(out.get(exe, 0.0), int(hwm.group(1)) * 1024 / 1e6)
         return out
@@ -549,7 +618,8 @@ class LocalFleet:
                 time.sleep(0.3)
 
     def check_alive(self, names: Sequence[str]) -> None:
-        for name in names:
+        """Raise if a named process (or the ClientApp worker of a named SuperNode) has exited."""
+        for name in [*names, *(self.workers[n] for n in names if n in self.workers)]:
             proc = self.procs[name]
             if proc.poll() is not None:
                 raise DeployError(f"{name} exited with code {proc.returncode} while the run was going; "
@@ -614,7 +684,8 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
                  auth: bool = False, state_dir: Path | None = None, keep: bool = False,
                  timeout: float = 0.0, startup_timeout: float = 180.0, shards: bool = False,
                  extra_nodes: Sequence[Path] = (), weak_node: int | None = None, weak: WeakDevice | None = None,
-                 out: Callable[[str], None] = print) -> Path:
+                 out: Callable[[str], None] = print, clientapp: str = "worker",
+                 supernode_poll: float = SUPERNODE_POLL) -> Path:
     """Start a SuperLink and ``nodes`` SuperNodes here, run the experiment, stop everything.
 
     ``shards``: write each partition's shard (fedkd.shards) into the state folder and start
@@ -624,6 +695,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     ``weak_node``: confine SuperNode ``weak_node`` as ``weak`` says (one CPU, a memory cap).
     Every node logs its time and memory per message (fedkd.usage); the summary is printed and
     written to ``device_usage.json`` in the results folder.
+    ``clientapp`` and ``supernode_poll``: how the SuperNodes run their ClientApps (:class:`LocalFleet`).
 
     Returns the results folder; raises DeployError (run failed, a process died, timeout) or
     ValueError (bad settings) after every started process is gone.
@@ -634,6 +706,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
     cfg, plan = check_run_config(overrides)  # every check, before any process starts (the ServerApp repeats it)
     if auth and certs is None:
         raise ValueError("--auth needs --tls DIR (SuperNode authentication requires TLS)")
+    check_clientapp(clientapp, supernode_poll)
     if auth and extra_nodes:
         raise ValueError("--extra-node with --auth: an extra SuperNode has no registered key and could not join")
     if weak_node is not None:
@@ -655,7 +728,7 @@ def deploy_local(overrides: Mapping[str, Scalar], *, nodes: int, certs: CertPath
         from fedkd.shards import write_shards
         folders = write_shards(cfg, plan.population, state / "shards", replace=True)
     usage_dir = state / "usage"
-    fleet = LocalFleet(state, certs=certs, auth=auth, out=out)
+    fleet = LocalFleet(state, certs=certs, auth=auth, out=out, clientapp=clientapp, supernode_poll=supernode_poll)
     atexit.register(fleet.stop)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     ok = False
@@ -744,8 +817,9 @@ def usage_lines(report: Mapping) -> list[str]:
 
 def _run(fleet: LocalFleet, run_config: Path, nodes: Sequence[str], *, timeout: float) -> int:
     """``flwr run --stream``: print its lines, watch the fleet, return the run id once it ends."""
-    proc = fleet.start("flwr-run", flwr_run_command(run_config, exe=flower_exe("flwr")), home=fleet.cli_home,
-                       cwd=APP_DIR, pipe=True)
+    app = stage_app(APP_DIR, fleet.dir / "app")  # what `flwr run` ships, without walking .venv
+    proc = fleet.start("flwr-run", flwr_run_command(run_config, app_dir=app, exe=flower_exe("flwr")),
+                       home=fleet.cli_home, cwd=APP_DIR, pipe=True)
     run_id: list[int] = []
     log = fleet.log_path("flwr-run").open("a")
 
@@ -888,6 +962,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     loc.add_argument("--weak-memory-mb", type=int, default=WeakDevice.memory_mb, metavar="MB",
                      help="Data-memory limit (RLIMIT_DATA: heap and private writable memory) of each of the weak "
                           "node's processes, in MB (10^6 bytes).")
+    loc.add_argument("--clientapp", choices=CLIENTAPP_MODES, default="worker",
+                     help="worker: one long-lived ClientApp process per SuperNode (imports and data once; "
+                          "--isolation process); flower: Flower's default, a new process per message.")
+    loc.add_argument("--supernode-poll", type=float, default=SUPERNODE_POLL, metavar="S",
+                     help="A SuperNode polls the SuperLink again S seconds after a message, then twice as late "
+                          "each time nothing came, up to 1 s (Flower's: 3 s, fixed); 0 = Flower's own "
+                          "flower-supernode.")
     add_config_options(loc, title="{section} settings (as in `fedkd run`; win over --config/--run-config)")
 
     crt = dsub.add_parser("certs", help="CA, SuperLink certificate, SuperNode key pairs; prints device commands.",
@@ -937,7 +1018,8 @@ def main(args: argparse.Namespace) -> int:
         out = deploy_local(overrides, nodes=args.nodes, certs=CertPaths(args.tls) if args.tls else None,
                            auth=args.auth, state_dir=args.state_dir, keep=args.keep, timeout=args.timeout,
                            startup_timeout=args.startup_timeout, shards=args.shards, extra_nodes=args.extra_node,
-                           weak_node=args.weak_node, weak=weak, out=lambda s: print(s, flush=True))
+                           weak_node=args.weak_node, weak=weak, out=lambda s: print(s, flush=True),
+                           clientapp=args.clientapp, supernode_poll=args.supernode_poll)
     except DeployError as exc:
         print(f"fedkd: error: deployment failed: {exc}", file=sys.stderr)
         return 1
