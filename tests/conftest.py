@@ -3,79 +3,126 @@
 ``golden[name]`` is the golden case ``name`` (tests/test_golden.py), run once per session on
 first use. Tests read these folders and never write into them: a test that must change a run
 (export it, run it again over it) works on a copy.
+
+The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml): an end-to-end run
+spends most of its wall time waiting (Python and Ray starting, Flower's polling), so one
+stream of tests kept the 2 cores about 40% busy. The shared runs are still made once per
+session, not once per worker: ``Once`` keeps each in a folder both workers see, behind a file
+lock (the recipe of pytest-xdist's documentation), and a worker that needs a run another
+worker is making waits for it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 from e2e_runs import BASE, CASES, ROOT, Run, kill_after_round_2, run_case
 
 
+class Once:
+    """Named runs made once per test session across xdist workers: the first worker to ask
+    makes the run under the name's lock and records it (or its failure) in ``<name>.json``;
+    every later ask, in any worker, reads the record. A run that failed once fails every test
+    that needs it, and is not made again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def record(self, name: str, make: Callable[[], dict]) -> dict:
+        """The JSON record of the run ``name``, made by ``make`` if no worker has yet."""
+        record = self.root / f"{name}.json"
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not record.exists():
+                try:
+                    record.write_text(json.dumps(make()))
+                except RuntimeError as exc:
+                    record.write_text(json.dumps({"error": str(exc)}))
+        got = json.loads(record.read_text())
+        if "error" in got:
+            raise RuntimeError(got["error"])
+        return got
+
+    def run(self, name: str, make: Callable[[], Run]) -> Run:
+        """``record`` for a run through the CLI (``e2e_runs.Run``)."""
+        def made() -> dict:
+            run = make()
+            return {"out": str(run.out), "stdout": run.stdout, "stderr": run.stderr}
+        got = self.record(name, made)
+        return Run(Path(got["out"]), got["stdout"], got["stderr"])
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory) -> Once:
+    """Under xdist each worker has its own base temporary folder inside the session's; the
+    shared runs live in the session's, which every worker sees."""
+    base = tmp_path_factory.getbasetemp()
+    return Once((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs")
+
+
 class GoldenRuns:
-    """The golden cases, all in one output folder with one teacher cache.
+    """The golden cases, all in one output folder with one teacher cache, each made once per
+    session (``Once``); two cases may run at the same time, in two workers.
 
     The default case always runs first, into the empty cache, so its teacher is trained
     (test_e2e checks ``teacher.cached`` is false there) and every other case loads it: the
     order in which the golden fixtures were written.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, once: Once) -> None:
+        self.once = once
+        base = once.root / "golden"
         self.out, self.cache = base / "out", base / "cache"
-        self._runs: dict[str, Run | Exception] = {}
 
     def __getitem__(self, name: str) -> Run:
         for case in dict.fromkeys(["default", name]):
-            if case not in self._runs:
-                try:
-                    self._runs[case] = run_case(case, self.out, self.cache)
-                except RuntimeError as exc:  # failed once: every test that needs it fails, none reruns it
-                    self._runs[case] = exc
-        got = self._runs[name]
-        if isinstance(got, Exception):
-            raise got
+            got = self.once.run(f"golden-{case}", lambda case=case: run_case(case, self.out, self.cache))
         return got
 
     def teacher_copy(self, dest: Path) -> Path:
-        """``dest``, holding a copy of the teachers the golden runs trained so far: a run of its
-        own on BASE's data (50 users, 80 items, seed 0, 2 teacher epochs) then loads the
-        teacher instead of training the same one again. In a whole-suite run the golden
-        default case has run by then; a test run alone may find nothing to copy, and its run
-        trains its own teacher, as before. The run may write into its copy, never here."""
+        """``dest``, holding a copy of the teachers the golden runs trained so far (the default
+        case's at least, which this makes first if no test has yet): a run of its own on BASE's
+        data (50 users, 80 items, seed 0, 2 teacher epochs) then loads the teacher instead of
+        training the same one again. The run may write into its copy, never here."""
+        self["default"]
         dest.mkdir(parents=True, exist_ok=True)
-        if self.cache.is_dir():
-            for f in self.cache.glob("teacher-*.pt"):
-                shutil.copy2(f, dest / f.name)
+        for f in self.cache.glob("teacher-*.pt"):
+            shutil.copy2(f, dest / f.name)
         return dest
 
 
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory) -> GoldenRuns:
-    return GoldenRuns(tmp_path_factory.mktemp("golden"))
+def golden(once) -> GoldenRuns:
+    return GoldenRuns(once)
 
 
 @pytest.fixture(scope="session")
-def faults_rerun(golden, tmp_path_factory) -> Run:
+def faults_rerun(golden, once) -> Run:
     """The faults case run a second time, with the golden teacher cache, into an output folder
     that already holds a copy of the first run, SIGKILLed (with its Ray processes) once round 2
     is written and then resumed (``--resume``): one run for three claims, that a run killed mid
     round resumes to the uninterrupted metrics (test_reliability_e2e), that the same seed gives
     the same results (the same test module), and that a second run loads the cached teacher and
     moves the earlier results aside instead of overwriting them (test_e2e)."""
-    first = golden["faults-norm-bound"]
-    name = first.out.name
-    out = tmp_path_factory.mktemp("rerun")
-    shutil.copytree(first.out, out / name)
-    flat = {**BASE, **CASES[name]}
-    kill_after_round_2(out, golden.cache, name, flat)
-    return run_case(name, out, golden.cache, flat={**flat, "resume": True})
+    def make() -> Run:
+        first = golden["faults-norm-bound"]
+        name = first.out.name
+        out = once.root / "rerun"
+        shutil.copytree(first.out, out / name)
+        flat = {**BASE, **CASES[name]}
+        kill_after_round_2(out, golden.cache, name, flat)
+        return run_case(name, out, golden.cache, flat={**flat, "resume": True})
+    return once.run("faults-rerun", make)
 
 
 @pytest.fixture
@@ -98,22 +145,26 @@ def _toml(flat: dict) -> str:
 
 
 @pytest.fixture(scope="session")
-def real_sweep(golden, tmp_path_factory) -> SimpleNamespace:
+def real_sweep(golden, once) -> SimpleNamespace:
     """A real `fedkd sweep` of two configs at seed 0, the two runs side by side (``--jobs 2``,
     one worker each): one sweep for claims that do not touch each other. test_sweep: a sweep
     runs every run, reports, and resumes with nothing to do. Its ``naive-ldp`` run
     (``naive_labels_local_dp``): test_e2e_communication, the bytes of the labels sent down;
     test_privacy_e2e, the accounting of the noised updates sent up. Its ``error-feedback`` run
     (``error_feedback_run``): test_e2e_communication, what the devices keep and the bytes."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    cache = golden.teacher_copy(tmp / "cache")
-    base = {k: v for k, v in BASE.items() if k != "progress"}
-    spec = tmp / "spec.toml"
-    spec.write_text(f'name = "tiny"\nseeds = [0]\n[base]\n{_toml(base)}cache-dir = "{cache}"\n'
-                    f"[configs.naive-ldp]\n{_toml(NAIVE_LDP)}[configs.error-feedback]\n{_toml(ERROR_FEEDBACK)}")
-    cmd = [sys.executable, "-m", "simulations.cli", "sweep", str(spec), "--output-dir", str(tmp / "out"),
+    tmp = once.root / "sweep"
+    cmd = [sys.executable, "-m", "simulations.cli", "sweep", str(tmp / "spec.toml"), "--output-dir", str(tmp / "out"),
            "--jobs", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    def make() -> dict:
+        cache = golden.teacher_copy(tmp / "cache")
+        base = {k: v for k, v in BASE.items() if k != "progress"}
+        (tmp / "spec.toml").write_text(
+            f'name = "tiny"\nseeds = [0]\n[base]\n{_toml(base)}cache-dir = "{cache}"\n'
+            f"[configs.naive-ldp]\n{_toml(NAIVE_LDP)}[configs.error-feedback]\n{_toml(ERROR_FEEDBACK)}")
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        return {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+    proc = subprocess.CompletedProcess(cmd, **once.record("sweep", make))
     return SimpleNamespace(cmd=cmd, proc=proc, dir=tmp / "out" / "sweeps" / "tiny")
 
 
@@ -134,3 +185,17 @@ def naive_labels_local_dp(real_sweep) -> Run:
 def error_feedback_run(real_sweep) -> Run:
     """BASE + ERROR_FEEDBACK, 3 rounds: a run of ``real_sweep``."""
     return _sweep_run(real_sweep, "error-feedback-s0")
+
+
+SHARED_RUNS = {"golden", "faults_rerun", "real_sweep", "naive_labels_local_dp", "error_feedback_run", "teacher_cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files with real runs first (a slow test, or one that needs a shared run), the rest in
+    their usual order after them: pytest-xdist hands out whole files in this order
+    (``--dist loadfile --no-loadscope-reorder``), so both workers start on the long runs at once
+    and the short unit tests fill in at the end, instead of one worker finishing the
+    longest file alone."""
+    heavy = {item.path for item in items
+             if item.get_closest_marker("slow") or SHARED_RUNS & set(getattr(item, "fixturenames", ()))}
+    items.sort(key=lambda item: item.path not in heavy)  # stable

@@ -113,7 +113,7 @@ def test_a_hanging_client_times_out_and_too_few_replies_skip_the_round(tmp_path,
     """One client sleeps past round-timeout (reason 'timeout'); with min-replies above what is
     left the round is skipped, the model kept, and the run still completes."""
     flat = {"synthetic-users": 15, "synthetic-items": 80, "num-rounds": 1, "teacher-epochs": 2,
-            "fault-hang": 0.1, "round-timeout": 20.0, "min-replies": 12, "progress": False}
+            "fault-hang": 0.1, "round-timeout": 10.0, "min-replies": 12, "progress": False}
     cfg = ExperimentConfig.from_flat(flat)
     hangs = [p for p in range(12) if draw_fault(cfg, 1, p) == "hang"]
     assert len(hangs) == 1  # the seed gives exactly one hang (two would block both workers)
