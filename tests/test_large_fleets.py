@@ -181,3 +181,19 @@ def test_the_client_decodes_an_evaluations_student_once_and_scores_as_a_fresh_mo
     second_model = ca._SCORERS[next(reversed(ca._SCORERS))]
     a, b = get_state(model), get_state(second_model)
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_devices_footprint_is_computed_once_per_width_not_once_per_device(monkeypatch):
+    """The server asks every device's width at start-up (server.fleet.Fleet): 100,000 devices
+    must not rebuild the same layout 100,000 times."""
+    from fedkd import schedule
+    from fedkd.schedule import fleet_profiles, width_for
+    cfg = ExperimentConfig.from_flat({**FLAT, "student-widths": "8,16"})
+    model = cfg.student_model(60)
+    calls = []
+    real = schedule.sub_layout
+    monkeypatch.setattr(schedule, "sub_layout", lambda m, w: calls.append(w) or real(m, w))
+    schedule.footprint_mb.cache_clear()
+    widths = [width_for(p, model, cfg.widths) for p in fleet_profiles(cfg, 50)]
+    assert len(widths) == 50 and sorted(calls) == sorted(cfg.widths)
+    schedule.footprint_mb.cache_clear()
