@@ -161,6 +161,13 @@ class ExperimentConfig:
     reply_poll_interval: float = _opt(0.1, "Seconds between the server's checks for replies while it waits on "
                                            "the Deployment Engine (Flower's own: 3 s; the simulation's grid checks "
                                            "every 0.1 s by itself); no result depends on it (docs/devices.md).")
+    exchange_window: int = _opt(0, "Messages one exchange (handshake, training, evaluation) keeps in flight at "
+                                   "once: the next go out as replies come in; 0 = all at once. Flower's in-memory "
+                                   "state checks every message in flight at every pull, so sending a large "
+                                   "fleet's messages at once costs time quadratic in the fleet; a few thousand "
+                                   "keeps the workers busy at a cost per message that does not grow "
+                                   "(docs/performance.md). round-timeout and handshake-timeout then bound the "
+                                   "whole exchange. No result depends on it.")
     eval_every: int = _opt(1, "Validate through the clients every this many rounds (and at the last).")
     eval_k: int = _opt(10, "Cut-off k of HR@k and NDCG@k (full ranking, history masked).")
     test_rounds: str = _opt("", "Extra comma-separated rounds after which the best-so-far model is also tested "
@@ -718,7 +725,7 @@ def _rules_protocol(c: ExperimentConfig) -> None:
 
 def _rules_rounds(c: ExperimentConfig) -> None:
     _at_least(c, ("num_rounds", "batch_size", "eval_every", "eval_k", "val_smoothing"), 1)
-    _at_least(c, ("clients_per_round", "val_clients", "stop_patience"), 0)
+    _at_least(c, ("clients_per_round", "val_clients", "stop_patience", "exchange_window"), 0)
     _finite(c, ("local_lr", "server_lr"), positive=True)
     _finite(c, ("round_timeout", "handshake_timeout", "local_clip_norm"), positive=False)
     _check(0 < c.reply_poll_interval <= 60, "reply-poll-interval", c.reply_poll_interval, "a number in (0, 60]")

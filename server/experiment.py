@@ -47,7 +47,7 @@ class Experiment:
         self.profile = Profile()
         self.transport = Transport(out, round_timeout=cfg.round_timeout, wire_payloads=cfg.wire_payloads,
                                    profile=self.profile, handshake_timeout=cfg.handshake_timeout,
-                                   poll=cfg.reply_poll_interval)
+                                   poll=cfg.reply_poll_interval, window=cfg.exchange_window)
         self.cum_bytes, self.extra_tests, self.wall_before = 0, {}, 0.0
         self.rounds_run, self.stopped = 0, ""
 
@@ -205,7 +205,9 @@ class Experiment:
         if stop and stop["rounds_trained"] > ev.best[1]:  # the last model the budget allowed
             res = ev.validate(grid, self.protocol.state, stop["rounds_trained"])
             log.info("privacy stop: model of round %d, val NDCG@%d %.4f", stop["rounds_trained"], k, res["ndcg"])
+        t_test = time.perf_counter()
         test = ev.test(grid, "test_per_client.csv")
+        test_s = time.perf_counter() - t_test  # through every client: what grows with the fleet (performance.md)
         rows = read_metrics(self.out / "metrics.csv") if (self.out / "metrics.csv").exists() else []
         best_val, best_round, best_state = ev.best
         summary = {
@@ -222,7 +224,7 @@ class Experiment:
             "nodes_refused": len(self.transport.refused),  # at the handshake (rejections.jsonl, round 0)
             "tests_at_rounds": self.extra_tests, "teacher": self.cloud.teacher_info,
             **ev.tier_summary(grid, test, rows), **(self.privacy.summary() if self.privacy is not None else {}),
-            "wall_seconds": time.perf_counter() - self.t_start, "startup": self.startup,
+            "wall_seconds": time.perf_counter() - self.t_start, "startup": self.startup, "test_s": test_s,
             **({"warm_start": self.warm_start} if self.warm_start is not None else {}),
             "data": population(cfg).dataset.stats.as_dict(),  # what loading found and dropped
         }

@@ -11,11 +11,20 @@ change a result.
 Waiting for replies is :func:`send_and_receive`: on the Deployment Engine, Flower's
 ``Grid.send_and_receive`` loop (push, then pull until every reply is in or the timeout passes)
 with the pause between pulls set by ``reply-poll-interval`` instead of Flower's fixed 3 s,
-which alone added 1.5 s on average to every exchange (docs/devices.md).
+which alone added 1.5 s on average to every exchange (docs/devices.md). With
+``exchange-window`` W, an exchange of more than W messages keeps only W in flight and sends
+the next as replies come in (:func:`windowed`): Flower's state checks every message in flight
+at every pull, so a 100,000-node handshake or test sent at once would cost time quadratic in
+the fleet (docs/performance.md, "100,000 clients").
+
+What an exchange sends is packed once per distinct content and shared by the messages that
+carry it, and so are its byte counts: a 100,000-client test sends one student to everyone and
+measures it once (:meth:`Transport.audit` with ``parts``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -89,10 +98,11 @@ class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
     def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
-                 handshake_timeout: float = 0.0, poll: float = 0.1) -> None:
+                 handshake_timeout: float = 0.0, poll: float = 0.1, window: int = 0) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
         self.handshake_timeout = handshake_timeout
         self.poll = poll  # seconds between pulls while waiting for replies (reply-poll-interval)
+        self.window = window  # messages in flight per exchange (exchange-window; 0: all at once)
         self.wire_log = JsonLines(out / "wire.jsonl")
         self.rejections = JsonLines(out / "rejections.jsonl")
         (out / "rejections.jsonl").touch()  # present (and empty) when nothing was rejected
@@ -107,12 +117,14 @@ class Transport:
         server expects). A node refused, whose handshake failed, or that did not answer within
         ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
         ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run."""
-        msgs = [Message(pack(Content()), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+        question = pack(Content())  # one (empty) content for every node, measured once
+        msgs = [Message(question, dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+        parts = None
         for m in msgs:
-            self.audit("down", m, 0, None)
+            parts = self.audit("down", m, 0, None, parts=parts)
         nodes, claims, answered = {}, [], set()
         for rep in send_and_receive(grid, msgs, timeout=self.handshake_timeout or None, poll=self.poll,
-                                    label=("query", 0)) if msgs else []:
+                                    label=("query", 0), window=self.window) if msgs else []:
             self.audit("up", rep, 0, None)
             answered.add(rep.metadata.src_node_id)
             if rep.has_error():
@@ -157,10 +169,13 @@ class Transport:
         packed: dict[int, object] = {}  # one RecordDict per distinct content
         msgs, sizes = [], {}
         for n, c in items:
-            rd = packed.setdefault(id(c), pack(c))
-            msgs.append(Message(rd, dst_node_id=n.node_id, message_type=kind))
+            if id(c) not in packed:
+                packed[id(c)] = pack(c)
+            msgs.append(Message(packed[id(c)], dst_node_id=n.node_id, message_type=kind))
+        measured: dict[int, dict[str, int]] = {}  # a message's bytes depend on its content only: once per content
         for (n, _), m in zip(items, msgs):
-            parts = self.audit("down", m, r, n.partition_id)
+            parts = self.audit("down", m, r, n.partition_id, parts=measured.get(id(m.content)))
+            measured[id(m.content)] = parts
             if kind in TRAINING_KINDS:
                 self.traffic.add("down", parts)
             sizes[n.partition_id] = (sum(parts.values()), 0)
@@ -168,7 +183,7 @@ class Transport:
         down = sum(d for d, _ in sizes.values())
         up, out, answered, errors = 0, [], set(), []
         for rep in send_and_receive(grid, msgs, timeout=self.round_timeout or None, poll=self.poll,
-                                    label=(kind, r)) if msgs else []:
+                                    label=(kind, r), window=self.window) if msgs else []:
             node = by_id.get(rep.metadata.src_node_id)
             if node is None:
                 continue
@@ -199,12 +214,17 @@ class Transport:
             self.traffic.add("down", parts)
         return sum(parts.values())
 
-    def audit(self, direction: str, msg: Message, r: int, partition_id: int | None) -> dict[str, int]:
+    def audit(self, direction: str, msg: Message, r: int, partition_id: int | None,
+              parts: dict[str, int] | None = None) -> dict[str, int]:
         """One wire.jsonl line per message, in both directions (docs/privacy.md), and with
         ``wire-payloads`` every value it carries; returns its serialised size in bytes split by
-        content (docs/communication.md), which sums to the message's size."""
+        content (docs/communication.md), which sums to the message's size. ``parts``: that size
+        as already measured on a message of the same content and type (the serialised size
+        counts every random id at full width, so it depends on the content only,
+        wire.message_nbytes), not measured again."""
         with self.profile.timed("audit_s"):
-            parts = {} if msg.has_error() else message_nbytes_by_part(msg, part_of)
+            if parts is None:
+                parts = {} if msg.has_error() else message_nbytes_by_part(msg, part_of)
             self.seq += 1
             node = msg.metadata.dst_node_id if direction == "down" else msg.metadata.src_node_id
             line = {"seq": self.seq, "round": r, "direction": direction, "node_id": node,
@@ -244,15 +264,19 @@ def _fingerprint(content: Content) -> Fingerprint | None:
 
 
 def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,
-                     label: tuple[str, int] = ("", 0)) -> list[Message]:
+                     label: tuple[str, int] = ("", 0), window: int = 0) -> list[Message]:
     """The replies to ``messages`` (all, or those in by ``timeout`` seconds; None: no limit).
 
-    On Flower's ``HttpGrid`` (the Deployment Engine), which waits a fixed 3 s between pulls,
-    :func:`poll_replies` runs the same loop with ``poll`` seconds between pulls. Any other Grid
-    answers with its own ``send_and_receive`` (the simulation's ``InMemoryGrid`` pulls every
-    0.1 s already). With ``FEDKD_PROFILE_DIR`` set, records when the messages were pushed and
-    each reply pulled (``label``: the message kind and round, for the record).
+    With ``window`` (``exchange-window``) smaller than the number of messages, :func:`windowed`
+    keeps at most ``window`` in flight. Otherwise, on Flower's ``HttpGrid`` (the Deployment
+    Engine), which waits a fixed 3 s between pulls, :func:`poll_replies` runs the same loop with
+    ``poll`` seconds between pulls. Any other Grid answers with its own ``send_and_receive``
+    (the simulation's ``InMemoryGrid`` pulls every 0.1 s already). With ``FEDKD_PROFILE_DIR``
+    set, records when the messages were pushed and each reply pulled (``label``: the message
+    kind and round, for the record).
     """
+    if 0 < window < len(messages):
+        return windowed(grid, messages, timeout=timeout, poll=poll, window=window, label=label)
     if _HttpGrid is not None and isinstance(grid, _HttpGrid):
         return poll_replies(grid, messages, timeout=timeout, poll=poll, label=label)
     started = timeline.now()
@@ -277,6 +301,45 @@ def poll_replies(grid: Grid, messages: list[Message], *, timeout: float | None, 
         replies += got
         ids.difference_update(rep.metadata.reply_to_message_id for rep in got)
         if not ids:
+            break
+        time.sleep(poll)
+    return replies
+
+
+def windowed(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float, window: int,
+             label: tuple[str, int] = ("", 0)) -> list[Message]:
+    """Flower's push-then-pull loop with at most ``window`` messages in flight: push the first
+    ``window``, then after every pull push as many more as replies came in, until every reply
+    is in or ``timeout`` seconds have passed since the first push (None: no limit); a message
+    not yet pushed by then gets no reply, like one whose reply is late.
+
+    Why: Flower's in-memory LinkState checks (expiry, node availability) every message it is
+    asked about at every pull, under the lock the simulation's workers need to store their
+    replies, and the engine's dispatcher scans the stored messages every 0.1 s; a pull costs
+    the messages in flight. All 100,000 of a test at once make each pull and sweep cost a
+    100,000-message scan, about ten times a second for the whole test. A window a few
+    thousand deep still holds far more messages than the workers can answer between two
+    pulls (fewer than a hundred on 2 cores), so it never leaves them idle.
+    """
+    started = timeline.now()
+    end = time.time() + timeout if timeout is not None else None
+    queue = iter(messages)
+    in_flight: set[str] = set()
+
+    def push() -> None:  # until the window is full or nothing is left (a message Flower refuses gets no id)
+        while len(in_flight) < window and (batch := list(itertools.islice(queue, window - len(in_flight)))):
+            in_flight.update(grid.push_messages(batch))
+
+    push()
+    pushed = timeline.now()
+    replies: list[Message] = []
+    while in_flight:
+        got = list(grid.pull_messages(set(in_flight)))
+        _record(got, label, started, pushed, timeline.now())
+        replies += got
+        in_flight.difference_update(rep.metadata.reply_to_message_id for rep in got)
+        push()
+        if not in_flight or (end is not None and time.time() >= end):
             break
         time.sleep(poll)
     return replies

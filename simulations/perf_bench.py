@@ -53,6 +53,11 @@ FLEETS = {
                "full MovieLens-100K edge fleet (754 clients), every client every round"),
     "synthetic10k": ({"synthetic-users": 12500, "clients-per-round": 100},
                      "10,000 synthetic clients, 100 sampled per round"),
+    # issue 19's large fleet: validation every round on a fixed sample of 1,000, the test through
+    # every client, at most 2,000 messages in flight (docs/performance.md, "100,000 clients")
+    "synthetic100k": ({"synthetic-users": 125000, "clients-per-round": 100, "val-clients": 1000, "eval-every": 1,
+                       "exchange-window": 2000},
+                      "100,000 synthetic clients, 100 sampled per round, validation on 1,000, test on all"),
 }
 
 
@@ -257,6 +262,7 @@ def bench_fleet(args, fleet: str) -> dict:
             "bare_total_steps": best["total_steps"], "sim_total_steps": round(sim_steps),
             "first_round_s": sim.first_round_s, "startup_s": sim.startup_s, "wall_s": sim.wall_s,
             "cloud_setup_s": sim.summary["startup"]["cloud_setup_s"], "handshake_s": sim.summary["startup"]["handshake_s"],
+            "test_s": sim.summary.get("test_s", float("nan")),
             "peak_pss_mb": sim.peak_pss_mb, "peak_rss_mb": sim.peak_rss_mb, "bytes_per_round": bytes_round,
             "timing": sim.rounds}
 
@@ -330,6 +336,14 @@ def render(results: dict, args) -> str:
                          f"{f['first_round_s']:.1f} | {f['startup_s']:.1f} ({f['startup_s'] - f['cloud_setup_s'] - f['handshake_s']:.1f} + "
                          f"{f['cloud_setup_s']:.1f} + {f['handshake_s']:.1f}) | {f['wall_s']:.0f} | "
                          f"{f['peak_pss_mb']:.0f} / {f['peak_rss_mb']:.0f} | {f['bytes_per_round'] / 1e3:.0f} kB |")
+        lines += ["", "What grows with the fleet: the handshake (every node) and the final test (every client).", "",
+                  "| fleet | clients | handshake s | ms per node | test s | ms per client |",
+                  "|" + "---|" * 6]
+        for f in fleets:
+            test_s = f.get("test_s", float("nan"))
+            lines.append(f"| {f['fleet']} | {f['clients']} | {f['handshake_s']:.1f} | "
+                         f"{1e3 * f['handshake_s'] / max(f['clients'], 1):.2f} | {test_s:.1f} | "
+                         f"{1e3 * test_s / max(f['clients'], 1):.2f} |")
         lines += ["", "Bare loop, updates/s by torch threads: " + "; ".join(
             f"{f['fleet']}: " + ", ".join(f"{b['threads']}: {b['updates_per_s']:.1f}" for b in f["bare"])
             for f in fleets), ""]

@@ -38,6 +38,7 @@ def test_unknown_key_is_named_with_suggestions():
     ("student-dim", 10, "a multiple of student-heads"),
     ("data-min-interactions", 2, "leave-one-out"),
     ("experiment-name", "a/b", "without '/'"),
+    ("exchange-window", -1, "'exchange-window' has invalid value -1: allowed an integer >= 0"),
 ])
 def test_bad_values_say_key_value_and_what_is_allowed(key, value, fragment):
     overrides = {key: value}
