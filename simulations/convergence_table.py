@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, default=ROOT / "docs/convergence.csv", help="Output CSV (default: %(default)s).")
     p.add_argument("--doc", type=Path, default=ROOT / "docs/convergence.md",
                    help="Page whose <!-- convergence --> block gets the tables (default: %(default)s).")
+    p.add_argument("--results", type=Path, default=ROOT / "docs/results.md",
+                   help="Page whose <!-- baselines-converged --> block gets the same tables, as the baseline "
+                        "table at the converged settings (default: %(default)s).")
     args = p.parse_args(argv)
     central = central_rows(args.central)
     cval = {(r["cloud_fraction"], r["seed"]): r["val_ndcg10"] for r in central}
@@ -250,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     img = args.doc.parent / "img"
     img.mkdir(exist_ok=True)
     figs = plot(runs, refs, img)
-    text = tables(rows, runs, args.share, cval) + "\n" + "\n".join(f"![{f.stem}](img/{f.name})" for f in figs)
-    splice(args.doc, "convergence", text)
+    table = tables(rows, runs, args.share, cval)
+    splice(args.doc, "convergence", table + "\n" + "\n".join(f"![{f.stem}](img/{f.name})" for f in figs))
+    splice(args.results, "baselines-converged",
+           "Command: `fedkd sweep simulations/sweeps/convergence.toml --set data-path=<ml-100k>/u.data`, then "
+           "`python -m simulations.convergence_table` (settings, curves and the centralized reference: "
+           "[convergence.md](convergence.md)).\n\n" + table)
     print(f"{len(rows)} rows -> {args.csv}; tables -> {args.doc}; plots: {', '.join(str(f) for f in figs)}")
     return 0
 
