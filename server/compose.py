@@ -47,7 +47,8 @@ def compose(exp, grid: Grid) -> None:
     t_warm = time.perf_counter()
     pop = population(cfg)  # loaded by the cloud already; the fingerprints every device must have
     nodes = exp.transport.handshake(grid, admit=functools.partial(
-        shards.admit, num_partitions=pop.num_clients, expected=lambda pid: shards.fingerprint(cfg, pop, pid)))
+        shards.admit, num_partitions=pop.num_clients, expected=lambda pid: shards.fingerprint(cfg, pop, pid)),
+        expected=pop.num_clients)
     if not nodes:
         raise RuntimeError("no client passed the handshake (rejections.jsonl says why); nothing to train")
     exp.startup = {"cloud_setup_s": t_cloud - t0, "warm_start_s": t_warm - t_cloud,

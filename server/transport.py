@@ -110,15 +110,17 @@ class Transport:
         self.seq = 0
         self.refused: list[Refusal] = []  # nodes refused at the handshake
 
-    def handshake(self, grid: Grid, *, admit: Callable[[list[Claim]], tuple[list[Claim], list[Refusal]]] | None = None
-                  ) -> list[Node]:
+    def handshake(self, grid: Grid, *, admit: Callable[[list[Claim]], tuple[list[Claim], list[Refusal]]] | None = None,
+                  expected: int = 0) -> list[Node]:
         """Ask every connected node who it is (partition, tier, examples, the fingerprint of its
         data) and keep the nodes ``admit`` accepts (``fedkd.shards.admit`` with the fingerprints the
         server expects). A node refused, whose handshake failed, or that did not answer within
         ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
-        ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run."""
+        ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run. The nodes
+        asked are those connected once ``expected`` are, or once no more arrive
+        (:func:`wait_for_nodes`)."""
         question = pack(Content())  # one (empty) content for every node, measured once
-        msgs = [Message(question, dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+        msgs = [Message(question, dst_node_id=n, message_type="query") for n in wait_for_nodes(grid, expected)]
         parts = None
         for m in msgs:
             parts = self.audit("down", m, 0, None, parts=parts)
@@ -261,6 +263,35 @@ def _fingerprint(content: Content) -> Fingerprint | None:
         return Fingerprint.from_dict(content.configs["fingerprint"])
     except (KeyError, ValueError):
         return None
+
+
+NODES_SETTLE_S = 5.0  # no new node for this long: the fleet is all there is
+
+
+def wait_for_nodes(grid: Grid, expected: int, *, settle: float = NODES_SETTLE_S, poll: float = 0.2) -> list[int]:
+    """The grid's node ids once ``expected`` nodes are connected, or once none has arrived for
+    ``settle`` seconds (a deployment with fewer devices than partitions runs with those it has).
+
+    Why: Flower's simulation engine registers its nodes in one thread while the ServerApp starts
+    in another. With a cached teacher and 100,000 nodes (about a millisecond each) the ServerApp
+    asked before registration ended and ran with the 15,231 nodes there were then, measured. A
+    node that connects after this still takes no part, as before."""
+    ids, last, changed = list(grid.get_node_ids()), -1, time.monotonic()
+    said = time.monotonic()
+    while len(ids) < expected:
+        now = time.monotonic()
+        if len(ids) != last:
+            last, changed = len(ids), now
+        elif now - changed >= settle:
+            log.warning("%d of %d nodes connected and none for %.0f s: the run goes on with them",
+                        len(ids), expected, settle)
+            break
+        if now - said >= 10:
+            log.info("waiting for nodes: %d of %d connected", len(ids), expected)
+            said = now
+        time.sleep(poll)
+        ids = list(grid.get_node_ids())
+    return ids
 
 
 def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float,

@@ -197,3 +197,29 @@ def test_a_devices_footprint_is_computed_once_per_width_not_once_per_device(monk
     widths = [width_for(p, model, cfg.widths) for p in fleet_profiles(cfg, 50)]
     assert len(widths) == 50 and sorted(calls) == sorted(cfg.widths)
     schedule.footprint_mb.cache_clear()
+
+
+class _Registering:
+    """A grid whose nodes register a few per call to ``get_node_ids``, up to ``total``, as
+    Flower's simulation engine registers them in its own thread while the ServerApp starts."""
+
+    def __init__(self, total: int, per_call: int):
+        self.total, self.per_call, self.calls = total, per_call, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(range(min(self.total, self.calls * self.per_call)))
+
+
+def test_the_handshake_waits_for_every_expected_node_to_register():
+    from server.transport import wait_for_nodes
+    grid = _Registering(total=50, per_call=10)
+    assert wait_for_nodes(grid, 50, poll=0.001) == list(range(50))  # not the 10 there at first
+    assert grid.calls == 5
+
+
+def test_a_fleet_smaller_than_expected_goes_on_once_no_node_arrives(caplog):
+    from server.transport import wait_for_nodes
+    grid = _Registering(total=30, per_call=10)
+    assert wait_for_nodes(grid, 50, settle=0.05, poll=0.001) == list(range(30))
+    assert "30 of 50 nodes connected" in caplog.text
