@@ -320,21 +320,9 @@ def poll_replies(grid: Grid, messages: list[Message], *, timeout: float | None, 
                  label: tuple[str, int] = ("", 0)) -> list[Message]:
     """Flower's ``Grid.send_and_receive`` loop, pulling every ``poll`` seconds: push every
     message, then pull the replies to them until all are in or ``timeout`` seconds have passed
-    (None: no limit), exactly as Flower's loop does; only the pause between pulls differs."""
-    started = timeline.now()
-    ids = set(grid.push_messages(messages))
-    pushed = timeline.now()
-    end = time.time() + (timeout if timeout is not None else 0.0)
-    replies: list[Message] = []
-    while timeout is None or time.time() < end:
-        got = list(grid.pull_messages(ids))
-        _record(got, label, started, pushed, timeline.now())
-        replies += got
-        ids.difference_update(rep.metadata.reply_to_message_id for rep in got)
-        if not ids:
-            break
-        time.sleep(poll)
-    return replies
+    (None: no limit), exactly as Flower's loop does; only the pause between pulls differs. It
+    is :func:`windowed` with a window that holds every message."""
+    return windowed(grid, messages, timeout=timeout, poll=poll, window=max(1, len(messages)), label=label)
 
 
 def windowed(grid: Grid, messages: list[Message], *, timeout: float | None, poll: float, window: int,
@@ -364,13 +352,13 @@ def windowed(grid: Grid, messages: list[Message], *, timeout: float | None, poll
     push()
     pushed = timeline.now()
     replies: list[Message] = []
-    while in_flight:
+    while in_flight and (end is None or time.time() < end):  # Flower's loop: the deadline before each pull
         got = list(grid.pull_messages(set(in_flight)))
         _record(got, label, started, pushed, timeline.now())
         replies += got
         in_flight.difference_update(rep.metadata.reply_to_message_id for rep in got)
         push()
-        if not in_flight or (end is not None and time.time() >= end):
+        if not in_flight:
             break
         time.sleep(poll)
     return replies
