@@ -16,6 +16,7 @@ import time
 from flwr.serverapp import Grid
 
 from fedkd import shards
+from fedkd.edge import client_data
 from fedkd.local import get_state
 from fedkd.models import build_model, num_parameters
 from fedkd.nested import sub_layout
@@ -46,9 +47,10 @@ def compose(exp, grid: Grid) -> None:
     exp.warm_start = cloud.warm_start(exp.student) if cfg.warms_up else None
     t_warm = time.perf_counter()
     pop = population(cfg)  # loaded by the cloud already; the fingerprints every device must have
-    nodes = exp.transport.handshake(grid, admit=functools.partial(
-        shards.admit, num_partitions=pop.num_clients, expected=lambda pid: shards.fingerprint(cfg, pop, pid)),
-        expected=pop.num_clients)
+    expected = functools.partial(shards.fingerprint, cfg, pop)  # partition id -> the fingerprint it must have
+    nodes = exp.transport.handshake(grid, admit=functools.partial(shards.admit, num_partitions=pop.num_clients,
+                                                                  expected=expected),
+                                    expected=pop.num_clients, describe=describer(cfg, expected))
     if not nodes:
         raise RuntimeError("no client passed the handshake (rejections.jsonl says why); nothing to train")
     exp.startup = {"cloud_setup_s": t_cloud - t0, "warm_start_s": t_warm - t_cloud,
@@ -91,6 +93,20 @@ def compose(exp, grid: Grid) -> None:
         exp.end_of_run.append(membership_step(cfg, exp.out))
     if cfg.reconstruction_attack:
         exp.end_of_run.append(reconstruction_step(cfg, exp.observers.get(ReconstructionAttack.name)))
+
+
+def describer(cfg, expected):
+    """``handshake = "registration-order"``: partition id -> (tier, examples, fingerprint), what a
+    simulated node derived from this run config answers at the handshake, derived the same way
+    (fedkd.edge.client_data); None when every node must be asked (``ask``; secure aggregation,
+    whose handshake carries each device's key)."""
+    if cfg.handshake != "registration-order" or cfg.secure_aggregation:
+        return None
+
+    def describe(pid: int):
+        data = client_data(cfg, pid)
+        return data.tier, len(data.train[1]), expected(pid)
+    return describe
 
 
 def unused_settings(cfg, kd: KDSchedule) -> list[str]:

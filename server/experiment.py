@@ -47,7 +47,8 @@ class Experiment:
         self.profile = Profile()
         self.transport = Transport(out, round_timeout=cfg.round_timeout, wire_payloads=cfg.wire_payloads,
                                    profile=self.profile, handshake_timeout=cfg.handshake_timeout,
-                                   poll=cfg.reply_poll_interval, window=cfg.exchange_window)
+                                   poll=cfg.reply_poll_interval, window=cfg.exchange_window,
+                                   handshake_verify=cfg.handshake_verify, seed=cfg.seed)
         self.cum_bytes, self.extra_tests, self.wall_before = 0, {}, 0.0
         self.rounds_run, self.stopped = 0, ""
 

@@ -42,6 +42,7 @@ from fedkd.codec import PayloadError
 from fedkd.shards import Claim, Fingerprint, Refusal
 from fedkd.results import JsonLines
 from fedkd.traffic import TrafficMeter, part_of
+from server import registration
 from wire import Content, describe_message, message_nbytes_by_part, message_payload, pack, unpack
 
 log = logging.getLogger("fedkd")
@@ -98,9 +99,11 @@ class Transport:
     """Sends contents to nodes over a Grid; measures, logs and checks what comes back."""
 
     def __init__(self, out: Path, *, round_timeout: float, wire_payloads: bool, profile: Profile,
-                 handshake_timeout: float = 0.0, poll: float = 0.1, window: int = 0) -> None:
+                 handshake_timeout: float = 0.0, poll: float = 0.1, window: int = 0, handshake_verify: int = 100,
+                 seed: int = 0) -> None:
         self.out, self.round_timeout, self.wire_payloads, self.profile = out, round_timeout, wire_payloads, profile
         self.handshake_timeout = handshake_timeout
+        self.handshake_verify, self.seed = handshake_verify, seed  # handshake = "registration-order": its check
         self.poll = poll  # seconds between pulls while waiting for replies (reply-poll-interval)
         self.window = window  # messages in flight per exchange (exchange-window; 0: all at once)
         self.wire_log = JsonLines(out / "wire.jsonl")
@@ -111,16 +114,62 @@ class Transport:
         self.refused: list[Refusal] = []  # nodes refused at the handshake
 
     def handshake(self, grid: Grid, *, admit: Callable[[list[Claim]], tuple[list[Claim], list[Refusal]]] | None = None,
-                  expected: int = 0) -> list[Node]:
+                  expected: int = 0, describe: Callable[[int], tuple[int, int, Fingerprint]] | None = None
+                  ) -> list[Node]:
         """Ask every connected node who it is (partition, tier, examples, the fingerprint of its
         data) and keep the nodes ``admit`` accepts (``fedkd.shards.admit`` with the fingerprints the
         server expects). A node refused, whose handshake failed, or that did not answer within
         ``handshake-timeout`` (when set; otherwise the handshake waits for every node) gets a line in
         ``rejections.jsonl`` (round 0, type ``query``) and takes no part in the run. The nodes
         asked are those connected once ``expected`` are, or once no more arrive
-        (:func:`wait_for_nodes`)."""
+        (:func:`wait_for_nodes`).
+
+        With ``describe`` (``handshake = "registration-order"``: a partition's tier, examples and
+        fingerprint as the server derives them), the nodes whose partition the engine's
+        registration order implies are not asked but described so, once a sample of them has
+        answered as implied (server.registration); they pass through ``admit`` like the others."""
+        ids = wait_for_nodes(grid, expected)
+        derived: dict[int, int] = {}
+        ask = ids
+        if describe is not None:
+            p = registration.plan(grid.get_nodes(), ids, num_partitions=expected, verify=self.handshake_verify,
+                                  seed=self.seed)
+            if p.why:
+                log.info("handshake: asking every node (%s)", p.why)
+            derived, ask = p.derived, p.ask
+        nodes, claims = self._ask(grid, ask)
+        if derived:
+            answered = {n.node_id: n.partition_id for n in nodes.values()}
+            if wrong := registration.disagreements(derived, answered):
+                n, implied, said = wrong[0]
+                log.warning("handshake: %d of the %d nodes asked do not hold the partition their registration "
+                            "order implies (node %s: %d, says %d); asking every node", len(wrong), len(ask), n,
+                            implied, said)
+                asked = set(ask)
+                more_nodes, more_claims = self._ask(grid, [n for n in ids if n not in asked])
+                nodes.update(more_nodes)
+                claims += more_claims
+                derived = {}
+            else:
+                log.info("handshake: %d nodes asked answered as their registration order implies; the other "
+                         "%d are placed by it", len(ask), len(derived) - len(set(ask) & set(derived)))
+        asked = set(ask)
+        for nid, pid in derived.items():
+            if nid not in asked:
+                tier, examples, fp = describe(pid)
+                nodes[nid] = Node(nid, pid, tier, examples)
+                claims.append(Claim(nid, pid, fp))
+        if admit is not None:
+            admitted, refused = admit(claims)
+            for refusal in refused:
+                self.refuse(refusal)
+            nodes = {c.node_id: nodes[c.node_id] for c in admitted}
+        return sorted(nodes.values(), key=lambda n: n.partition_id)
+
+    def _ask(self, grid: Grid, node_ids: list[int]) -> tuple[dict[int, Node], list[Claim]]:
+        """The handshake question to ``node_ids``: the nodes that answered, and their claims."""
         question = pack(Content())  # one (empty) content for every node, measured once
-        msgs = [Message(question, dst_node_id=n, message_type="query") for n in wait_for_nodes(grid, expected)]
+        msgs = [Message(question, dst_node_id=n, message_type="query") for n in node_ids]
         parts = None
         for m in msgs:
             parts = self.audit("down", m, 0, None, parts=parts)
@@ -144,12 +193,7 @@ class Transport:
             if m.metadata.dst_node_id not in answered:
                 self.refuse(Refusal(m.metadata.dst_node_id, None, "timeout",
                                     f"no handshake reply within handshake-timeout ({self.handshake_timeout:g} s)"))
-        if admit is not None:
-            admitted, refused = admit(claims)
-            for refusal in refused:
-                self.refuse(refusal)
-            nodes = {c.node_id: nodes[c.node_id] for c in admitted}
-        return sorted(nodes.values(), key=lambda n: n.partition_id)
+        return nodes, claims
 
     def refuse(self, refusal: Refusal) -> None:
         """Log a node refused at the handshake (fedkd.shards.HANDSHAKE_REASONS) and remember it."""

@@ -35,7 +35,10 @@ CASES: dict[str, dict] = {
     # weak devices train a width-4 slice and fit fewer steps under the deadline; aggregated with
     # the coordinate-wise trimmed mean, ring by ring of the nested widths
     "nested-deadline": {"student-widths": "4,16", "device-trace": str(ROOT / "tests" / "data" / "mixed-trace.csv"),
-                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean"},
+                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean",
+                        # the handshake asks 5 nodes and places the others by the engine's registration
+                        # order: the golden files, written when every node was asked, must not change
+                        "handshake": "registration-order", "handshake-verify": 5},
     "secagg": {"secure-aggregation": True, "clients-per-round": 10},
     "logits-refine": {"protocol": "logits", "teacher-refine-steps": 20, "teacher-refine-lr": 0.01,
                       "num-rounds": 3},

@@ -128,6 +128,10 @@ def test_mixed_fleet_with_a_trace_deadlines_and_nested_widths(golden):
     assert "test_ndcg@10_full_width" in summary and (out / "test_per_client_full_width.csv").is_file()
     assert json.loads((out / "config.json").read_text())["config"]["aggregation"] == "trimmed-mean"
     assert summary["test_model"].endswith("(8-bit, each device its width), scored on the devices")
+    # handshake registration-order: 5 nodes asked (and any registered in the same microsecond as
+    # another), the others placed by the engine's order; the golden files show nothing else changed
+    asked = [ln for ln in map(json.loads, (out / "wire.jsonl").open()) if ln["type"] == "query" and ln["direction"] == "down"]
+    assert 5 <= len(asked) < 40 and "placed by it" in (out / "run.log").read_text()
 
 
 def test_a_finished_run_exports_its_student_for_devices(golden, tmp_path):

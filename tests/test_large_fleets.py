@@ -34,16 +34,23 @@ class _Grid:
     after it was pushed, through the real ClientApp; ``silent`` nodes never answer, ``gone``
     nodes are refused at the push (no message id, as Flower's state does for an unknown node)."""
 
-    def __init__(self, n: int, *, silent=(), gone=()):
+    def __init__(self, n: int, *, silent=(), gone=(), run_config=FLAT, registered=None):
         self.contexts = {100 + p: Context(run_id=1, node_id=100 + p, node_config={"partition-id": p,
                                                                                   "num-partitions": n},
-                                          state=RecordDict(), run_config=dict(FLAT)) for p in range(n)}
+                                          state=RecordDict(), run_config=dict(run_config)) for p in range(n)}
+        # Flower's NodeInfo.registered_at, by default in partition order as the simulation engine registers
+        order = list(self.contexts) if registered is None else registered
+        self.registered = {nid: f"2026-01-01T00:00:{i // 1000:02d}.{i % 1000:03d}000+00:00" for i, nid in enumerate(order)}
         self.silent, self.gone = set(silent), set(gone)
         self.stored: dict[str, Message] = {}
         self.peak, self.pushed, self.whole = 0, 0, []
 
     def get_node_ids(self):
         return list(self.contexts)
+
+    def get_nodes(self):
+        from types import SimpleNamespace
+        return [SimpleNamespace(node_id=n, registered_at=t) for n, t in self.registered.items()]
 
     def push_messages(self, messages):
         ids = []
@@ -223,3 +230,45 @@ def test_a_fleet_smaller_than_expected_goes_on_once_no_node_arrives(caplog):
     grid = _Registering(total=30, per_call=10)
     assert wait_for_nodes(grid, 50, settle=0.05, poll=0.001) == list(range(30))
     assert "30 of 50 nodes connected" in caplog.text
+
+
+def _registration_handshake(tmp_path, grid: _Grid, flat: dict):
+    import functools
+
+    from fedkd import shards
+    from server.compose import describer
+    cfg = ExperimentConfig.from_flat(flat)
+    pop = population(cfg)
+    expected = functools.partial(shards.fingerprint, cfg, pop)
+    transport = _transport(tmp_path, handshake_verify=cfg.handshake_verify, seed=cfg.seed)
+    nodes = transport.handshake(grid, admit=functools.partial(shards.admit, num_partitions=pop.num_clients,
+                                                              expected=expected),
+                                expected=pop.num_clients, describe=describer(cfg, expected))
+    asked = [ln["node_id"] for ln in _wire(tmp_path) if ln["direction"] == "down"]
+    return [(nd.node_id, nd.partition_id, nd.tier, nd.examples) for nd in nodes], asked
+
+
+REGISTRATION = {**FLAT, "handshake": "registration-order", "handshake-verify": 3}
+
+
+def test_the_registration_order_handshake_asks_a_sample_and_places_the_rest_as_asking_all_would(tmp_path):
+    """The nodes, tiers and example counts it derives are those every node would have answered."""
+    n = population(ExperimentConfig.from_flat(REGISTRATION)).num_clients
+    everyone, asked_all = _registration_handshake(tmp_path / "all", _Grid(n, run_config=REGISTRATION),
+                                                  {**REGISTRATION, "handshake": "ask"})
+    placed, asked = _registration_handshake(tmp_path / "reg", _Grid(n, run_config=REGISTRATION), REGISTRATION)
+    assert len(asked_all) == n and len(asked) == 3
+    assert placed == everyone and [p for _, p, _, _ in placed] == list(range(n))
+    assert {t for _, _, t, _ in placed} == {0, 1}  # both tiers present: the derived tier is checked
+
+
+def test_a_registration_order_that_does_not_match_the_answers_means_asking_every_node(tmp_path, caplog):
+    n = population(ExperimentConfig.from_flat(REGISTRATION)).num_clients
+    everyone, _ = _registration_handshake(tmp_path / "all", _Grid(n, run_config=REGISTRATION),
+                                          {**REGISTRATION, "handshake": "ask"})
+    shuffled = [100 + p for p in np.random.default_rng(0).permutation(n)]  # e.g. a deployment's devices
+    with caplog.at_level("WARNING", logger="fedkd"):
+        placed, asked = _registration_handshake(tmp_path / "reg", _Grid(n, run_config=REGISTRATION,
+                                                                         registered=shuffled), REGISTRATION)
+    assert placed == everyone and sorted(asked) == sorted(100 + p for p in range(n))
+    assert "asking every node" in caplog.text
