@@ -1,6 +1,10 @@
 """The protocols table of docs/results.md, from a finished ``fedkd sweep simulations/sweeps/protocols.toml``.
 
-    python -m simulations.protocols_table outputs/sweeps/protocols
+    python -m simulations.protocols_table outputs/sweeps/protocols \
+        --include outputs/sweeps/convergence:fedkd-c20=fedkd-frozen --include outputs/sweeps/convergence:fedavg-c20=fedavg
+
+``--include`` takes a config's runs from another sweep that ran it with the same settings (the
+protocols spec says which), under the name the table gives it, instead of running them twice.
 
 Mean ± sd over seeds comes from :mod:`simulations.report` (the same numbers as the sweep's
 report.md); on top, each protocol is compared with fedkd (frozen teacher) user by user: a
@@ -11,6 +15,7 @@ the same users and the per-seed spread hides how consistent a difference is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,14 +36,34 @@ WIRE = {  # what a training round sends, by protocol (docs/architecture.md#proto
 }
 
 
-def build(folder: Path, reference: str = "fedkd-frozen") -> str:
+def included(specs: list[str]) -> list:
+    """The finished runs named by ``SWEEP:CONFIG=NAME`` specs, their config renamed NAME."""
+    runs = []
+    for spec in specs:
+        try:
+            where, rename = spec.rsplit(":", 1)
+            config, name = rename.split("=", 1)
+        except ValueError:
+            raise SystemExit(f"--include {spec!r}: expected SWEEP_FOLDER:CONFIG=NAME, e.g. "
+                             "outputs/sweeps/convergence:fedkd-c20=fedkd-frozen") from None
+        found = [r for r in load_sweep(Path(where)).runs if r.config == config]
+        if not found:
+            raise SystemExit(f"--include {spec!r}: the sweep in {where} has no runs of config {config!r}")
+        runs += [dataclasses.replace(r, config=name, name=r.name.replace(config, name, 1)) for r in found]
+    return runs
+
+
+def build(folder: Path, reference: str = "fedkd-frozen", include: list[str] = ()) -> str:
     col = load_sweep(folder)
+    col = dataclasses.replace(col, runs=included(list(include)) + col.runs)
     k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
     rows = aggregate(col.runs, k_metrics)
     done = {r.name: r for r in col.runs if r.status == "finished"}
     ref_runs = {r.seed: r for r in done.values() if r.config == reference}
+    where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    extra = "".join(f" --include {spec}" for spec in include)
     lines = [f"Command: `fedkd sweep simulations/sweeps/protocols.toml --set data-path=<ml-100k>/u.data`, "
-             f"then `python -m simulations.protocols_table {folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}`.",
+             f"then `python -m simulations.protocols_table {where}{extra}`.",
              "",
              f"| protocol (config) | what a round sends | seeds | test NDCG@10 | test HR@10 | MB per round | "
              f"MB up, whole run | clients trained | NDCG@10 vs {reference}, paired 95% CI |",
@@ -82,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="Folder of the protocols sweep (outputs/sweeps/protocols).")
     p.add_argument("--reference", default="fedkd-frozen", help="Config every other one is compared with.")
+    p.add_argument("--include", action="append", default=[], metavar="SWEEP:CONFIG=NAME",
+                   help="Also show the finished runs of CONFIG from the sweep folder SWEEP, as config NAME "
+                        "(one that ran with the same settings; repeatable).")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md",
                    help="Markdown file whose protocols section is replaced.")
     args = p.parse_args(argv)
-    table = build(args.sweep.resolve(), args.reference)
+    table = build(args.sweep.resolve(), args.reference, args.include)
     print(table)
     write_into(args.doc, table)
     return 0

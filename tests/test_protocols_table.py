@@ -58,3 +58,23 @@ def test_rewriting_the_doc_replaces_only_the_table(folder, tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\n\nbefore\n") and text.count("<!-- protocols -->") == 1
     assert "new table" in text and "fedkd-frozen" not in text
+
+
+def test_a_config_run_by_another_sweep_is_included_under_the_tables_name(tmp_path):
+    """fedkd-frozen is the convergence sweep's fedkd-c20 (same settings): the table takes those
+    runs, names them fedkd-frozen, and pairs the others with them user by user."""
+    rng = np.random.default_rng(1)
+    base = {s: rng.uniform(0, 0.3, size=30) for s in (0, 1)}
+    for s in (0, 1):
+        _run(tmp_path / "convergence", "fedkd-c20", s, "params", list(base[s]))
+        _run(tmp_path / "convergence", "fedavg-c20", s, "params", list(base[s] - 0.01))
+        _run(tmp_path / "protocols", "proxy", s, "proxy", list(base[s] - 0.02))
+    table = build(tmp_path / "protocols", include=[f"{tmp_path / 'convergence'}:fedkd-c20=fedkd-frozen"])
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert rows[0].startswith("| params (fedkd-frozen)") and "reference" in rows[0]
+    assert "-0.0200 [-0.0200, -0.0200]" in rows[1] and "fedavg" not in table  # only the config asked for
+    assert "--include " in table.splitlines()[0]
+    with pytest.raises(SystemExit, match="no runs of config 'nope'"):
+        build(tmp_path / "protocols", include=[f"{tmp_path / 'convergence'}:nope=fedkd-frozen"])
+    with pytest.raises(SystemExit, match="SWEEP_FOLDER:CONFIG=NAME"):
+        build(tmp_path / "protocols", include=["no-colon"])
