@@ -1,27 +1,49 @@
 """The privacy/utility table and plot of docs/privacy.md, from a finished privacy sweep.
 
-    python -m simulations.privacy_report outputs/sweeps/privacy [--out docs/privacy.md --img docs/img]
+    python -m simulations.privacy_report outputs/sweeps/privacy --out docs/privacy.md --img docs/img/privacy_vs_epsilon.png
+    python -m simulations.privacy_report outputs/sweeps/private-fleet \\
+        --include outputs/sweeps/convergence:fedkd-c20=no-protection \\
+        --out docs/privacy.md --img docs/img/private_fleet.png
 
-Per configuration (mean ± sd over seeds, from :mod:`simulations.report`): the epsilon the
-accountant reports at the end (``dp_epsilon``; ``inf`` for clipping without noise, ``off``
-for the run without DP), the noise multiplier used, test NDCG@10 and HR@10 and the
-membership-inference AUC. The plot has two panels against epsilon (log scale, ``inf`` drawn
-at the right edge): test NDCG@10 and attack AUC, with the no-DP run as a dashed line.
+A privacy guarantee is only worth its price next to what it buys, so each configuration
+shows both sides, mean ± sd over seeds (:mod:`simulations.report`): the cost (test NDCG@10
+and HR@10) and what the two attacks still get (the membership-inference AUC and the history
+reconstruction's precision@|H|). The DP mode (central, distributed, local) says whom the
+guarantee trusts, and "+ SecAgg" that the server saw only each round's sum, which is also all
+the reconstruction attack saw in those runs. Epsilon is what the accountant reports at the end
+(``dp_epsilon``), not the target: ``inf`` for clipping without noise, ``off`` without DP.
+
+``--include`` borrows a config another sweep already ran with the same settings (the private
+fleet's "no protection" is the convergence sweep's fedkd-c20) instead of running it twice.
+
+The plot draws the panels against epsilon (log scale, ``inf`` at the right edge), one series
+per DP mode, so that modes are compared at equal epsilon; configurations without DP are
+horizontal reference lines, the levels a private fleet is measured against.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.docsplice import SpliceError, markers, splice
-from simulations.report import aggregate, format_stat, load_sweep
+from simulations.report import aggregate, format_stat, include_runs, load_sweep
+from simulations.runs import load_run
 
 SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
-METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", "dp_epsilon", "privacy.noise_multiplier"]
+RECON = "reconstruction_attack.precision@k"  # precision@|H|: k is each attacked history's size
+METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", RECON, "dp_epsilon", "privacy.noise_multiplier"]
+PANELS = (("ndcg", "test NDCG@10 (full ranking)"),
+          ("auc", "membership-inference AUC (loss threshold)"),
+          ("recon", "history reconstruction precision@|H|"))
+MODES = {"central": ("tab:blue", "o"), "distributed": ("tab:orange", "s"), "local": ("tab:purple", "^")}
+REFERENCE_STYLES = (("--", "grey"), ("-.", "tab:green"), (":", "tab:red"), ("--", "tab:brown"),
+                    ("-.", "tab:olive"), (":", "tab:cyan"))
 
 
 def _epsilon(runs) -> float | None:
@@ -37,23 +59,43 @@ def _epsilon(runs) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def table(folder: Path) -> tuple[str, list[dict]]:
+def _mode(runs) -> tuple[str, bool]:
+    """A config's (dp-mode, secure-aggregation), from the config.json of its runs (finished ones
+    first); a config.json without dp-mode falls back to what the summary's accountant says."""
+    for r in sorted(runs, key=lambda r: r.summary is None):
+        try:
+            cfg = load_run(r.dir).config
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        summary_mode = ((r.summary or {}).get("privacy") or {}).get("mode")
+        return str(cfg.get("dp-mode") or summary_mode or "off"), cfg.get("secure-aggregation") is True
+    return "-", False
+
+
+def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
+    """The markdown table, and one point per finished config for :func:`plot`."""
     col = load_sweep(folder)
-    rows = aggregate(col.runs, METRICS)
+    runs = include_runs(include) + col.runs  # borrowed references first: the rows read top-down from them
+    rows = aggregate(runs, METRICS)
     points = []
-    lines = ["| config | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | attack AUC |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | DP mode | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | "
+             "membership AUC | reconstruction precision@\\|H\\| |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        eps = _epsilon([r for r in col.runs if r.config == row.config])
+        group = [r for r in runs if r.config == row.config]
+        eps = _epsilon(group)
+        mode, secagg = _mode(group)
         z = row.stats.get("privacy.noise_multiplier")
         eps_text = ("-" if not row.done else "off (no DP)" if eps is None else "inf" if math.isinf(eps)
                     else f"{eps:.3g}")
-        lines.append(f"| {row.config} | {row.done}/{row.expected} | {eps_text} | {format_stat(z) if z else '-'} | "
+        lines.append(f"| {row.config} | {mode}{' + SecAgg' if secagg else ''} | {row.done}/{row.expected} | "
+                     f"{eps_text} | {format_stat(z) if z else '-'} | "
                      f"{format_stat(row.stats['test_ndcg@10'])} | {format_stat(row.stats['test_hr@10'])} | "
-                     f"{format_stat(row.stats['mia_auc'])} |")
+                     f"{format_stat(row.stats['mia_auc'])} | {format_stat(row.stats[RECON])} |")
         if row.done:
-            points.append({"config": row.config, "epsilon": eps, "ndcg": row.stats["test_ndcg@10"],
-                           "auc": row.stats["mia_auc"]})
+            points.append({"config": row.config, "mode": mode, "secagg": secagg, "epsilon": eps,
+                           "ndcg": row.stats["test_ndcg@10"], "auc": row.stats["mia_auc"],
+                           "recon": row.stats[RECON]})
     return "\n".join(lines) + "\n", points
 
 
@@ -63,29 +105,41 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
     dp = [p for p in points if p["epsilon"] is not None]
     finite = [p["epsilon"] for p in dp if math.isfinite(p["epsilon"])]
     inf_x = (max(finite) * 2.5) if finite else 10.0
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "ndcg", "test NDCG@10 (full ranking)"),
-                           (axes[1], "auc", "membership-inference AUC (loss threshold)")):
-        pts = sorted(((p["epsilon"] if math.isfinite(p["epsilon"]) else inf_x, p[key]) for p in dp if p[key]),
-                     key=lambda t: t[0])
-        if pts:
-            ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.std or 0 for _, s in pts],
-                        marker="o", capsize=3, label="DP (central)")
-        # Every configuration without DP is a reference line: no-dp (what DP costs) and, where the sweep
-        # has it, proxy-only (a student that never saw an edge user: the attack's "nothing revealed").
-        for p, style in zip((p for p in points if p["epsilon"] is None and p[key]),
-                            (("--", "grey"), ("-.", "tab:green"), (":", "tab:red"))):
-            ax.axhline(p[key].mean, ls=style[0], color=style[1], label=p["config"])
+    # a panel no run measured (the reconstruction attack in sweeps older than it) is left out
+    panels = [(key, label) for key, label in PANELS if key == "ndcg" or any(p[key] for p in points)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    labels = {}  # tick label -> position: epsilons equal to 3 digits share a tick
+    for e in sorted(finite):
+        labels.setdefault(f"{e:.3g}", e)
+    if any(math.isinf(p["epsilon"]) for p in dp):
+        labels["inf"] = inf_x
+    modes = [m for m in [*MODES, *sorted({p["mode"] for p in dp} - set(MODES))] if any(p["mode"] == m for p in dp)]
+    # modes at the same epsilon sit side by side (a few % apart on the log axis), so that their
+    # error bars do not hide one another
+    dodge = {m: 1.04 ** (i - (len(modes) - 1) / 2) for i, m in enumerate(modes)}
+    for ax, (key, label) in zip(axes[0], panels):
+        for mode in modes:
+            pts = sorted(((dodge[mode] * (p["epsilon"] if math.isfinite(p["epsilon"]) else inf_x), p[key])
+                          for p in dp if p["mode"] == mode and p[key]), key=lambda t: t[0])
+            if pts:
+                color, marker = MODES.get(mode, (None, "o"))
+                ax.errorbar([x for x, _ in pts], [s.mean for _, s in pts], yerr=[s.std or 0 for _, s in pts],
+                            marker=marker, color=color, capsize=3, label=f"{mode} DP")
+        # Every configuration without DP is a reference line: no protection at all (what DP costs),
+        # secure aggregation alone, and, where the sweep has it, proxy-only (a student that never saw
+        # an edge user: the membership attack's "nothing revealed").
+        refs = [p for p in points if p["epsilon"] is None and p[key]]
+        for p, (ls, color) in zip(refs, itertools.cycle(REFERENCE_STYLES)):
+            ax.axhline(p[key].mean, ls=ls, color=color, label=p["config"])
         if key == "auc":
             ax.axhline(0.5, ls=":", color="black", lw=0.8)
         ax.set_xscale("log")
-        ticks = sorted(set(finite)) + ([inf_x] if any(math.isinf(p["epsilon"]) for p in dp) else [])
-        ax.set_xticks(ticks, [f"{t:.3g}" for t in sorted(set(finite))] + (["inf"] if len(ticks) > len(set(finite)) else []))
+        ax.set_xticks(list(labels.values()), list(labels))
         ax.minorticks_off()
         ax.set_xlabel("epsilon at delta = 1e-5")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     return save_figure(fig, path, dpi=120)
 
@@ -93,21 +147,27 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="The sweep folder (outputs/sweeps/privacy) or any folder of runs.")
+    p.add_argument("--include", action="append", default=[], metavar="SWEEP:CONFIG=NAME",
+                   help="Also show the finished runs of CONFIG from the sweep folder SWEEP, as config NAME, "
+                        "first (one that ran with the same settings; repeatable).")
     p.add_argument("--out", type=Path, default=None,
                    help=f"Markdown file whose {' ... '.join(markers(SECTION))} block gets the table "
                         "(default: print it).")
     p.add_argument("--img", type=Path, default=None,
                    help="The plot's file (default: FOLDER/privacy_vs_epsilon.png).")
     args = p.parse_args(argv)
-    text, points = table(args.folder)
+    text, points = table(args.folder, args.include)
     img = plot(points, args.img or args.folder / "privacy_vs_epsilon.png", f"privacy sweep: {args.folder.name}")
     print(text)
     print(f"plot: {img}")
     if args.out:
         link = os.path.relpath(img.resolve(), args.out.resolve().parent)
+        command = " ".join(["python -m simulations.privacy_report", str(args.folder),
+                            *(f"--include {spec}" for spec in args.include), f"--out {args.out}",
+                            *([f"--img {args.img}"] if args.img else [])])
         try:
-            splice(args.out, SECTION, f"Command: `python -m simulations.privacy_report {args.folder} --out {args.out}`"
-                                      f"\n\n{text}\n![NDCG@10 and attack AUC vs epsilon]({link})\n")
+            splice(args.out, SECTION, f"Command: `{command}`\n\n{text}\n"
+                                      f"![NDCG@10 and the attacks vs epsilon]({link})\n")
         except SpliceError as exc:
             print(f"{exc}; table not written", file=sys.stderr)
             return 1

@@ -4,7 +4,8 @@
         --include outputs/sweeps/convergence:fedkd-c20=fedkd-frozen --include outputs/sweeps/convergence:fedavg-c20=fedavg
 
 ``--include`` takes a config's runs from another sweep that ran it with the same settings (the
-protocols spec says which), under the name the table gives it, instead of running them twice.
+protocols spec says which), under the name the table gives it, instead of running them twice
+(:func:`simulations.report.include_runs`, shared with the privacy report).
 
 Mean ± sd over seeds comes from :mod:`simulations.report` (the same numbers as the sweep's
 report.md); on top, each protocol is compared with fedkd (frozen teacher) user by user: a
@@ -24,7 +25,7 @@ import numpy as np
 from fedkd.stats import paired_bootstrap
 from simulations import ROOT
 from simulations.docsplice import splice
-from simulations.report import aggregate, format_stat, load_sweep
+from simulations.report import aggregate, format_stat, include_runs, load_sweep
 from simulations.runs import load_run
 
 SECTION = "protocols"  # the block of --doc this table fills (simulations/docsplice.py)
@@ -36,26 +37,9 @@ WIRE = {  # what a training round sends, by protocol (docs/architecture.md#proto
 }
 
 
-def included(specs: list[str]) -> list:
-    """The finished runs named by ``SWEEP:CONFIG=NAME`` specs, their config renamed NAME."""
-    runs = []
-    for spec in specs:
-        try:
-            where, rename = spec.rsplit(":", 1)
-            config, name = rename.split("=", 1)
-        except ValueError:
-            raise SystemExit(f"--include {spec!r}: expected SWEEP_FOLDER:CONFIG=NAME, e.g. "
-                             "outputs/sweeps/convergence:fedkd-c20=fedkd-frozen") from None
-        found = [r for r in load_sweep(Path(where)).runs if r.config == config]
-        if not found:
-            raise SystemExit(f"--include {spec!r}: the sweep in {where} has no runs of config {config!r}")
-        runs += [dataclasses.replace(r, config=name, name=r.name.replace(config, name, 1)) for r in found]
-    return runs
-
-
 def build(folder: Path, reference: str = "fedkd-frozen", include: list[str] = ()) -> str:
     col = load_sweep(folder)
-    col = dataclasses.replace(col, runs=included(list(include)) + col.runs)
+    col = dataclasses.replace(col, runs=include_runs(include) + col.runs)
     k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
     rows = aggregate(col.runs, k_metrics)
     done = {r.name: r for r in col.runs if r.status == "finished"}

@@ -20,7 +20,7 @@ import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,34 @@ def load_sweep(folder: Path) -> Collection:
                 for r in planned]
         return Collection(spec["name"], list(spec.get("metrics") or DEFAULT_METRICS), runs)
     return Collection(folder.name, list(DEFAULT_METRICS), _scan(folder))
+
+
+def include_runs(specs: Sequence[str]) -> list[RunRecord]:
+    """The runs named by ``SWEEP:CONFIG=NAME`` specs (``--include``), their config renamed NAME.
+
+    A table may need a config that another sweep already ran with the same settings (the
+    convergence sweep's fedkd-c20 is the protocols table's fedkd-frozen and the private fleet's
+    "no protection"): borrowing its runs saves running them twice. The spec must name a config
+    the sweep has, so that a typo fails here instead of silently dropping a row.
+    """
+    runs = []
+    for spec in specs:
+        try:
+            where, rename = spec.rsplit(":", 1)
+            config, name = rename.split("=", 1)
+            if not (where and config and name):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--include {spec!r}: expected SWEEP_FOLDER:CONFIG=NAME, e.g. "
+                             "outputs/sweeps/convergence:fedkd-c20=fedkd-frozen") from None
+        try:
+            found = [r for r in load_sweep(Path(where)).runs if r.config == config]
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--include {spec!r}: cannot read the sweep in {where} ({exc})") from None
+        if not found:
+            raise SystemExit(f"--include {spec!r}: the sweep in {where} has no runs of config {config!r}")
+        runs += [replace(r, config=name, name=r.name.replace(config, name, 1)) for r in found]
+    return runs
 
 
 def _record(name: str, config: str, seed: int | None, run_dir: Path, expected: Mapping | None) -> RunRecord:
