@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Also show the finished runs of CONFIG from the sweep folder SWEEP, as config NAME, "
                         "first (one that ran with the same settings; repeatable).")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"Markdown file whose {' ... '.join(markers(SECTION))} block gets the table "
-                        "(default: print it).")
+                   help=f"Markdown file whose {' ... '.join(markers(SECTION))} block (or --section's) gets "
+                        "the table (default: print it).")
+    p.add_argument("--section", default=SECTION,
+                   help="Name of the block of --out to fill, so that each sweep keeps its own table "
+                        "(private-fleet: <!-- private-fleet --> ... <!-- /private-fleet -->).")
     p.add_argument("--img", type=Path, default=None,
                    help="The plot's file (default: FOLDER/privacy_vs_epsilon.png).")
     args = p.parse_args(argv)
@@ -164,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         link = os.path.relpath(img.resolve(), args.out.resolve().parent)
         command = " ".join(["python -m simulations.privacy_report", str(args.folder),
                             *(f"--include {spec}" for spec in args.include), f"--out {args.out}",
+                            *([f"--section {args.section}"] if args.section != SECTION else []),
                             *([f"--img {args.img}"] if args.img else [])])
         try:
-            splice(args.out, SECTION, f"Command: `{command}`\n\n{text}\n"
+            splice(args.out, args.section, f"Command: `{command}`\n\n{text}\n"
                                       f"![NDCG@10 and the attacks vs epsilon]({link})\n")
         except SpliceError as exc:
             print(f"{exc}; table not written", file=sys.stderr)

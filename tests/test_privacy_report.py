@@ -144,6 +144,18 @@ def test_the_plot_has_a_series_per_mode_and_references_as_lines(fleet, tmp_path,
     assert "| no-protection | off | 2/2 |" in new and "](img/private_fleet.png)" in new
 
 
+def test_a_section_fills_its_own_block_and_leaves_the_other_sweeps_table(fleet, tmp_path):
+    folder, conv, _ = fleet
+    doc = tmp_path / "privacy.md"
+    doc.write_text("<!-- privacy -->\nold sweep's table\n<!-- /privacy -->\n\n"
+                   "<!-- private-fleet -->\n(not run yet)\n<!-- /private-fleet -->\n")
+    assert main([str(folder), "--include", f"{conv}:fedkd-c20=no-protection", "--out", str(doc),
+                 "--section", "private-fleet", "--img", str(tmp_path / "p.png")]) == 0
+    new = doc.read_text()
+    assert "old sweep's table" in new and "(not run yet)" not in new
+    assert "--section private-fleet" in new and new.index("| no-protection |") > new.index("<!-- private-fleet -->")
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no-colon", "expected SWEEP_FOLDER:CONFIG=NAME"),
     ("{conv}:fedkd-c20", "expected SWEEP_FOLDER:CONFIG=NAME"),
