@@ -37,7 +37,8 @@ from simulations.runs import load_run
 
 SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
 RECON = "reconstruction_attack.precision@k"  # precision@|H|: k is each attacked history's size
-METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", RECON, "dp_epsilon", "privacy.noise_multiplier"]
+RECON_BASE = ("reconstruction_attack.popularity_precision@k", "reconstruction_attack.random_precision@k")
+METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", RECON, *RECON_BASE, "dp_epsilon", "privacy.noise_multiplier"]
 PANELS = (("ndcg", "test NDCG@10 (full ranking)"),
           ("auc", "membership-inference AUC (loss threshold)"),
           ("recon", "history reconstruction precision@|H|"))
@@ -79,8 +80,8 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
     rows = aggregate(runs, METRICS)
     points = []
     lines = ["| config | DP mode | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | "
-             "membership AUC | reconstruction precision@\\|H\\| |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "membership AUC | reconstruction precision@\\|H\\| | its baselines: popularity / chance |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         group = [r for r in runs if r.config == row.config]
         eps = _epsilon(group)
@@ -91,12 +92,20 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
         lines.append(f"| {row.config} | {mode}{' + SecAgg' if secagg else ''} | {row.done}/{row.expected} | "
                      f"{eps_text} | {format_stat(z) if z else '-'} | "
                      f"{format_stat(row.stats['test_ndcg@10'])} | {format_stat(row.stats['test_hr@10'])} | "
-                     f"{format_stat(row.stats['mia_auc'])} | {format_stat(row.stats[RECON])} |")
+                     f"{format_stat(row.stats['mia_auc'])} | {format_stat(row.stats[RECON])} | "
+                     f"{_baselines(row.stats)} |")
         if row.done:
             points.append({"config": row.config, "mode": mode, "secagg": secagg, "epsilon": eps,
                            "ndcg": row.stats["test_ndcg@10"], "auc": row.stats["mia_auc"],
                            "recon": row.stats[RECON]})
     return "\n".join(lines) + "\n", points
+
+
+def _baselines(stats) -> str:
+    """The guesses the attack must beat (the most popular items; random items): without them a
+    precision cannot be read, and chance differs between a client's update and a round's sum."""
+    pop, chance = (stats.get(k) for k in RECON_BASE)
+    return "n/a" if pop is None or chance is None else f"{pop.mean:.3f} / {chance.mean:.3f}"
 
 
 def plot(points: list[dict], path: Path, title: str) -> Path:

@@ -45,7 +45,7 @@ def test_table_and_plot_from_a_folder_of_runs(tmp_path):
     assert rows["eps-4"]["epsilon"] == 3.99 and rows["eps-4"]["ndcg"].mean == 0.11
     assert rows["eps-4"]["recon"] is None  # no run measured it
     assert "| eps-4 | central | 2/2 | 3.99 | 1.4500" in text and "| no-dp | off | 1/2 | off (no DP)" in text
-    assert _cells(text, "eps-4")[-1] == "n/a"
+    assert _cells(text, "eps-4")[-2:] == ["n/a", "n/a"]
     doc = tmp_path / "doc.md"
     doc.write_text("before\n<!-- privacy -->\nold\n<!-- /privacy -->\nafter\n")
     assert main([str(tmp_path), "--out", str(doc), "--img", str(tmp_path / "img" / "p.png")]) == 0
@@ -102,15 +102,16 @@ def test_rows_of_a_mixed_sweep_show_mode_epsilon_and_reconstruction(fleet):
 
     ref = _cells(text, "no-protection")
     assert ref[1:4] == ["off", "2/2", "off (no DP)"]
-    assert ref[-1] == f"{np.mean([0.97, 0.95]):.4f} ± {np.std([0.97, 0.95], ddof=1):.4f}"  # 0.9600 ± 0.0141
+    assert ref[-2] == f"{np.mean([0.97, 0.95]):.4f} ± {np.std([0.97, 0.95], ddof=1):.4f}"  # 0.9600 ± 0.0141
+    assert ref[-1] == "0.300 / 0.060"  # the attack's baselines: popularity / chance
 
     for config, mode, eps in (("central-eps4", "central", "4"), ("distributed-eps4", "distributed + SecAgg", "4"),
                               ("secagg", "off + SecAgg", "off (no DP)")):
         row = _cells(text, config)
         assert row[1:4] == [mode, "2/2", eps], row
         prec = [made[(config, s)]["reconstruction_attack"]["precision@k"] for s in (0, 1)]
-        assert row[-1] == f"{np.mean(prec):.4f} ± {np.std(prec, ddof=1):.4f}", row
-        assert row[-2] == f"{made[(config, 0)]['mia_auc']:.4f} ± 0.0000"
+        assert row[-2] == f"{np.mean(prec):.4f} ± {np.std(prec, ddof=1):.4f}", row
+        assert row[-3] == f"{made[(config, 0)]['mia_auc']:.4f} ± 0.0000"
 
     by = {p["config"]: p for p in points}
     assert by["central-eps4"]["epsilon"] == pytest.approx(4.0) and by["central-eps4"]["mode"] == "central"
