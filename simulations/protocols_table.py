@@ -82,9 +82,10 @@ def _versus(runs, ref_runs, is_ref: bool) -> str:
     return f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}] ({m / max(np.mean(b), 1e-12):+.0%})"
 
 
-def write_into(doc: Path, table: str) -> None:
-    """Replace the protocols block of ``doc`` (a page without one gets it as a new section)."""
-    splice(doc, SECTION, table, heading="## Protocols on MovieLens-100K")
+def write_into(doc: Path, table: str, section: str = SECTION) -> None:
+    """Replace the ``section`` block of ``doc`` (a page without one gets it as a new section)."""
+    splice(doc, section, table, heading="## Protocols on MovieLens-100K" if section == SECTION
+           else f"## Protocols on MovieLens-100K ({section})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                         "(one that ran with the same settings; repeatable).")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md",
                    help="Markdown file whose protocols section is replaced.")
+    p.add_argument("--section", default=SECTION,
+                   help="Name of the block of --doc to fill (<!-- NAME --> ... <!-- /NAME -->), e.g. to keep "
+                        "an earlier table beside a new one while the new sweep runs.")
     args = p.parse_args(argv)
     table = build(args.sweep.resolve(), args.reference, args.include)
     print(table)
-    write_into(args.doc, table)
+    write_into(args.doc, table, args.section)
     return 0
 
 

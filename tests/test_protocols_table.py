@@ -78,3 +78,13 @@ def test_a_config_run_by_another_sweep_is_included_under_the_tables_name(tmp_pat
         build(tmp_path / "protocols", include=[f"{tmp_path / 'convergence'}:nope=fedkd-frozen"])
     with pytest.raises(SystemExit, match="SWEEP_FOLDER:CONFIG=NAME"):
         build(tmp_path / "protocols", include=["no-colon"])
+
+
+def test_a_named_section_leaves_the_default_block_alone(folder, tmp_path):
+    path, _ = folder
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- protocols -->\nthe 20-round table\n<!-- /protocols -->\n")
+    write_into(doc, build(path), "protocols-converged")
+    text = doc.read_text()
+    assert "the 20-round table" in text and text.count("<!-- protocols-converged -->") == 1
+    assert text.index("fedkd-frozen") > text.index("<!-- protocols-converged -->")
