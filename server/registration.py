@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 
@@ -45,9 +46,11 @@ def plan(infos, node_ids: list[int], *, num_partitions: int, verify: int, seed: 
     when = {int(i.node_id): i.registered_at for i in infos}
     if len(node_ids) != num_partitions or set(when) != set(node_ids):
         return Plan(ask=list(node_ids), why=f"{len(node_ids)} nodes connected for {num_partitions} partitions")
-    if any(not t for t in when.values()):
+    try:  # parsed: isoformat() leaves out a zero microsecond, so the strings are not all one shape
+        when = {n: datetime.fromisoformat(t) for n, t in when.items()}
+    except (TypeError, ValueError):
         return Plan(ask=list(node_ids), why="the engine gives no registration time")
-    order = sorted(node_ids, key=lambda n: when[n])  # ISO 8601 times of one clock sort as they happened
+    order = sorted(node_ids, key=lambda n: when[n])
     ties = Counter(when.values())
     derived = {n: pid for pid, n in enumerate(order) if ties[when[n]] == 1}
     ambiguous = [n for n in order if ties[when[n]] > 1]

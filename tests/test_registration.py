@@ -45,9 +45,10 @@ def _infos(times: dict[int, str]):
 
 def test_nodes_registered_at_the_same_time_are_asked_and_the_others_keep_their_rank():
     times = {11: "2026-01-01T00:00:00.000001", 12: "2026-01-01T00:00:00.000003", 13: "2026-01-01T00:00:00.000003",
-             14: "2026-01-01T00:00:00.000002", 15: "2026-01-01T00:00:00.000004"}
-    p = plan(_infos(times), list(times), num_partitions=5, verify=0, seed=0)
-    assert p.derived == {11: 0, 14: 1, 15: 4} and p.ask == [12, 13]
+             14: "2026-01-01T00:00:00.000002", 15: "2026-01-01T00:00:00.000004",
+             16: "2026-01-01T00:00:00"}  # isoformat() without the zero microsecond: the earliest of all
+    p = plan(_infos(times), list(times), num_partitions=6, verify=0, seed=0)
+    assert p.derived == {16: 0, 11: 1, 14: 2, 15: 5} and p.ask == [12, 13]
 
 
 @pytest.mark.parametrize("connected,partitions", [(4, 5), (5, 4)])
@@ -59,6 +60,8 @@ def test_a_fleet_of_another_size_than_the_partitions_is_asked_whole(connected, p
 
 def test_a_missing_registration_time_means_asking_everyone():
     p = plan(_infos({1: "", 2: "2026-01-01T00:00:00"}), [1, 2], num_partitions=2, verify=0, seed=0)
+    assert p.derived == {} and p.ask == [1, 2] and "registration time" in p.why
+    p = plan(_infos({1: "yesterday", 2: "2026-01-01T00:00:00"}), [1, 2], num_partitions=2, verify=0, seed=0)
     assert p.derived == {} and p.ask == [1, 2] and "registration time" in p.why
 
 
