@@ -131,6 +131,10 @@ class Transport:
         ids = wait_for_nodes(grid, expected)
         derived: dict[int, int] = {}
         ask = ids
+        if describe is not None and _HttpGrid is not None and isinstance(grid, _HttpGrid):
+            log.info("handshake registration-order is for the simulation engine; on the Deployment Engine "
+                     "devices register in any order, so every node is asked")
+            describe = None
         if describe is not None:
             p = registration.plan(grid.get_nodes(), ids, num_partitions=expected, verify=self.handshake_verify,
                                   seed=self.seed)

@@ -272,3 +272,21 @@ def test_a_registration_order_that_does_not_match_the_answers_means_asking_every
                                                                          registered=shuffled), REGISTRATION)
     assert placed == everyone and sorted(asked) == sorted(100 + p for p in range(n))
     assert "asking every node" in caplog.text
+
+
+def test_on_the_deployment_engine_the_registration_order_handshake_asks_every_node(tmp_path, caplog):
+    """Devices register with a SuperLink in any order: there, the setting asks everyone (even
+    when, as here, the order happens to be right)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    class _DeploymentGrid(_Grid, HttpGrid):  # the in-process answers, with the Deployment Engine's grid type
+        pass
+
+    n = population(ExperimentConfig.from_flat(REGISTRATION)).num_clients
+    everyone, _ = _registration_handshake(tmp_path / "all", _Grid(n, run_config=REGISTRATION),
+                                          {**REGISTRATION, "handshake": "ask"})
+    with caplog.at_level("INFO", logger="fedkd"):
+        placed, asked = _registration_handshake(tmp_path / "dep", _DeploymentGrid(n, run_config=REGISTRATION),
+                                                REGISTRATION)
+    assert placed == everyone and len(asked) == n
+    assert "Deployment Engine" in caplog.text
