@@ -88,8 +88,10 @@ class Protocol:
             raise PayloadError("unexpected-key", f"protocol {self.name} uploads no arrays, got {sorted(got.arrays)}")
         return None
 
-    def absorb(self, uploads: list[Upload], r: int) -> dict:
-        """Fold the round's accepted uploads into what the server keeps; returns metrics columns."""
+    def absorb(self, uploads: list[Upload], r: int, *, batch=None, released=()) -> dict:
+        """Fold the round's accepted uploads into what the server keeps; returns metrics columns.
+        ``batch``: the round's proxy batch (refinement reads the fleet's predictions on it);
+        ``released``: the partitions that replied (secure aggregation's unmask step)."""
         return {"norm_bounded": 0}
 
     def state_dict(self) -> dict:

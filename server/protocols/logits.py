@@ -54,7 +54,7 @@ class LogitsProtocol(Protocol):
         except ValueError as exc:  # the soft-label decoder's own invariants (ids, probabilities)
             raise PayloadError("malformed", str(exc)) from None
 
-    def absorb(self, uploads: list[Upload], r: int, **_) -> dict:
+    def absorb(self, uploads: list[Upload], r: int, *, batch=None, released=()) -> dict:
         if uploads:
             self.fleet_preds = (r + 1, average([densify(u.payload, self.cloud.num_items) for u in uploads]))
         cols = {"norm_bounded": 0}
