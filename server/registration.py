@@ -63,3 +63,28 @@ def disagreements(derived: dict[int, int], answered: dict[int, int]) -> list[tup
     """(node id, derived partition, answered partition) for every asked node whose own answer is
     not what the registration order implied."""
     return [(n, derived[n], pid) for n, pid in sorted(answered.items()) if n in derived and derived[n] != pid]
+
+
+def ask_or_place(ask, infos, node_ids: list[int], *, num_partitions: int, verify: int, seed: int):
+    """The handshake by registration order: ``ask`` (the transport's question to some node ids:
+    -> (nodes by id, claims)) goes to the :func:`plan`'s sample and ambiguous nodes, then to every
+    other node if one answer disagrees. Returns (nodes, claims, placed): ``placed`` maps each node
+    left unasked to the partition its registration order gives it."""
+    p = plan(infos, node_ids, num_partitions=num_partitions, verify=verify, seed=seed)
+    if p.why:
+        log.info("handshake: asking every node (%s)", p.why)
+    nodes, claims = ask(p.ask)
+    if not p.derived:
+        return nodes, claims, {}
+    if wrong := disagreements(p.derived, {nid: n.partition_id for nid, n in nodes.items()}):
+        n, implied, said = wrong[0]
+        log.warning("handshake: %d of the %d nodes asked do not hold the partition their registration order "
+                    "implies (node %s: %d, says %d); asking every node", len(wrong), len(p.ask), n, implied, said)
+        asked = set(p.ask)
+        more_nodes, more_claims = ask([n for n in node_ids if n not in asked])
+        return {**nodes, **more_nodes}, claims + more_claims, {}
+    asked = set(p.ask)
+    placed = {nid: pid for nid, pid in p.derived.items() if nid not in asked}
+    log.info("handshake: %d nodes asked answered as their registration order implies; the other %d are placed "
+             "by it", len(p.ask), len(placed))
+    return nodes, claims, placed

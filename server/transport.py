@@ -129,37 +129,17 @@ class Transport:
         registration order implies are not asked but described so, once a sample of them has
         answered as implied (server.registration); they pass through ``admit`` like the others."""
         ids = wait_for_nodes(grid, expected)
-        derived: dict[int, int] = {}
-        ask = ids
         if describe is not None and _HttpGrid is not None and isinstance(grid, _HttpGrid):
             log.info("handshake registration-order is for the simulation engine; on the Deployment Engine "
                      "devices register in any order, so every node is asked")
             describe = None
-        if describe is not None:
-            p = registration.plan(grid.get_nodes(), ids, num_partitions=expected, verify=self.handshake_verify,
-                                  seed=self.seed)
-            if p.why:
-                log.info("handshake: asking every node (%s)", p.why)
-            derived, ask = p.derived, p.ask
-        nodes, claims = self._ask(grid, ask)
-        if derived:
-            answered = {n.node_id: n.partition_id for n in nodes.values()}
-            if wrong := registration.disagreements(derived, answered):
-                n, implied, said = wrong[0]
-                log.warning("handshake: %d of the %d nodes asked do not hold the partition their registration "
-                            "order implies (node %s: %d, says %d); asking every node", len(wrong), len(ask), n,
-                            implied, said)
-                asked = set(ask)
-                more_nodes, more_claims = self._ask(grid, [n for n in ids if n not in asked])
-                nodes.update(more_nodes)
-                claims += more_claims
-                derived = {}
-            else:
-                log.info("handshake: %d nodes asked answered as their registration order implies; the other "
-                         "%d are placed by it", len(ask), len(derived) - len(set(ask) & set(derived)))
-        asked = set(ask)
-        for nid, pid in derived.items():
-            if nid not in asked:
+        if describe is None:
+            nodes, claims = self._ask(grid, ids)
+        else:
+            nodes, claims, placed = registration.ask_or_place(
+                lambda some: self._ask(grid, some), grid.get_nodes(), ids, num_partitions=expected,
+                verify=self.handshake_verify, seed=self.seed)
+            for nid, pid in placed.items():
                 tier, examples, fp = describe(pid)
                 nodes[nid] = Node(nid, pid, tier, examples)
                 claims.append(Claim(nid, pid, fp))
