@@ -3,7 +3,6 @@ the shared grid, and whole rounds with real keys and ciphertexts in one process.
 
 import numpy as np
 import pytest
-from Crypto.Protocol.SecretSharing import Shamir
 
 from fedkd import secagg
 from fedkd.secagg import SecAggError
@@ -19,10 +18,26 @@ def test_any_t_shares_rebuild_the_secret_and_fewer_do_not():
     with pytest.raises(SecAggError, match="3 shares, 4 needed"):
         secagg.combine({x: shares[x - 1] for x in (1, 2, 3)}, 4)
     # three points of a degree-3 polynomial say nothing: interpolating them gives another value
-    assert Shamir.combine([(x, shares[x - 1]) for x in (1, 2, 3)]) != secret
+    assert secagg.combine({x: shares[x - 1] for x in (1, 2, 3)}, 3) != secret
     assert secagg.split(secret, 1, 1) == [secret]  # t = 1, n = 1: the one device holds it
     with pytest.raises(SecAggError, match="threshold 5"):
         secagg.split(secret, 5, 4)
+
+
+def test_secrets_and_shares_live_below_the_fields_prime():
+    top = (secagg.PRIME - 1).to_bytes(16, "big")  # the largest element: still shared exactly
+    shares = secagg.split(top, 3, 5)
+    assert secagg.combine({x: shares[x - 1] for x in (5, 2, 4)}, 3) == top
+    with pytest.raises(SecAggError, match="below 2\\^127 - 1"):
+        secagg.split(secagg.PRIME.to_bytes(16, "big"), 2, 3)  # not an element: refused, not wrapped
+    with pytest.raises(SecAggError, match="share must be below"):
+        secagg.combine({1: shares[0], 2: b"\xff" * 16, 3: shares[2]}, 3)  # a malformed share is refused
+    seeds = {secagg.new_seed() for _ in range(200)}
+    assert len(seeds) == 200 and all(int.from_bytes(b, "big") < secagg.PRIME for b in seeds)
+    # fresh coefficients each time: the same secret is shared differently, rebuilt the same
+    again = secagg.split(top, 3, 5)
+    assert again != shares and secagg.combine({x: again[x - 1] for x in (1, 3, 5)}, 3) == top
+
 
 
 def test_the_threshold_is_a_fraction_of_the_devices_at_least_one():
