@@ -37,7 +37,7 @@ WIRE = {  # what a training round sends, by protocol (docs/architecture.md#proto
 }
 
 
-def build(folder: Path, reference: str = "fedkd-frozen", include: list[str] = ()) -> str:
+def build(folder: Path, reference: str = "fedkd-frozen", include: list[str] = (), section: str = SECTION) -> str:
     col = load_sweep(folder)
     col = dataclasses.replace(col, runs=include_runs(include) + col.runs)
     k_metrics = ["test_ndcg@10", "test_hr@10", "train_bytes_per_round", "bytes_up_total", "clients_trained"]
@@ -45,7 +45,7 @@ def build(folder: Path, reference: str = "fedkd-frozen", include: list[str] = ()
     done = {r.name: r for r in col.runs if r.status == "finished"}
     ref_runs = {r.seed: r for r in done.values() if r.config == reference}
     where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
-    extra = "".join(f" --include {spec}" for spec in include)
+    extra = "".join(f" --include {spec}" for spec in include) + (f" --section {section}" if section != SECTION else "")
     lines = [f"Command: `fedkd sweep simulations/sweeps/protocols.toml --set data-path=<ml-100k>/u.data`, "
              f"then `python -m simulations.protocols_table {where}{extra}`.",
              "",
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Name of the block of --doc to fill (<!-- NAME --> ... <!-- /NAME -->), e.g. to keep "
                         "an earlier table beside a new one while the new sweep runs.")
     args = p.parse_args(argv)
-    table = build(args.sweep.resolve(), args.reference, args.include)
+    table = build(args.sweep.resolve(), args.reference, args.include, args.section)
     print(table)
     write_into(args.doc, table, args.section)
     return 0

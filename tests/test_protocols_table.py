@@ -84,7 +84,9 @@ def test_a_named_section_leaves_the_default_block_alone(folder, tmp_path):
     path, _ = folder
     doc = tmp_path / "results.md"
     doc.write_text("<!-- protocols -->\nthe 20-round table\n<!-- /protocols -->\n")
-    write_into(doc, build(path), "protocols-converged")
+    write_into(doc, build(path, section="protocols-converged"), "protocols-converged")
     text = doc.read_text()
     assert "the 20-round table" in text and text.count("<!-- protocols-converged -->") == 1
     assert text.index("fedkd-frozen") > text.index("<!-- protocols-converged -->")
+    assert "--section protocols-converged`" in text  # the command shown rewrites this block, not the default
+    assert "--section" not in build(path).splitlines()[0]
