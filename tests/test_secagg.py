@@ -39,7 +39,6 @@ def test_secrets_and_shares_live_below_the_fields_prime():
     assert again != shares and secagg.combine({x: again[x - 1] for x in (1, 3, 5)}, 3) == top
 
 
-
 def test_the_threshold_is_a_fraction_of_the_devices_at_least_one():
     assert [secagg.threshold(n, 0.5) for n in (1, 2, 9, 10, 48)] == [1, 1, 5, 5, 24]
     assert secagg.threshold(10, 1.0) == 10 and secagg.threshold(10, 0.01) == 1
