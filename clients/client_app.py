@@ -238,18 +238,23 @@ def _key_list(blob: bytes, n: int) -> list[bytes]:
 @app.query("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Secure aggregation, step 1: fresh seeds for the self mask and the mask key pair, Shamir-shared
-    among the round's devices and encrypted for each; the seeds stay in this node's state, the mask
-    public key and the ciphertexts go to the server, which routes them but cannot read them."""
+    among the devices the server lists (the round's, or under SecAgg+ this device's neighbourhood)
+    and encrypted for each; the seeds stay in this node's state, the mask public key and the
+    ciphertexts go to the server, which routes them but cannot read them."""
     _, data = setup(context)
     content = unpack(msg.content)
     round_idx = int(config_of(content, "config", "round", int))
-    t = int(config_of(content, "config", "threshold", int))
+    t = int(config_of(content, "config", "threshold", int))  # the round's: distributed DP's noise counts on it
+    share_t = int(config_of(content, "config", "share-threshold", int)) \
+        if "share-threshold" in content.configs["config"] else t
     ids = [int(i) for i in content.configs["peers"]["ids"]]
     enc_keys = _key_list(content.configs["peers"]["keys"], len(ids))
-    shared = secagg.share(_encryption_key(context), data.partition_id, ids, enc_keys, t, round_idx)
-    context.state["secagg"] = ConfigRecord({"round": round_idx, "ids": ids, "enc-keys": b"".join(enc_keys), "t": t,
-                                            "b": shared.b, "s": shared.s, "own-b": shared.own_b,
-                                            "own-s": shared.own_s})
+    shared = secagg.share(_encryption_key(context), data.partition_id, ids, enc_keys, share_t, round_idx)
+    kept = {"round": round_idx, "ids": ids, "enc-keys": b"".join(enc_keys), "t": share_t, "b": shared.b,
+            "s": shared.s, "own-b": shared.own_b, "own-s": shared.own_s}
+    if share_t != t:
+        kept["round-t"] = t
+    context.state["secagg"] = ConfigRecord(kept)
     return Message(pack(Content(configs={"secagg": {"shares": shared.reply}})), reply_to=msg)
 
 
@@ -268,16 +273,20 @@ def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: 
     width = int(config_of(content, "config", "width", int))
     padded = embed(update, full, width)[0] if width != cfg.student_dim else update
     ranges = np.asarray(content.configs["config"]["secagg-ranges"], np.float64)
-    holders = [int(i) for i in content.configs["peers"]["ids"]]
-    mask_keys = dict(zip(holders, _key_list(content.configs["peers"]["keys"], len(holders))))
-    rec["mask-keys"] = content.configs["peers"]["keys"]  # step 3 needs them
+    everyone = [int(i) for i in content.configs["peers"]["ids"]]  # the round's holders: the ring's headroom
+    near = {int(i) for i in rec["ids"]}  # those it shared with: its masks and step 3 concern only them
+    mask_keys = {j: key for j, key in zip(everyone, _key_list(content.configs["peers"]["keys"], len(everyone)))
+                 if j in near}
+    holders = sorted(mask_keys)
+    rec["mask-keys"] = b"".join(mask_keys[j] for j in holders)  # step 3 needs them
     rec["holders"] = holders
     bits = secagg.code_bits(cfg.quant_bits)
     layout = sub_layout(full, cfg.student_dim)
     if cfg.dp_mode == "distributed":
-        codes, k = _noised(cfg, data, content, layout, padded, len(holders), int(rec["t"]), round_idx, rng)
+        t = int(rec["round-t"]) if "round-t" in rec else int(rec["t"])
+        codes, k = _noised(cfg, data, content, layout, padded, len(everyone), t, round_idx, rng)
     else:
-        k = secagg.ring_bits(len(holders), bits)
+        k = secagg.ring_bits(len(everyone), bits)
         codes = secagg.quantize(padded, layout, ranges, bits, rng, stats=cfg.dp_mode != "central",
                                 norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
     return secagg.pack_ring(secagg.mask(codes, data.partition_id, rec["b"], rec["s"], mask_keys, k, round_idx), k)

@@ -300,6 +300,13 @@ class ExperimentConfig:
     secagg_threshold: float = _opt(0.5, "Secure aggregation: fraction t/n of the round's n devices whose shares "
                                         "rebuild a secret; the round survives up to n - t dropouts after sharing "
                                         "and is refused, with its reason logged, below t.")
+    secagg_shares: int = _opt(0, "Secure aggregation: SecAgg+'s neighbour graph (Bell et al. 2020, as Flower's "
+                                 "SecAggPlusWorkflow num_shares): each device masks with, and Shamir-shares its "
+                                 "seeds among, this many devices of the round, itself included (odd: its "
+                                 "neighbours on a ring in an order the server draws each round), so keys, "
+                                 "shares and unmask answers cost this many peers instead of all the round's "
+                                 "devices; secagg-threshold then applies to each neighbourhood. 0, or at "
+                                 "least the round's devices: every device (SecAgg's complete graph).")
     secagg_range: float = _opt(1.0, "Secure aggregation: first round's clipping range of every tensor on the "
                                     "shared quantisation grid; later rounds use the survivors' mean peak |update| "
                                     "of each tensor, learnt only as a sum (under dp-mode central or "
@@ -896,6 +903,8 @@ def _rules_across(c: ExperimentConfig) -> None:
                "the noise, so their unclipped bits would go un-noised into the secure sum; dp-mode = "
                "distributed counts them under the masks with the devices' noise)")
     _check(0 < c.secagg_threshold <= 1, "secagg-threshold", c.secagg_threshold, "a fraction in (0, 1]")
+    _check(c.secagg_shares == 0 or (c.secagg_shares >= 3 and c.secagg_shares % 2 == 1), "secagg-shares",
+           c.secagg_shares, "0 (every device of the round) or an odd number of at least 3")
     _check(math.isfinite(c.secagg_range) and c.secagg_range > 0, "secagg-range", c.secagg_range,
            "a finite number > 0")
     if c.secure_aggregation:

@@ -341,6 +341,39 @@ def threshold(n: int, fraction: float) -> int:
     return max(1, min(n, math.ceil(fraction * n - 1e-9)))
 
 
+# ----------------------------------------------------------------------------- SecAgg+'s graph
+def neighbourhoods(ids: Sequence[int], shares: int, rng: np.random.Generator) -> dict[int, list[int]]:
+    """Who masks with and holds shares of whom: each device's neighbourhood, itself included, as a
+    sorted list (its Shamir x-coordinates are the 1-based positions in it).
+
+    ``shares`` (odd) below the number of devices: SecAgg+'s sparse graph (Bell et al. CCS 2020), as
+    Flower's ``SecAggPlusWorkflow`` builds it: the devices in a random order (``rng``, the server's),
+    each joined to the ``shares // 2`` before and after it on that ring, so a device's keys, shares
+    and unmask answers cost ``shares`` peers instead of the round's ``n`` and the relation is
+    symmetric. Otherwise (0, or at least ``n``): every device of the round (SecAgg's complete graph)."""
+    ids = sorted(int(i) for i in ids)
+    n = len(ids)
+    if shares <= 0 or shares >= n:
+        return {i: ids for i in ids}
+    half = int(shares) // 2
+    order = [ids[p] for p in rng.permutation(n)]
+    return {v: sorted({order[(x + o) % n] for o in range(-half, half + 1)}) for x, v in enumerate(order)}
+
+
+def refusal_chance(n: int, shares: int, fraction: float, dropout: float) -> float:
+    """An upper bound on the chance that a round of ``n`` devices is refused when each drops after
+    sharing with probability ``dropout``, independently: fewer than ``t`` survivors, or (SecAgg+)
+    some device whose neighbourhood keeps fewer than its ``share_t`` answers (a union bound over the
+    ``n`` neighbourhoods). What sizes ``secagg-shares``: a neighbourhood must be large enough that
+    its losses stay below ``shares - share_t`` (docs/privacy.md has the table)."""
+    def fewer_alive(m: int, t: int) -> float:
+        return sum(math.comb(m, a) * (1 - dropout) ** a * dropout ** (m - a) for a in range(t))
+    whole = fewer_alive(n, threshold(n, fraction))
+    if shares <= 0 or shares >= n:
+        return whole
+    return min(1.0, whole + n * fewer_alive(shares, threshold(shares, fraction)))
+
+
 # ----------------------------------------------------------------------------- the device's side
 @dataclass
 class Shared:
@@ -433,10 +466,14 @@ def reveal(enc: KeyPair, my_id: int, kept: Shared, enc_keys: Sequence[bytes], ma
 
 # ----------------------------------------------------------------------------- the server's side
 def unmask(masked: Mapping[int, np.ndarray], mask_keys: Mapping[int, bytes], ids: Sequence[int],
-           revealed: Mapping[int, Mapping[int, bytes]], t: int, k: int, round_idx: int) -> np.ndarray:
+           revealed: Mapping[int, Mapping[int, bytes]], t: int, k: int, round_idx: int, *,
+           graph: Mapping[int, Sequence[int]] | None = None, share_t: int | None = None) -> np.ndarray:
     """The exact sum mod ``2^k`` of the survivors' codes (``masked``: survivor -> its masked vector),
-    from ``revealed`` (responder -> {device: share}), ``t`` of which are needed."""
+    from ``revealed`` (responder -> {device: share}). At least ``t`` survivors and ``t`` responders
+    are needed, and ``share_t`` (default ``t``) shares of each secret, from the owner's
+    neighbourhood in ``graph`` (:func:`neighbourhoods`; default: every device of ``ids``)."""
     ids = [int(i) for i in ids]
+    share_t = t if share_t is None else int(share_t)
     alive, holders = sorted(int(i) for i in masked), sorted(int(i) for i in mask_keys)
     if not set(alive) <= set(holders):
         raise SecAggError(f"masked vectors from {sorted(set(alive) - set(holders))}, who shared no keys")
@@ -449,15 +486,19 @@ def unmask(masked: Mapping[int, np.ndarray], mask_keys: Mapping[int, bytes], ids
     total = ring_sum([masked[i] for i in alive], k)
     top = np.uint64(1 << k)
     for i in holders:
-        shares = {ids.index(r) + 1: got[i] for r, got in revealed.items() if i in got}
-        secret = combine(shares, t)
+        near = ids if graph is None else [int(j) for j in graph[i]]
+        shares = {near.index(r) + 1: got[i] for r, got in revealed.items() if i in got and r in near}
+        try:
+            secret = combine(shares, share_t)
+        except SecAggError as exc:
+            raise SecAggError(f"device {i}'s seeds: {exc} from its neighbours") from None
         if i in masked:  # a survivor: remove its self mask
             total = total + (top - prg(self_seed(secret, round_idx), n, k))
         else:  # dropped: remove the pairwise masks it left in each survivor's vector
             gone = KeyPair.from_seed(secret, round_idx)
             if gone.public_bytes != bytes(mask_keys[i]):
                 raise SecAggError(f"the shares of device {i}'s mask key rebuild a different key")
-            for j in alive:
+            for j in (alive if graph is None else sorted(set(alive) & set(near))):
                 m = prg(pair_seed(gone, mask_keys[j], i, j, round_idx), n, k)
                 total = total + (top - m) if i > j else total + m  # j added +m for i > j, -m for i < j
         total &= top - np.uint64(1)
@@ -480,33 +521,47 @@ class Round:
     k: int
     t: int
     survivors: list[int]
+    graph: dict[int, list[int]]  # each device's neighbourhood, itself included
+    share_t: int  # shares that rebuild one secret
 
 
 def simulate_round(codes: Mapping[int, np.ndarray], bits: int, round_idx: int, *, threshold_fraction: float = 0.5,
                    drop_after_sharing: Sequence[int] = (), drop_before_sharing: Sequence[int] = (),
-                   silent_in_unmask: Sequence[int] = (), noise_bound: int = 0, top: int | None = None) -> Round:
-    """Every step of the protocol with real keys and ciphertexts; devices in ``drop_after_sharing``
-    send no masked vector, those in ``silent_in_unmask`` send it but do not reveal shares.
-    ``noise_bound``, ``top``: the ring of :func:`ring_bits` for noisy codes (distributed DP), whose
-    values ``codes`` must already be reduced into it."""
+                   silent_in_unmask: Sequence[int] = (), noise_bound: int = 0, top: int | None = None,
+                   shares: int = 0, rng: np.random.Generator | None = None) -> Round:
+    """Every step of the protocol with real keys and ciphertexts, each device seeing only what the
+    apps send it; devices in ``drop_after_sharing`` send no masked vector, those in
+    ``silent_in_unmask`` send it but do not reveal shares. ``noise_bound``, ``top``: the ring of
+    :func:`ring_bits` for noisy codes (distributed DP), whose values ``codes`` must already be
+    reduced into it. ``shares``: SecAgg+'s graph (:func:`neighbourhoods`, drawn from ``rng``)."""
     ids = sorted(int(i) for i in codes)
     enc = {i: KeyPair.generate() for i in ids}
-    enc_keys = [enc[i].public_bytes for i in ids]
+    key_of = {i: enc[i].public_bytes for i in ids}
+    graph = neighbourhoods(ids, shares, rng if rng is not None else np.random.default_rng(round_idx))
     t = threshold(len(ids), threshold_fraction)
+    share_t = threshold(len(graph[ids[0]]), threshold_fraction) if ids else 0
     kept, inbox, mask_keys = {}, {i: {} for i in ids}, {}
     for i in ids:
         if i in drop_before_sharing:
             continue
-        kept[i] = share(enc[i], i, ids, enc_keys, t, round_idx)
-        pub, cts = split_reply(kept[i].reply, len(ids))
+        near = graph[i]
+        kept[i] = share(enc[i], i, near, [key_of[j] for j in near], share_t, round_idx)
+        pub, cts = split_reply(kept[i].reply, len(near))
         mask_keys[i] = pub
-        for j, ct in zip([j for j in ids if j != i], cts):
+        for j, ct in zip([j for j in near if j != i], cts):
             inbox[j][i] = ct
     k = ring_bits(len(mask_keys), bits, noise_bound=noise_bound, top=top)
-    masked = {i: mask(codes[i], i, kept[i].b, kept[i].s, mask_keys, k, round_idx)
+
+    def near_keys(i):  # the mask keys device i uses: its neighbours' among all holders'
+        return {j: key for j, key in mask_keys.items() if j in graph[i]}
+
+    masked = {i: mask(codes[i], i, kept[i].b, kept[i].s, near_keys(i), k, round_idx)
               for i in mask_keys if i not in drop_after_sharing}
     masked = {i: unpack_ring(pack_ring(v, k), k, len(v)) for i, v in masked.items()}  # through the wire format
-    revealed = {i: reveal(enc[i], i, kept[i], enc_keys, mask_keys, sorted(masked),
+    survivors = sorted(masked)
+    revealed = {i: reveal(enc[i], i, kept[i], [key_of[j] for j in graph[i]], near_keys(i),
+                          [j for j in survivors if j in graph[i]],
                           {j: ct for j, ct in inbox[i].items() if j in mask_keys}, round_idx)
                 for i in masked if i not in silent_in_unmask}
-    return Round(unmask(masked, mask_keys, ids, revealed, t, k, round_idx), k, t, sorted(masked))
+    total = unmask(masked, mask_keys, ids, revealed, t, k, round_idx, graph=graph, share_t=share_t)
+    return Round(total, k, t, survivors, graph, share_t)

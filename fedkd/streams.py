@@ -46,6 +46,7 @@ class Stream(IntEnum):
     WARM_START = 21        # the server's warm start of the global student (batches and dropout)
     DISTRIBUTED_DP_NOISE = 181  # (round, partition) a device's discrete Gaussian noise share (distributed DP;
     #                             181: issue 18's second stream, clear of the small numbers other branches take)
+    SECAGG_GRAPH = 182     # (round,) the order of SecAgg+'s neighbour ring (secagg-shares)
     SYNTHETIC = 0x5E0      # the synthetic data generator
 
 

@@ -30,7 +30,7 @@ from fedkd.aggregate import apply_update, combine
 from fedkd.nested import embed, sub_layout
 from fedkd.privacy import PrivacyAccountant, QuantileClip, dp_rng, noisy_mean, private_sum
 from fedkd.server_opt import lr_scale
-from fedkd import secagg
+from fedkd import secagg, streams
 from fedkd.streams import Stream
 from server.replies import Upload
 from server.transport import Node, Transport
@@ -81,17 +81,20 @@ class SecureSum:
 
     def __init__(self, full_model, student_dim: int, transport: Transport, *, quant_bits: int,
                  threshold: float, initial_range: float, adaptive: bool, weighted: bool = False,
-                 noise=None) -> None:
+                 noise=None, shares: int = 0, seed: int = 0) -> None:
         self.layout = sub_layout(full_model, student_dim)
         self.transport = transport
         self.bits, self.fraction, self.adaptive = secagg.code_bits(quant_bits), threshold, adaptive
         self.weighted = weighted  # devices send examples/reference x update; the mean divides by their sum
         self.noise = noise  # distributed DP's fedkd.ddp.Setting: the ring holds the noise, and maybe a count
+        self.shares, self.seed = int(shares), int(seed)  # SecAgg+'s neighbourhoods (0: all), drawn per round
         self.ranges = np.full(len(self.layout), float(initial_range))
         self._reset()
 
     def _reset(self) -> None:
         self.grid, self.round, self.ids, self.t = None, None, [], 0
+        self.graph: dict[int, list[int]] = {}  # device -> its neighbourhood (itself included)
+        self.share_t = 0  # shares that rebuild one seed: a fraction of a neighbourhood
         self.mask_keys: dict[int, bytes] = {}
         self.inbox: dict[int, dict[int, bytes]] = {}  # receiver -> {sender: ciphertext}
         self.node_of: dict[int, Node] = {}
@@ -135,19 +138,27 @@ class SecureSum:
         self.ids = [n.partition_id for n in nodes]
         self.node_of = {n.partition_id: n for n in nodes}
         self.t = secagg.threshold(len(self.ids), self.fraction) if self.ids else 0
-        ask = Content(configs={"config": {"round": r, "threshold": self.t},
-                               "peers": {"ids": self.ids, "keys": b"".join(n.enc_key for n in nodes)}})
-        ex = self.transport.exchange(grid, [(n, ask) for n in nodes], "query.secagg_keys", r)
+        self.graph = secagg.neighbourhoods(self.ids, self.shares, streams.rng(self.seed, Stream.SECAGG_GRAPH, r))
+        near = len(self.graph[self.ids[0]]) if self.ids else 0
+        self.share_t = secagg.threshold(near, self.fraction) if self.ids else 0
+        config = {"round": r, "threshold": self.t}  # the round's t: the fewest survivors it accepts
+        if near < len(self.ids):  # SecAgg+: a seed is shared among a neighbourhood, with its own threshold
+            config["share-threshold"] = self.share_t
+        key_of = {n.partition_id: n.enc_key for n in nodes}
+        asks = [(n, Content(configs={"config": dict(config), "peers": {
+            "ids": self.graph[n.partition_id],
+            "keys": b"".join(key_of[j] for j in self.graph[n.partition_id])}})) for n in nodes]
+        ex = self.transport.exchange(grid, asks, "query.secagg_keys", r)
         for node, rep in ex.replies:
+            i = node.partition_id
             blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
             try:
-                pub, cts = secagg.split_reply(blob if isinstance(blob, bytes) else b"", len(self.ids))
+                pub, cts = secagg.split_reply(blob if isinstance(blob, bytes) else b"", len(self.graph[i]))
             except secagg.SecAggError as exc:
                 self._reject(r, node, f"malformed share reply: {exc}")
                 continue
-            i = node.partition_id
             self.mask_keys[i] = pub
-            for j, ct in zip([j for j in self.ids if j != i], cts):
+            for j, ct in zip([j for j in self.graph[i] if j != i], cts):
                 self.inbox.setdefault(j, {})[i] = ct
         holders = sorted(self.mask_keys)
         if holders:  # a public reference count, so that weighted updates keep the scale of the ranges
@@ -174,24 +185,28 @@ class SecureSum:
                                    f"seeds sent a valid masked update; the threshold is {self.t}")
         holders = sorted(self.mask_keys)
         items = []
-        for i in survivors:
-            senders = [j for j in holders if j != i and j in self.inbox.get(i, {})]
+        for i in survivors:  # each survivor hears of its own neighbourhood only
+            near = set(self.graph[i])
+            senders = [j for j in holders if j != i and j in near and j in self.inbox.get(i, {})]
             items.append((self.node_of[i], Content(configs={
                 "config": {"round": r},
-                "peers": {"survivors": survivors, "from": senders,
+                "peers": {"survivors": [j for j in survivors if j in near], "from": senders,
                           "shares": b"".join(self.inbox[i][j] for j in senders)}})))
         ex = self.transport.exchange(self.grid, items, "query.secagg_unmask", r)
         self.nbytes = (ex.down, ex.up)
         revealed = {}
         for node, rep in ex.replies:
             blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
-            if not isinstance(blob, bytes) or len(blob) != len(holders) * secagg.SEED_BYTES:
+            near = set(self.graph[node.partition_id])
+            mine = [j for j in holders if j in near]  # one share per holder of its neighbourhood
+            if not isinstance(blob, bytes) or len(blob) != len(mine) * secagg.SEED_BYTES:
                 self._reject(r, node, "malformed unmask reply")
                 continue
             revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
-                                           for x, j in enumerate(holders)}
+                                           for x, j in enumerate(mine)}
         try:
-            total = secagg.unmask(masked, self.mask_keys, self.ids, revealed, self.t, self.ring_bits, r)
+            total = secagg.unmask(masked, self.mask_keys, self.ids, revealed, self.t, self.ring_bits, r,
+                                  graph=self.graph, share_t=self.share_t)
         except (secagg.SecAggError, ValueError) as exc:
             return self._refuse(r, str(exc))
         if self.noise is not None:  # a noisy sum: back from the ring to signed integers

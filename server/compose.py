@@ -22,7 +22,7 @@ from fedkd.models import build_model, num_parameters
 from fedkd.nested import sub_layout
 from fedkd.population import population
 from fedkd.privacy import QuantileClip, accountant_for, adaptive_noise_split, distributed_for
-from fedkd.secagg import sizes_of
+from fedkd.secagg import refusal_chance, sizes_of
 from fedkd.server_opt import make_server_optimizer
 from server.aggregation import CentralDP, ClippedSum, DistributedDP, FedAvgStep, SecureSum, ServerStep, WeightedMean
 from server.attacks import ReconstructionAttack, membership_step, reconstruction_step
@@ -148,14 +148,31 @@ def update_dim(cfg, fleet: Fleet) -> int:
     return sum(sizes_of(sub_layout(fleet.full_model, cfg.student_dim)))
 
 
+def _warn_of_refusals(cfg, eligible: int) -> None:
+    """Injected faults drop devices after they shared their seeds; say up front how often that will
+    void a secure round (fedkd.secagg.refusal_chance), so a run of refused rounds is no surprise."""
+    lost = min(1.0, cfg.fault_crash + cfg.fault_hang + cfg.fault_corrupt)
+    if lost <= 0:
+        return
+    n = min(cfg.clients_per_round, eligible) if cfg.clients_per_round > 0 else eligible
+    chance = refusal_chance(n, cfg.secagg_shares, cfg.secagg_threshold, lost)
+    if chance > 0.05:
+        graph = f"neighbourhoods of {cfg.secagg_shares}" if 0 < cfg.secagg_shares < n else "all devices"
+        log.warning("secure aggregation: with %.0f%% of devices failing after sharing (fault-*), a round of %d "
+                    "(%s, secagg-threshold %g) is refused with probability up to %.0f%%; raise secagg-shares or "
+                    "lower secagg-threshold", 100 * lost, n, graph, cfg.secagg_threshold, 100 * chance)
+
+
 def make_aggregator(cfg, exp, fleet: Fleet, accountant):
     """The update path of the params protocol, from the config."""
     if cfg.secure_aggregation:
+        _warn_of_refusals(cfg, len(fleet.eligible))
         # central or distributed DP: a data-independent grid (ranges that adapt would leak un-noised)
         fixed = cfg.dp_mode in ("central", "distributed")
         total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport, quant_bits=cfg.quant_bits,
                           threshold=cfg.secagg_threshold, initial_range=cfg.dp_clip_norm if fixed else cfg.secagg_range,
-                          adaptive=not fixed, weighted=cfg.dp_mode == "off", noise=getattr(exp, "ddp", None))
+                          adaptive=not fixed, weighted=cfg.dp_mode == "off", noise=getattr(exp, "ddp", None),
+                          shares=cfg.secagg_shares, seed=cfg.seed)
     else:
         total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
     adaptive, update_noise = None, None

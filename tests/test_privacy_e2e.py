@@ -136,7 +136,8 @@ def test_local_dp_noises_every_update_on_the_device(naive_labels_local_dp):
 
 
 def test_secure_aggregation_with_distributed_dp_in_real_rounds(tmp_path, teacher_cache):
-    """SecAgg with dropout recovery in fedkd's own rounds, with distributed DP (each device clips,
+    """SecAgg+ with dropout recovery in fedkd's own rounds (each device masks with and shares among
+    7 of the 10: its neighbourhood), with distributed DP (each device clips,
     rounds and adds its discrete Gaussian share under the masks) and adaptive clipping (the
     unclipped count as one more noised coordinate of the secure sum), and 30% of the devices
     crashing after they shared their seeds: every round the survivors' noisy sum is recovered and
@@ -147,7 +148,7 @@ def test_secure_aggregation_with_distributed_dp_in_real_rounds(tmp_path, teacher
     out = _run(tmp_path, teacher_cache, "sa", {"secure-aggregation": True, "dp-mode": "distributed",
                                                "dp-clip-norm": 0.5, "dp-noise-multiplier": 0.3,
                                                "dp-clip-adaptive": True, "clients-per-round": 10,
-                                               "wire-payloads": True, "fault-crash": 0.3})
+                                               "wire-payloads": True, "fault-crash": 0.3, "secagg-shares": 7})
     summary = json.loads((out / "summary.json").read_text())
     privacy = summary["privacy"]
     assert privacy["rounds"] == 2 and privacy["mode"] == "distributed"

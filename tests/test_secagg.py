@@ -1,6 +1,8 @@
 """Secure aggregation with dropout recovery (fedkd.secagg), on arrays: Shamir shares, the ring,
 the shared grid, and whole rounds with real keys and ciphertexts in one process."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -181,6 +183,66 @@ def test_below_the_threshold_the_round_is_refused_with_its_reason():
     np.testing.assert_array_equal(rnd.total, sum(codes[i] for i in ids[2:]))
 
 
+# ----------------------------------------------------------------------------- SecAgg+'s graph
+def test_neighbourhoods_are_symmetric_rings_of_the_given_size_or_everyone():
+    ids = [i * 3 + 2 for i in range(20)]
+    graph = secagg.neighbourhoods(ids, 5, np.random.default_rng(1))
+    assert sorted(graph) == ids
+    for i, near in graph.items():
+        assert len(near) == 5 and i in near and near == sorted(near)
+        assert all(i in graph[j] for j in near)  # j masks with i if and only if i masks with j
+    # a ring: following the order, every device has exactly two "next" neighbours on each side
+    assert sum(len(near) - 1 for near in graph.values()) == 20 * 4
+    assert secagg.neighbourhoods(ids, 5, np.random.default_rng(2)) != graph  # a new order each round
+    for shares in (0, 21, 41):  # 0, or a neighbourhood as large as the round: everyone
+        assert all(near == ids for near in secagg.neighbourhoods(ids, shares, np.random.default_rng(1)).values())
+    assert all(len(near) == 19 for near in secagg.neighbourhoods(ids, 19, np.random.default_rng(1)).values())
+
+
+def _ring(ids, seed):
+    """The ring order :func:`secagg.neighbourhoods` draws from ``default_rng(seed)``."""
+    return [ids[p] for p in np.random.default_rng(seed).permutation(len(ids))]
+
+
+@pytest.mark.parametrize("dropped", [0.1, 0.3, 0.5])
+def test_with_secaggplus_neighbourhoods_dropouts_still_give_the_exact_survivors_sum(dropped):
+    """20 devices, each masking with and sharing among 7 (itself included, threshold 0.4: 3 shares
+    rebuild a seed, 8 survivors make a round): with 10%, 30%, 50% dropping after sharing, spread
+    along the ring so that every neighbourhood keeps 3 answers, the survivors' sum is exact."""
+    codes = _codes(n=20, size=500)
+    ids = sorted(codes)
+    order = _ring(ids, 5)
+    gone = order[1::2][:int(round(dropped * 20))]  # every other device along the ring
+    rnd = secagg.simulate_round(codes, 8, 3, drop_after_sharing=gone, shares=7, rng=np.random.default_rng(5),
+                                threshold_fraction=0.4)
+    assert rnd.share_t == 3 and rnd.t == 8 and rnd.survivors == sorted(set(ids) - set(gone))
+    for x, i in enumerate(order):  # the ring the server drew: 3 on each side
+        assert rnd.graph[i] == sorted(order[(x + o) % 20] for o in range(-3, 4))
+    np.testing.assert_array_equal(rnd.total, sum(codes[i] for i in ids if i not in gone))
+
+
+def test_with_neighbourhoods_a_secret_its_neighbours_cannot_rebuild_refuses_the_round():
+    """Three neighbours in a row drop: each one's mask key is shared among 5 devices of which 2
+    answer, below the 3 needed; the round is refused, naming a device, though 17 of 20 survived."""
+    codes = _codes(n=20, size=50)
+    ids = sorted(codes)
+    order = _ring(ids, 6)
+    with pytest.raises(SecAggError, match=rf"device ({'|'.join(map(str, order[7:10]))})'s seeds: 2 shares, 3 needed from its neighbours"):
+        secagg.simulate_round(codes, 8, 1, drop_after_sharing=order[7:10], shares=5, rng=np.random.default_rng(6))
+
+
+def test_a_neighbourhood_costs_a_device_its_size_not_the_rounds():
+    """Keys and shares up, per device: the mask key and one 48-byte ciphertext per other member of
+    its neighbourhood, whatever the round's size."""
+    enc = {i: secagg.KeyPair.generate() for i in range(40)}
+    graph = secagg.neighbourhoods(list(enc), 7, np.random.default_rng(0))
+    near = graph[3]
+    kept = secagg.share(enc[3], 3, near, [enc[j].public_bytes for j in near], 4, 1)
+    assert len(kept.reply) == secagg.KEY_BYTES + 6 * secagg.CIPHER_BYTES
+    everyone = secagg.share(enc[3], 3, list(enc), [enc[j].public_bytes for j in enc], 20, 1)
+    assert len(everyone.reply) == secagg.KEY_BYTES + 39 * secagg.CIPHER_BYTES
+
+
 def test_a_device_that_never_shared_is_simply_not_in_the_round():
     codes = _codes(n=6)
     ids = sorted(codes)
@@ -264,6 +326,10 @@ class _Devices:
     def key(self, pid):
         return self.enc[pid].public_bytes
 
+    def near(self, pid):
+        """The mask keys a device uses: those of the holders it shared with (as the ClientApp does)."""
+        return {j: key for j, key in self.mask_keys.items() if j in self.kept[pid].ids}
+
     def exchange(self, grid, items, kind, r):
         from server.transport import Exchanged
         from wire import Content, pack
@@ -274,19 +340,21 @@ class _Devices:
             if kind == "query.secagg_keys":
                 ids = list(peers["ids"])
                 keys = [peers["keys"][i * 32:(i + 1) * 32] for i in range(len(ids))]
-                self.kept[pid] = secagg.share(self.enc[pid], pid, ids, keys, content.configs["config"]["threshold"], r)
+                cfg = content.configs["config"]
+                self.kept[pid] = secagg.share(self.enc[pid], pid, ids, keys, cfg.get("share-threshold", cfg["threshold"]), r)
                 out = {"shares": self.kept[pid].reply}
             else:
                 ids = self.kept[pid].ids
                 cts = {j: peers["shares"][x * 48:(x + 1) * 48] for x, j in enumerate(peers["from"])}
-                got = secagg.reveal(self.enc[pid], pid, self.kept[pid], [self.key(i) for i in ids], self.mask_keys,
+                near = self.near(pid)
+                got = secagg.reveal(self.enc[pid], pid, self.kept[pid], [self.key(i) for i in ids], near,
                                     peers["survivors"], cts, r)
-                out = {"shares": b"".join(got[j] for j in sorted(self.mask_keys))}
+                out = {"shares": b"".join(got[j] for j in sorted(near))}
             replies.append((node, self.ns(content=pack(Content(configs={"secagg": out})))))
         return Exchanged(replies, 10 * len(items), 20 * len(replies), {})
 
 
-def _secure_sum(n=6, threshold=0.5, weighted=True):
+def _secure_sum(n=6, threshold=0.5, weighted=True, shares=0):
     from fedkd.models import ModelConfig
     from server.aggregation import SecureSum
     from server.transport import Node
@@ -297,7 +365,7 @@ def _secure_sum(n=6, threshold=0.5, weighted=True):
     devices = _Devices(nodes)
     nodes = [Node(n.node_id, n.partition_id, n.tier, n.examples, devices.key(n.partition_id)) for n in nodes]
     agg = SecureSum(full, 4, devices, quant_bits=8, threshold=threshold, initial_range=1.0, adaptive=True,
-                    weighted=weighted)
+                    weighted=weighted, shares=shares)
     content = Content(configs={"config": {"round": 3}})
     sent, _ = agg.before_train(None, nodes, [content], 3)
     devices.mask_keys = dict(zip(content.configs["peers"]["ids"],
@@ -318,7 +386,7 @@ def _uploads(agg, devices, content, survivors, examples):
                                 stats=True)
         plain[pid] = codes
         kept = devices.kept[pid]
-        y = secagg.mask(codes, pid, kept.b, kept.s, devices.mask_keys, agg.ring_bits, 3)
+        y = secagg.mask(codes, pid, kept.b, kept.s, devices.near(pid), agg.ring_bits, 3)
         out.append(Upload(node, {"num-examples": examples[pid]}, secagg.pack_ring(y, agg.ring_bits)))
     return out, plain
 
@@ -341,3 +409,42 @@ def test_the_server_recovers_the_weighted_mean_of_the_survivors_and_refuses_belo
     got = agg(uploads, 3)
     assert got.update is None and got.used == 0
     assert "refused the round: only 2 of the 6 devices" in devices.rejections[-1]["reason"]
+
+
+def test_the_server_runs_secaggplus_neighbourhoods_and_pays_per_neighbour():
+    """SecureSum with secagg-shares 5 among 12 devices: each is asked to share with its 5, the
+    survivors' weighted mean comes back exactly as with the complete graph, and the key step's
+    bytes up are a device's 4 ciphertexts, not 11 (the fake transport counts 20 bytes a reply, so
+    the real bytes are checked on the replies themselves)."""
+    examples = {i: 5 * (i + 1) for i in range(12)}
+    means = {}
+    for shares in (0, 5):
+        agg, devices, sent, content = _secure_sum(n=12, shares=shares)
+        assert agg.share_t == (3 if shares else 6) and agg.t == 6
+        assert {len(agg.graph[n.partition_id]) for n in sent} == {5 if shares else 12}
+        assert {len(devices.kept[n.partition_id].reply) for n in sent} == \
+            {secagg.KEY_BYTES + (4 if shares else 11) * secagg.CIPHER_BYTES}
+        uploads, plain = _uploads(agg, devices, content, sent[1:], examples)  # one dropped after sharing
+        got = agg(uploads, 3)
+        assert got.used == 11
+        means[shares] = got.update
+    for k in means[0]:  # the same survivors, the same grid: the same mean (rounding draws are per device)
+        np.testing.assert_array_equal(means[0][k], means[5][k])
+
+
+def test_the_refusal_bound_is_exact_for_the_complete_graph_and_covers_what_neighbourhoods_lose():
+    # complete graph: refused when fewer than t = 5 of 10 survive, i.e. 6 or more drop
+    exact = sum(math.comb(10, a) * 0.7 ** a * 0.3 ** (10 - a) for a in range(5))
+    assert secagg.refusal_chance(10, 0, 0.5, 0.3) == pytest.approx(exact)
+    assert secagg.refusal_chance(10, 11, 0.5, 0.3) == pytest.approx(exact)
+    # neighbourhoods: larger ones fail less, and the bound holds over many drawn rounds
+    bounds = [secagg.refusal_chance(30, k, 0.5, 0.2) for k in (5, 9, 15)]
+    assert bounds[0] > bounds[1] > bounds[2]
+    rng = np.random.default_rng(0)
+    ids = list(range(30))
+    refused = 0
+    for _ in range(2000):
+        graph = secagg.neighbourhoods(ids, 9, rng)
+        alive = {i for i in ids if rng.random() >= 0.2}
+        refused += len(alive) < 15 or any(sum(j in alive for j in graph[i]) < 5 for i in ids)
+    assert 0 < refused / 2000 <= bounds[1]
