@@ -29,11 +29,16 @@ def _config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())["config"]
 
 
-def per_client_round(run: Path) -> dict:
-    """Mean bytes per completed client-round, by message type and direction."""
+def _rounds(run: Path) -> set[int]:
+    return {ln["round"] for ln in _lines(run) if ln["type"] == "train"}
+
+
+def per_client_round(run: Path, rounds: set[int] | None = None) -> dict:
+    """Mean bytes per completed client-round, by message type and direction (over ``rounds`` only,
+    if given)."""
     by = defaultdict(lambda: defaultdict(int))  # (round, partition) -> "type/direction" -> bytes
     for ln in _lines(run):
-        if ln["type"] in ("train", *SECURE_TYPES) and "error" not in ln:
+        if ln["type"] in ("train", *SECURE_TYPES) and "error" not in ln and (rounds is None or ln["round"] in rounds):
             by[(ln["round"], ln["partition_id"])][f"{ln['type']}/{ln['direction']}"] += ln["bytes"]
     secure = bool(_config(run).get("secure-aggregation"))
     need = ["train/up"] + ([f"{t}/up" for t in SECURE_TYPES] if secure else [])
@@ -43,7 +48,11 @@ def per_client_round(run: Path) -> dict:
 
 
 def row(plain: Path, secure: Path) -> dict:
-    p, s = per_client_round(plain), per_client_round(secure)
+    """One pair, over the rounds both ran: a train message's size changes over a run (the
+    distillation batch stops when the gate closes), so a 3-round secure run is set against the
+    same 3 rounds of a longer plain run."""
+    common = _rounds(plain) & _rounds(secure)
+    p, s = per_client_round(plain, common), per_client_round(secure, common)
     cfg = _config(secure)
     up_plain = p["train/up"]
     up_secure = s["train/up"] + s["query.secagg_keys/up"] + s["query.secagg_unmask/up"]
