@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.docsplice import SpliceError, markers, splice
-from simulations.report import aggregate, format_stat, include_runs, load_sweep
+from simulations.report import Stat, aggregate, format_stat, include_runs, load_sweep
 from simulations.runs import load_run
 
 SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
@@ -41,7 +41,7 @@ RECON_BASE = ("reconstruction_attack.popularity_precision@k", "reconstruction_at
 METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", RECON, *RECON_BASE, "dp_epsilon", "privacy.noise_multiplier"]
 PANELS = (("ndcg", "test NDCG@10 (full ranking)"),
           ("auc", "membership-inference AUC (loss threshold)"),
-          ("recon", "history reconstruction precision@|H|"))
+          ("recon", "reconstruction: precision@|H| over popularity's\n(p - pop) / (1 - pop); 0 = no better"))
 MODES = {"central": ("tab:blue", "o"), "distributed": ("tab:orange", "s"), "local": ("tab:purple", "^")}
 REFERENCE_STYLES = (("--", "grey"), ("-.", "tab:green"), (":", "tab:red"), ("--", "tab:brown"),
                     ("-.", "tab:olive"), (":", "tab:cyan"))
@@ -97,8 +97,21 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
         if row.done:
             points.append({"config": row.config, "mode": mode, "secagg": secagg, "epsilon": eps,
                            "ndcg": row.stats["test_ndcg@10"], "auc": row.stats["mia_auc"],
-                           "recon": row.stats[RECON]})
+                           "recon": _advantage(row.stats)})
     return "\n".join(lines) + "\n", points
+
+
+def _advantage(stats) -> Stat | None:
+    """The reconstruction's precision as a share of the way from popularity's guess to a perfect
+    one. Why not the raw precision: under secure aggregation the attacked unit is a round's sum,
+    whose union of 150 histories popularity already guesses at 0.91, against 0.33 for one
+    client's history; raw precisions of 0.96 and 0.98 would look alike where the attack's gain
+    over knowing nothing differs threefold."""
+    p, pop = stats.get(RECON), stats.get(RECON_BASE[0])
+    if p is None or pop is None or pop.mean >= 1:
+        return None
+    scale = 1.0 - pop.mean
+    return Stat((p.mean - pop.mean) / scale, None if p.std is None else p.std / scale, p.n)
 
 
 def _baselines(stats) -> str:
@@ -140,8 +153,8 @@ def plot(points: list[dict], path: Path, title: str) -> Path:
         refs = [p for p in points if p["epsilon"] is None and p[key]]
         for p, (ls, color) in zip(refs, itertools.cycle(REFERENCE_STYLES)):
             ax.axhline(p[key].mean, ls=ls, color=color, label=p["config"])
-        if key == "auc":
-            ax.axhline(0.5, ls=":", color="black", lw=0.8)
+        if key in ("auc", "recon"):  # where an attack is no better than a coin, or than popularity
+            ax.axhline(0.5 if key == "auc" else 0.0, ls=":", color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_xticks(list(labels.values()), list(labels))
         ax.minorticks_off()
