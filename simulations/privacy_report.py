@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.docsplice import SpliceError, markers, splice
-from simulations.report import Stat, aggregate, format_stat, include_runs, load_sweep
+from simulations.report import Stat, aggregate, format_stat, include_runs, load_sweep, lookup
 from simulations.runs import load_run
 
 SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
@@ -42,6 +42,10 @@ METRICS = ["test_ndcg@10", "test_hr@10", "mia_auc", RECON, *RECON_BASE, "dp_epsi
 PANELS = (("ndcg", "test NDCG@10 (full ranking)"),
           ("auc", "membership-inference AUC (loss threshold)"),
           ("recon", "reconstruction: precision@|H| over popularity's\n(p - pop) / (1 - pop); 0 = no better"))
+# What a private student must beat, from the runs' own summaries: the frozen teacher the server
+# holds before any device trains, and the most popular items.
+REFERENCES = (("teacher (no device data)", "references.teacher.test_ndcg"),
+              ("popularity", "references.popularity.test_ndcg"))
 MODES = {"central": ("tab:blue", "o"), "distributed": ("tab:orange", "s"), "local": ("tab:purple", "^")}
 REFERENCE_STYLES = (("--", "grey"), ("-.", "tab:green"), (":", "tab:red"), ("--", "tab:brown"),
                     ("-.", "tab:olive"), (":", "tab:cyan"))
@@ -98,6 +102,17 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
             points.append({"config": row.config, "mode": mode, "secagg": secagg, "epsilon": eps,
                            "ndcg": row.stats["test_ndcg@10"], "auc": row.stats["mia_auc"],
                            "recon": _advantage(row.stats)})
+    refs, counted = [], 0
+    for name, key in REFERENCES:
+        values = [v for r in runs if r.summary is not None and (v := lookup(r.summary, key)) is not None]
+        if values:
+            stat, counted = Stat(sum(values) / len(values), None, len(values)), max(counted, len(values))
+            refs.append(f"{name} {format_stat(stat).split(' ')[0]}")
+            points.append({"config": name, "mode": "-", "secagg": False, "epsilon": None, "ndcg": stat,
+                           "auc": None, "recon": None})
+    if refs:
+        lines += ["", f"What a private student must beat, test NDCG@10 on the same edge users (mean over the "
+                      f"{counted} finished runs' summaries): {', '.join(refs)}."]
     return "\n".join(lines) + "\n", points
 
 

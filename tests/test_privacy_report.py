@@ -173,3 +173,20 @@ def test_a_bad_include_exits_with_a_clear_message(fleet, tmp_path, capsys, spec,
         main([str(folder), "--include", spec.format(conv=conv), "--img", str(img)])
     assert "--include" in str(exc.value)
     assert not img.exists()  # nothing half-written
+
+
+def test_the_teacher_and_popularity_are_what_a_private_student_must_beat(fleet):
+    """Each run's summary carries the frozen teacher's and popularity's test NDCG@10 on its edge
+    users; the report states their mean under the table and draws them on the NDCG panel only."""
+    folder, conv, _ = fleet
+    for i, run in enumerate(sorted(folder.glob("*-s*/summary.json"))):
+        summary = json.loads(run.read_text())
+        summary["references"] = {"teacher": {"test_ndcg": 0.05 + 0.01 * (i % 2)},
+                                 "popularity": {"test_ndcg": 0.04}}
+        run.write_text(json.dumps(summary))
+    text, points = table(folder, [f"{conv}:fedkd-c20=no-protection"])
+    assert text.rstrip().endswith("(mean over the 6 finished runs' summaries): teacher (no device data) "
+                                  "0.0550, popularity 0.0400.")
+    refs = {p["config"]: p for p in points if p["mode"] == "-"}
+    assert refs["teacher (no device data)"]["ndcg"].mean == pytest.approx(0.055)
+    assert refs["popularity"]["auc"] is None and refs["popularity"]["recon"] is None
