@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.docsplice import SpliceError, markers, splice
-from simulations.report import Stat, aggregate, format_stat, include_runs, load_sweep, lookup
+from simulations.report import RunRecord, Stat, aggregate, format_stat, include_runs, load_sweep, lookup
 from simulations.runs import load_run
 
 SECTION = "privacy"  # the block of --out this report writes (simulations/docsplice.py)
@@ -113,7 +113,58 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
     if refs:
         lines += ["", f"What a private student must beat, test NDCG@10 on the same edge users (mean over the "
                       f"{counted} finished runs' summaries): {', '.join(refs)}."]
-    return "\n".join(lines) + "\n", points
+    differences = paired(runs)
+    return "\n".join(lines) + "\n" + (f"\n{differences}" if differences else ""), points
+
+
+def paired(runs: Sequence[RunRecord]) -> str:
+    """Paired differences in test NDCG@10, the cost of each guarantee with its uncertainty:
+    every DP or SecAgg config against the one without protection, and distributed and local DP
+    against central DP at the same epsilon (the price of trusting the server less).
+
+    Why paired per test user within seeds: two configs of the same seed score the same users
+    on the same split, so per-user differences remove the spread between users that a
+    comparison of the two means ± sd would carry (:func:`fedkd.stats.paired_bootstrap`, as the
+    convergence table does). Only seeds both configs finished are paired; a run without its
+    ``test_per_client.csv`` is left out."""
+    from fedkd.stats import paired_bootstrap  # here: importing this module stays cheap
+
+    seeds: dict[str, dict[int, RunRecord]] = {}
+    for r in runs:
+        if r.summary is not None and r.seed is not None:
+            seeds.setdefault(r.config, {})[r.seed] = r
+    kind = {}  # config -> (dp mode, secure aggregation, epsilon label)
+    for config, group in seeds.items():
+        eps = _epsilon(group.values())
+        mode, secagg = _mode(list(group.values()))
+        kind[config] = (mode, secagg, None if eps is None else "inf" if math.isinf(eps) else f"{eps:.3g}")
+    plain = next((c for c, (mode, secagg, _) in kind.items() if mode == "off" and not secagg), None)
+    pairs = [(c, plain) for c in kind if plain is not None and c != plain]
+    pairs += [(c, central) for c, (mode, _, eps) in kind.items() if mode in ("distributed", "local")
+              for central, (m, _, e) in kind.items() if m == "central" and e == eps]
+    lines = []
+    for a, b in pairs:
+        xs, ys, strata, used = [], [], [], []
+        for seed in sorted(set(seeds[a]) & set(seeds[b])):
+            try:
+                ua, ub = (load_run(seeds[c][seed].dir).user_ndcg() for c in (a, b))
+            except OSError:
+                continue
+            users = sorted(set(ua) & set(ub))
+            xs += [ua[u] for u in users]
+            ys += [ub[u] for u in users]
+            strata += [seed] * len(users)
+            used.append(seed)
+        if xs:
+            d, lo, hi = paired_bootstrap(xs, ys, strata=strata)
+            lines.append(f"| {a} − {b} | {', '.join(map(str, used))} | {d:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    if not lines:
+        return ""
+    return "\n".join(["Test NDCG@10 differences, paired per test user within each seed that both configs "
+                      "finished, with a 95% bootstrap interval over those users (it holds the spread between "
+                      "users, not between training runs: the seeds column says how many runs stand behind it):",
+                      "",
+                      "| comparison | seeds | difference | 95% interval |", "|---|---|---|---|", *lines]) + "\n"
 
 
 def _advantage(stats) -> Stat | None:

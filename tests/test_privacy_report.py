@@ -190,3 +190,33 @@ def test_the_teacher_and_popularity_are_what_a_private_student_must_beat(fleet):
     refs = {p["config"]: p for p in points if p["mode"] == "-"}
     assert refs["teacher (no device data)"]["ndcg"].mean == pytest.approx(0.055)
     assert refs["popularity"]["auc"] is None and refs["popularity"]["recon"] is None
+
+
+def _per_user(run_dir, ndcg):
+    (run_dir / "test_per_client.csv").write_text("partition_id,tier,width,count,hr_sum,ndcg_sum\n" + "".join(
+        f"{user},0,16,1,0.0,{value}\n" for user, value in enumerate(ndcg)))
+
+
+def test_differences_are_paired_per_user_within_the_seeds_both_configs_finished(fleet):
+    """Each guarantee against no protection, and distributed DP against central DP at the same
+    epsilon; pairing per user removes the spread between users (0.1 to 0.5 here) that an
+    unpaired comparison would carry, and a seed one config lacks is not paired."""
+    folder, conv, _ = fleet
+    users = np.linspace(0.1, 0.5, 40)
+    jitter = np.where(np.arange(40) % 2, 0.02, -0.02)
+    for seed in (0, 1):
+        _per_user(conv / "runs" / f"fedkd-c20-s{seed}", users)
+        _per_user(folder / f"central-eps4-s{seed}", users - 0.1 + jitter)
+        _per_user(folder / f"secagg-s{seed}", users)
+    _per_user(folder / "distributed-eps4-s0", users - 0.13)  # seed 1 has no per-user file
+    text, _ = table(folder, [f"{conv}:fedkd-c20=no-protection"])
+    rows = {cells[0]: cells[1:] for line in text.splitlines() if " − " in line
+            for cells in [[c.strip() for c in line.strip("|").split(" | ")]]}
+    assert set(rows) == {"central-eps4 − no-protection", "distributed-eps4 − no-protection",
+                         "secagg − no-protection", "distributed-eps4 − central-eps4"}
+    seeds, diff, interval = rows["central-eps4 − no-protection"]
+    lo, hi = (float(x) for x in interval.strip("[]").split(", "))
+    assert seeds == "0, 1" and diff == "-0.1000" and lo < -0.1 < hi and hi - lo < 0.02
+    assert rows["secagg − no-protection"] == ["0, 1", "+0.0000", "[+0.0000, +0.0000]"]
+    assert rows["distributed-eps4 − no-protection"][:2] == ["0", "-0.1300"]
+    assert rows["distributed-eps4 − central-eps4"][:2] == ["0", "-0.0300"]
