@@ -84,7 +84,8 @@ def table(folder: Path, include: Sequence[str] = ()) -> tuple[str, list[dict]]:
     rows = aggregate(runs, METRICS)
     points = []
     lines = ["| config | DP mode | seeds | epsilon (delta 1e-5) | noise multiplier | test NDCG@10 | test HR@10 | "
-             "membership AUC | reconstruction precision@\\|H\\| | its baselines: popularity / chance |",
+             "membership AUC | reconstruction precision@\\|H\\| (= recall@\\|H\\|) | "
+             "its baselines: popularity / chance |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         group = [r for r in runs if r.config == row.config]
