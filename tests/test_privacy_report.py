@@ -198,9 +198,10 @@ def _per_user(run_dir, ndcg):
 
 
 def test_differences_are_paired_per_user_within_the_seeds_both_configs_finished(fleet):
-    """Each guarantee against no protection, and distributed DP against central DP at the same
-    epsilon; pairing per user removes the spread between users (0.1 to 0.5 here) that an
-    unpaired comparison would carry, and a seed one config lacks is not paired."""
+    """Each guarantee against no protection, and distributed and local DP against the central DP
+    config of the nearest reported epsilon (within 10%); pairing per user removes the spread
+    between users (0.1 to 0.5 here) that an unpaired comparison would carry, and a seed one
+    config lacks is not paired."""
     folder, conv, _ = fleet
     users = np.linspace(0.1, 0.5, 40)
     jitter = np.where(np.arange(40) % 2, 0.02, -0.02)
@@ -209,14 +210,21 @@ def test_differences_are_paired_per_user_within_the_seeds_both_configs_finished(
         _per_user(folder / f"central-eps4-s{seed}", users - 0.1 + jitter)
         _per_user(folder / f"secagg-s{seed}", users)
     _per_user(folder / "distributed-eps4-s0", users - 0.13)  # seed 1 has no per-user file
+    for name, eps in (("local-eps8", 3.7), ("local-eps4", 1.9)):  # local DP lands below its target
+        _run(folder, f"{name}-s0", {"test_ndcg@10": 0.1, "test_hr@10": 0.2, "mia_auc": 0.5, "dp_epsilon": eps,
+                                    "privacy": {"mode": "local", "noise_multiplier": 7.0}},
+             {"dp-mode": "local", "seed": 0})
+        _per_user(folder / f"{name}-s0", users - 0.2)
     text, _ = table(folder, [f"{conv}:fedkd-c20=no-protection"])
     rows = {cells[0]: cells[1:] for line in text.splitlines() if " − " in line
             for cells in [[c.strip() for c in line.strip("|").split(" | ")]]}
     assert set(rows) == {"central-eps4 − no-protection", "distributed-eps4 − no-protection",
-                         "secagg − no-protection", "distributed-eps4 − central-eps4"}
-    seeds, diff, interval = rows["central-eps4 − no-protection"]
+                         "secagg − no-protection", "local-eps8 − no-protection", "local-eps4 − no-protection",
+                         "distributed-eps4 − central-eps4", "local-eps8 − central-eps4"}  # 1.9: no central near
+    eps, seeds, diff, interval = rows["central-eps4 − no-protection"]
     lo, hi = (float(x) for x in interval.strip("[]").split(", "))
-    assert seeds == "0, 1" and diff == "-0.1000" and lo < -0.1 < hi and hi - lo < 0.02
-    assert rows["secagg − no-protection"] == ["0, 1", "+0.0000", "[+0.0000, +0.0000]"]
-    assert rows["distributed-eps4 − no-protection"][:2] == ["0", "-0.1300"]
-    assert rows["distributed-eps4 − central-eps4"][:2] == ["0", "-0.0300"]
+    assert (eps, seeds, diff) == ("4", "0, 1", "-0.1000") and lo < -0.1 < hi and hi - lo < 0.02
+    assert rows["secagg − no-protection"] == ["off", "0, 1", "+0.0000", "[+0.0000, +0.0000]"]
+    assert rows["distributed-eps4 − no-protection"][:3] == ["4", "0", "-0.1300"]
+    assert rows["distributed-eps4 − central-eps4"][:3] == ["4 vs 4", "0", "-0.0300"]
+    assert rows["local-eps8 − central-eps4"][:3] == ["3.7 vs 4", "0", "-0.1000"]
