@@ -271,6 +271,12 @@ class ExperimentConfig:
     dp_target_epsilon: float = _opt(0.0, "Privacy budget at dp-delta: a round that would exceed it is refused "
                                          "and training stops there (0 = no budget).")
     dp_delta: float = _opt(1e-05, "delta at which the accountant reports epsilon.")
+    dp_local_participations: int = _opt(0, "dp-mode local: the most rounds one device takes part in. Its noise "
+                                           "is calibrated so that this many noisy updates end at "
+                                           "dp-target-epsilon, and a device that has sent this many sits out: "
+                                           "the server stops picking it and the device itself refuses (local DP "
+                                           "trusts no one). 0 = num-rounds: calibrated for a device picked in "
+                                           "every round, which a sampled device never is (docs/privacy.md).")
     dp_secure_rng: bool = _opt(False, "Draw DP randomness (local and distributed DP's noise on the devices; "
                                       "central DP's noise, Poisson sampling and the adaptive clip's noisy count on "
                                       "the server) from "
@@ -817,6 +823,8 @@ def _rules_privacy(c: ExperimentConfig) -> None:
            "a finite number > 0")
     _finite(c, ("dp_noise_multiplier", "dp_target_epsilon"), positive=False)
     _check(0 < c.dp_delta < 1, "dp-delta", c.dp_delta, "a number in (0, 1)")
+    _check(c.dp_local_participations >= 0, "dp-local-participations", c.dp_local_participations,
+           "an integer >= 0 (0 = num-rounds)")
 
 
 def _rules_faults(c: ExperimentConfig) -> None:
@@ -890,6 +898,8 @@ def _rules_across(c: ExperimentConfig) -> None:
     _check(math.isfinite(c.dp_clip_lr) and c.dp_clip_lr > 0, "dp-clip-lr", c.dp_clip_lr, "a finite number > 0")
     _check(math.isfinite(c.dp_clip_count_stddev) and c.dp_clip_count_stddev >= 0, "dp-clip-count-stddev",
            c.dp_clip_count_stddev, "a finite number >= 0 (0 = expected clients per round / 20)")
+    _check(c.dp_local_participations == 0 or c.dp_mode == "local", "dp-local-participations",
+           c.dp_local_participations, f"0 with dp-mode = {c.dp_mode} (it caps local DP's devices)")
     _check(not c.dp_secure_rng or c.dp_mode != "off", "dp-secure-rng", c.dp_secure_rng,
            "false with dp-mode = off (there is no DP noise to draw)")
     _check(c.dp_mode != "distributed" or c.secure_aggregation, "dp-mode", c.dp_mode,

@@ -30,6 +30,9 @@ class PrivacyBudget:
         log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
                  "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
                  accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
+        if accountant.cap:
+            log.info("local DP: a device sends at most %d noisy updates (dp-local-participations), epsilon %.4g "
+                     "for one that sends them all", accountant.cap, accountant.epsilon(accountant.cap))
 
     def adapt(self, clipper, update_noise: float) -> None:
         """Adaptive clipping is on: ``clipper`` (a QuantileClip; the aggregator owns and checkpoints
@@ -57,24 +60,29 @@ class PrivacyBudget:
 
     def refuses(self, r: int) -> bool:
         """With a target epsilon: refuse round ``r`` if its release would take epsilon past the
-        target, and say so in the log and the summary (training stops; the run goes on to test
-        the model chosen so far)."""
+        target (local DP: once no device may send another noisy update, by the target or by
+        ``dp-local-participations``), and say so in the log and the summary (training stops; the
+        run goes on to test the model chosen so far)."""
         acc = self.acc
-        if not acc.target_epsilon:
+        if not acc.target_epsilon and not acc.cap:
             return False
+        capped = False
         if acc.mode == "local":  # devices out of budget sit out; stop when none is left
             if not all(acc.exhausted(p) for p in self.eligible):
                 return False
             eps = acc.would_exceed(self.eligible)[1]
+            capped = bool(acc.cap) and all(acc.participations.get(p, 0) >= acc.cap for p in self.eligible)
         else:
             over, eps = acc.would_exceed()
             if not over:
                 return False
+        why = (f"every device has sent the {acc.cap} noisy updates dp-local-participations allows (epsilon "
+               f"{acc.epsilon():.4g} at delta {acc.delta:g})" if capped else
+               f"round {r} would raise epsilon from {acc.epsilon():.4g} to {eps:.4g}, over the target "
+               f"{acc.target_epsilon:g} at delta {acc.delta:g}")
         self.stop = {"round_refused": r, "rounds_trained": r - 1, "epsilon_spent": acc.epsilon(),
                      "epsilon_next": eps, "target_epsilon": acc.target_epsilon, "delta": acc.delta,
-                     "reason": f"round {r} would raise epsilon from {acc.epsilon():.4g} to {eps:.4g}, over "
-                               f"the target {acc.target_epsilon:g} at delta {acc.delta:g}; training "
-                               f"stopped after round {r - 1}"}
+                     "reason": f"{why}; training stopped after round {r - 1}"}
         log.warning("privacy budget: %s", self.stop["reason"])
         return True
 

@@ -91,6 +91,23 @@ def test_local_dp_noises_then_a_malicious_client_boosts_the_noised_update():
         np.testing.assert_array_equal(update[k], (noised[k] * 7.0).astype(np.float32))
 
 
+def test_a_local_dp_device_refuses_to_send_more_noisy_updates_than_its_cap():
+    """Local DP trusts no one: the device counts its noisy updates and refuses the one past
+    dp-local-participations itself, whatever the server asks; uncapped, it keeps no count."""
+    flat = {"dp-mode": "local", "dp-noise-multiplier": 0.5, "dp-clip-norm": 0.5}
+    seen: list = []
+    app, context = _app(TRAIN_MODS, seen), _context(**flat, **{"dp-local-participations": 2})
+    for _ in range(2):
+        app(_train_msg(), context)
+    with pytest.raises(RuntimeError, match="device 1 has sent 2 noisy updates, all that dp-local-participations = 2"):
+        app(_train_msg(), context)
+    assert len(seen) == 2  # the third never reached training
+    uncapped = _context(**flat)
+    for _ in range(3):
+        _app(TRAIN_MODS, seen)(_train_msg(), uncapped)
+    assert len(seen) == 5 and "local-dp-sent" not in uncapped.state
+
+
 def test_local_dp_with_a_secure_rng_draws_fresh_noise_for_the_same_message():
     flat = {"dp-mode": "local", "dp-noise-multiplier": 0.5, "dp-clip-norm": 0.5, "dp-secure-rng": True}
     (a, _), (b, _) = _send(TRAIN_MODS, **flat), _send(TRAIN_MODS, **flat)

@@ -8,7 +8,8 @@ import pytest
 
 from fedkd.config import ExperimentConfig
 from fedkd.privacy import (PrivacyAccountant, accountant_for, add_gaussian_noise, calibrate_noise, clip_update,
-                           epsilon_for, l2_norm, local_dp, noisy_mean, poisson_sample, private_sum, sampling_rate)
+                           epsilon_for, l2_norm, local_dp, local_releases, noisy_mean, poisson_sample, private_sum,
+                           resolve_noise, sampling_rate)
 
 # (noise multiplier, sampling rate, rounds, delta): the MovieLens setting (150 of 754 clients,
 # 20 rounds) at the noise that gives epsilon ~ 8, 4 and 1, a full-participation one and a
@@ -159,6 +160,30 @@ def test_local_accountant_counts_the_most_exposed_client():
     while not acc.exhausted(2):
         acc.record([2])
     assert not acc.exhausted(1) and acc.exhausted(2)
+
+
+def test_local_dp_capped_participations_calibrate_for_the_cap_and_sit_the_device_out():
+    """dp-local-participations = K: the noise is priced for K noisy updates (less noise than for
+    every round), and a device that has sent K sits out even where the target is not reached."""
+    base = ExperimentConfig(dp_mode="local", dp_target_epsilon=8.0, clients_per_round=150, num_rounds=120)
+    capped = base.replace(dp_local_participations=36)
+    every, acc = accountant_for(base, num_clients=754), accountant_for(capped, num_clients=754)
+    assert local_releases(base) == 120 and local_releases(capped) == 36 and every.cap == 0
+    assert acc.cap == 36 and acc.noise_multiplier < 0.6 * every.noise_multiplier
+    assert acc.epsilon(36) <= 8.0 < acc.epsilon(37)
+    z = resolve_noise("local", 0.0, 8.0, 1.0, 36, 1e-5)
+    assert z == acc.noise_multiplier  # what the device calibrates from the config alone
+    fixed = accountant_for(capped.replace(dp_target_epsilon=0.0, dp_noise_multiplier=3.0), 754)
+    for _ in range(36):
+        assert not fixed.exhausted(5)
+        fixed.record([5])
+    assert fixed.exhausted(5) and not fixed.exhausted(6)  # no target, yet the cap holds
+    assert PrivacyAccountant.from_dict(json.loads(json.dumps(fixed.to_dict()))) == fixed
+    assert "cap" not in every.to_dict()  # uncapped state files are as before
+    with pytest.raises(ValueError, match="dp-local-participations.*0 with dp-mode = central"):
+        base.replace(dp_mode="central", dp_local_participations=36)
+    with pytest.raises(ValueError, match="dp-local-participations.*>= 0"):
+        base.replace(dp_local_participations=-1)
 
 
 def test_accountant_for_a_config_calibrates_to_the_target():
