@@ -116,9 +116,10 @@ def test_rows_of_a_mixed_sweep_show_mode_epsilon_and_reconstruction(fleet):
     by = {p["config"]: p for p in points}
     assert by["central-eps4"]["epsilon"] == pytest.approx(4.0) and by["central-eps4"]["mode"] == "central"
     assert by["distributed-eps4"]["secagg"] and by["no-protection"]["epsilon"] is None
-    # plotted: the precision's share of the way from popularity's guess (0.3) to a perfect one
-    assert by["secagg"]["recon"].mean == pytest.approx((0.41 - 0.3) / 0.7)
+    # plotted between the baselines: 0 = chance (0.06), 1 = popularity (0.3), 2 = perfect
+    assert by["secagg"]["recon"].mean == pytest.approx(1 + (0.41 - 0.3) / 0.7)
     assert by["no-protection"]["recon"].std == pytest.approx(np.std([0.97, 0.95], ddof=1) / 0.7)
+    assert by["distributed-eps4"]["recon"].mean == pytest.approx((0.225 - 0.06) / 0.24)  # below popularity
 
 
 def test_the_plot_has_a_series_per_mode_and_references_as_lines(fleet, tmp_path, monkeypatch):
@@ -128,9 +129,13 @@ def test_the_plot_has_a_series_per_mode_and_references_as_lines(fleet, tmp_path,
 
     def spy(fig, path, **kw):
         seen["panels"] = [(ax.get_ylabel(), ax.get_legend_handles_labels()[1]) for ax in fig.axes]
+        seen["ticks"] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         return save(fig, path, **kw)
 
     monkeypatch.setattr(fedkd.plots, "save_figure", spy)
+    _run(folder, "local-eps8-s0", {"test_ndcg@10": 0.1, "test_hr@10": 0.2, "mia_auc": 0.5, **_recon(0.06),
+                                   "dp_epsilon": 3.7, "privacy": {"mode": "local", "noise_multiplier": 7.0}},
+         {"dp-mode": "local", "seed": 0})
     doc = tmp_path / "privacy.md"
     doc.write_text("# Privacy\n\n<!-- privacy -->\n<!-- /privacy -->\n")
     img = tmp_path / "img" / "private_fleet.png"
@@ -139,10 +144,11 @@ def test_the_plot_has_a_series_per_mode_and_references_as_lines(fleet, tmp_path,
     assert img.is_file() and img.stat().st_size > 0
     assert [label for label, _ in seen["panels"]] == ["test NDCG@10 (full ranking)",
                                                       "membership-inference AUC (loss threshold)",
-                                                      "reconstruction: precision@|H| over popularity's\n"
-                                                      "(p - pop) / (1 - pop); 0 = no better"]
+                                                      "history reconstruction, precision@|H| placed\n"
+                                                      "between its baselines (linear in each stretch)"]
     for _, legend in seen["panels"]:
-        assert sorted(legend) == ["central DP", "distributed DP", "no-protection", "secagg"]
+        assert sorted(legend) == ["central DP", "distributed DP", "local DP", "no-protection", "secagg"]
+    assert seen["ticks"] == ["3.9"]  # local 3.7, central and distributed 4.0: one tick, their geometric mean
     new = doc.read_text()
     assert f"--include {conv}:fedkd-c20=no-protection --out {doc} --img {img}" in new
     assert "| no-protection | off | 2/2 |" in new and "](img/private_fleet.png)" in new
