@@ -125,9 +125,10 @@ def paired(runs: Sequence[RunRecord], tolerance: float = EPSILON_TOLERANCE) -> s
     against the central DP config of the nearest epsilon within ``tolerance`` (relative): the
     price of trusting the server less for the same guarantee.
 
-    Epsilons are those the accountants report, not the targets: local DP is calibrated on the
-    device for a device in every round, and reports the most exposed device's participations,
-    so a local config's guarantee is stronger than its target and is compared where it lands.
+    Epsilons are those the accountants report, not the targets: without
+    ``dp-local-participations`` local DP is calibrated for a device in every round but reports
+    the most exposed device's participations, so its guarantee lands below its target, and it
+    is compared where it lands.
 
     Why paired per test user within seeds: two configs of the same seed score the same users
     on the same split, so per-user differences remove the spread between users that a
