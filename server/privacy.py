@@ -27,12 +27,15 @@ class PrivacyBudget:
         self.stop: dict | None = None
         self.clipper, self.update_noise = None, None  # adaptive clipping (see adapt)
         self.ddp, self.threshold = None, None  # distributed DP's mechanism (see distribute)
-        log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
-                 "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
-                 accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
-        if accountant.cap:
-            log.info("local DP: a device sends at most %d noisy updates (dp-local-participations), epsilon %.4g "
-                     "for one that sends them all", accountant.cap, accountant.epsilon(accountant.cap))
+        if accountant.cap:  # local DP priced for K updates: "after num-rounds rounds" would price a device in all
+            log.info("differential privacy (local): clip %.4g, noise multiplier %.4g; a device sends at most %d "
+                     "noisy updates (dp-local-participations), epsilon %.4g at delta %g for one that sends them all",
+                     clip, accountant.noise_multiplier, accountant.cap, accountant.epsilon(accountant.cap),
+                     accountant.delta)
+        else:
+            log.info("differential privacy (%s): clip %.4g, noise multiplier %.4g, sampling rate %.4g, "
+                     "epsilon after %d rounds %.4g at delta %g", accountant.mode, clip, accountant.noise_multiplier,
+                     accountant.rate, num_rounds, accountant.epsilon(num_rounds), accountant.delta)
 
     def adapt(self, clipper, update_noise: float) -> None:
         """Adaptive clipping is on: ``clipper`` (a QuantileClip; the aggregator owns and checkpoints

@@ -47,8 +47,11 @@ def _run(tmp_path, name):
     return n, summary, json.loads((out / "privacy.json").read_text()), out
 
 
-def test_an_honest_server_picks_each_device_until_its_cap_then_stops(tmp_path):
-    n, summary, privacy, _ = _run(tmp_path, "honest")
+def test_an_honest_server_picks_each_device_until_its_cap_then_stops(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="fedkd"):
+        n, summary, privacy, _ = _run(tmp_path, "honest")
+    first = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("differential privacy"))
+    assert "sends at most 1 noisy updates" in first and "after 3 rounds" not in first  # priced for K, not all rounds
     assert privacy["cap"] == 1 and set(privacy["participations"].values()) == {1}
     assert len(privacy["participations"]) == 2 * (n // 2)  # round 2 picked the other half
     stopped = summary["privacy"]["stopped"]
