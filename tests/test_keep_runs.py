@@ -15,6 +15,7 @@ def _run(folder, name, *, finished=True, ndcg=0.2):
     (d / "metrics.csv").write_text("round,val_ndcg\n1,0.1\n")
     (d / "test_per_client.csv").write_text("partition_id,count,hr_sum,ndcg_sum\n3,1,1.0,0.5\n")
     (d / "checkpoint.pt").write_bytes(b"\0" * 1000)
+    (d / "student.pt").write_bytes(b"\1" * 100)
     (d / "wire.jsonl").write_text("{}\n")
     if finished:
         (d / "summary.json").write_text(json.dumps({"test_ndcg@10": ndcg}))
@@ -57,8 +58,9 @@ def test_a_second_keep_copies_only_what_changed(tmp_path):
 
 def test_configs_limits_what_is_kept_and_a_wrong_folder_is_refused(tmp_path, capsys):
     sweep, dest = _sweep(tmp_path), tmp_path / "kept"
-    assert main([str(sweep), str(dest), "--configs", "b"]) == 0
+    assert main([str(sweep), str(dest), "--configs", "b", "--models"]) == 0
     assert "kept 1 new or changed run(s)" in capsys.readouterr().out
     assert [p.name for p in (dest / "runs").iterdir()] == ["b-s0"]
+    assert (dest / "runs" / "b-s0" / "student.pt").read_bytes() == b"\1" * 100  # the model, with --models
     with pytest.raises(SystemExit, match="not a sweep folder"):
         keep(tmp_path / "docs", dest)
