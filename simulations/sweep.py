@@ -332,14 +332,18 @@ def run_sweep(sweep: Sweep, execute: Execute, *, jobs: int = 1,
     metric = sweep.metrics[0]
     # no bar when stderr is not a terminal: its \r redraws would split the lines below in a log
     with tqdm(total=len(todo), unit="run", desc=sweep.name, disable=not todo or not sys.stderr.isatty()) as bar:
+        took: list[float] = []
+
         def done(run: Run, rc: int, seconds: float) -> None:
             bar.update()
+            took.append(seconds)
+            where = _progress(len(took), len(todo), took, jobs)
             if rc == 0 and load_run(run.dir).finished:
-                tqdm.write(f"[sweep] {run.name}: {seconds:.0f}s, {metric} = {_metric(run, metric)}")
+                tqdm.write(f"[sweep] {run.name}: {seconds:.0f}s, {metric} = {_metric(run, metric)} ({where})")
             else:
                 failures.append(run.name)
                 _record_failure(sweep, run, rc)
-                tqdm.write(f"[sweep] {run.name}: FAILED (exit {rc}) after {seconds:.0f}s; log: {run.log}")
+                tqdm.write(f"[sweep] {run.name}: FAILED (exit {rc}) after {seconds:.0f}s; log: {run.log} ({where})")
         _execute_all(todo, execute, jobs, done, stop)
     return failures
 
@@ -366,6 +370,15 @@ def _execute_all(todo: list[Run], execute: Execute, jobs: int,
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(done: int, total: int, took: Sequence[float], jobs: int) -> str:
+    """``3/9 runs, about 4.2 h left``: a sweep at converged settings runs for hours, and its log
+    (no progress bar without a terminal) is where one looks; the estimate is the mean run so far."""
+    left = (total - done) * (sum(took) / len(took)) / max(jobs, 1)
+    if done == total:
+        return f"{done}/{total} runs"
+    return f"{done}/{total} runs, about " + (f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min") + " left"
 
 
 def _metric(run: Run, metric: str) -> str:

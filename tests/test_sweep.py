@@ -183,10 +183,19 @@ def test_interrupted_sweep_resumes_with_exactly_the_missing_runs(four_runs, tmp_
     assert second.calls == ["kd-s1", "avg-s1"]  # the interrupted one (no summary.json) and the unstarted one
     out = capsys.readouterr().out
     assert "4 runs: 2 finished, 2 to run" in out and "[sweep] kd-s1:" in out and "test_ndcg@10 = 0.11" in out
+    assert "(1/2 runs, about 0 min left)" in out and "(2/2 runs)" in out  # progress in a log without a bar
 
     third = FakeExecutor()
     assert run_sweep(_plan(four_runs, tmp_path), third) == [] and third.calls == []
     assert "4 runs: 4 finished, 0 to run" in capsys.readouterr().out
+
+
+def test_progress_estimates_what_is_left_from_the_mean_run():
+    from simulations.sweep import _progress
+
+    assert _progress(1, 10, [1800.0], jobs=1) == "1/10 runs, about 4.5 h left"
+    assert _progress(2, 10, [600.0, 1200.0], jobs=2) == "2/10 runs, about 60 min left"
+    assert _progress(10, 10, [5.0] * 10, jobs=1) == "10/10 runs"
 
 
 def test_configs_option_runs_only_those_and_the_report_keeps_every_run(four_runs, tmp_path):
