@@ -22,13 +22,7 @@ from e2e_runs import ROOT, run_case
 from ray_cluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from simulations import cluster
 from simulations.deploy import free_ports
-from test_golden import GOLDEN, pinned
-
-
-def _digests(text: str) -> list[str]:
-    lines = text.splitlines()
-    col = lines[0].split(",").index("model_digest")
-    return [line.split(",")[col] for line in lines[1:]]
+from test_golden import assert_golden, pinned
 
 
 @pytest.mark.slow
@@ -48,10 +42,7 @@ def test_a_run_on_a_two_node_ray_cluster_gives_the_single_node_results(golden, t
     assert not left, f"processes of the test cluster still alive: {left}"
 
     assert f"on the Ray cluster at {address}" in run.stderr
-    metrics, summary = pinned(run.out)
-    expected = (GOLDEN / "default.metrics.csv").read_text()
-    assert _digests(metrics) == _digests(expected), "model_digest differs from the single-node run's"
-    assert metrics == expected and summary == (GOLDEN / "default.summary.json").read_text()
+    assert_golden("default", *pinned(run.out))  # model_digest of every round included
 
     # one actor per CPU: one on the head, one on the worker node, and both took messages
     assert sorted(a["node_id"] for a in ran["actors"]) == sorted(nodes)

@@ -26,7 +26,7 @@ import pytest
 
 from e2e_runs import BASE, ROOT
 from fedkd import processes
-from test_golden import GOLDEN, pinned
+from test_golden import assert_golden, pinned
 
 pytestmark = pytest.mark.slow
 
@@ -69,9 +69,7 @@ def test_flwr_run_gives_the_golden_results_with_every_end_of_run_step(flwr_run):
     assert set(summary["references"]) == {"teacher", "popularity"}
     assert summary["reconstruction_attack"]
     assert summary["teacher"]["cached"] is True  # loaded from the golden cache, so the run is the golden one
-    metrics, results = pinned(out)
-    assert metrics == (GOLDEN / "default.metrics.csv").read_text()
-    assert results == (GOLDEN / "default.summary.json").read_text()
+    assert_golden("default", *pinned(out))
 
 
 def test_fedkd_stop_stops_exactly_the_recorded_flower_processes(flwr_run):
