@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 from filelock import FileLock
 
-from e2e_runs import BASE, CASES, ROOT, Run, kill_after_round_2, run_case
+from e2e_runs import BASE, CASES, ONE_THREAD, ROOT, SMALL_SIM, Run, kill_after_round_2, run_case
 
 
 class Once:
@@ -106,23 +106,53 @@ def golden(once) -> GoldenRuns:
     return GoldenRuns(once)
 
 
-@pytest.fixture(scope="session")
-def faults_rerun(golden, once) -> Run:
-    """The faults case run a second time, with the golden teacher cache, into an output folder
-    that already holds a copy of the first run, SIGKILLed (with its Ray processes) once round 2
-    is written and then resumed (``--resume``): one run for three claims, that a run killed mid
-    round resumes to the uninterrupted metrics (test_reliability_e2e), that the same seed gives
-    the same results (the same test module), and that a second run loads the cached teacher and
-    moves the earlier results aside instead of overwriting them (test_e2e)."""
+def _rerun(golden: GoldenRuns, once: Once, name: str) -> Run:
+    """The golden case ``name`` run a second time, with the golden teacher cache, into an output
+    folder that already holds a copy of the first run, SIGKILLed (with its Ray processes) once
+    round 2 is written and then resumed (``--resume``)."""
     def make() -> Run:
-        first = golden["faults-norm-bound"]
-        name = first.out.name
-        out = once.root / "rerun"
+        first = golden[name]
+        out = once.root / f"rerun-{name}"
         shutil.copytree(first.out, out / name)
         flat = {**BASE, **CASES[name]}
         kill_after_round_2(out, golden.cache, name, flat)
         return run_case(name, out, golden.cache, flat={**flat, "resume": True})
-    return once.run("faults-rerun", make)
+    return once.run(f"rerun-{name}", make)
+
+
+@pytest.fixture(scope="session")
+def dp_rerun(golden, once) -> Run:
+    """The central-DP case again (``_rerun``): one run for three claims, that a DP run killed
+    mid-run resumes to the uninterrupted epsilon and metrics (test_reliability_e2e), that the
+    same seed gives the same results, and that a second run loads the cached teacher and moves
+    the earlier results aside instead of overwriting them (test_e2e)."""
+    return _rerun(golden, once, "central-dp")
+
+
+@pytest.fixture(scope="session")
+def faults_rerun(golden, once) -> Run:
+    """The faults case again (``_rerun``): a run with rejections resumes to the uninterrupted
+    metrics, each rejection once (test_reliability_e2e, an extended test)."""
+    return _rerun(golden, once, "faults-norm-bound")
+
+
+@pytest.fixture(scope="session")
+def small_sim(once) -> Run:
+    """``SMALL_SIM`` through `fedkd run` (one torch thread, a teacher cache of its own, trained
+    here): the run that `flwr run .` (test_flwr_run), a two-node Ray cluster (test_cluster) and
+    the Deployment Engine (test_deploy) must each reproduce."""
+    root = once.root / "small"
+    return once.run("small-sim", lambda: run_case("small", root / "out", root / "cache", flat=SMALL_SIM,
+                                                   env=ONE_THREAD))
+
+
+def small_teacher(small_sim: Run, dest: Path) -> Path:
+    """``dest``, holding a copy of ``small_sim``'s teacher: a run of SMALL's data loads it
+    instead of training it again. The run may write into its copy, never into the original."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in (small_sim.out.parents[1] / "cache").glob("teacher-*.pt"):
+        shutil.copy2(f, dest / f.name)
+    return dest
 
 
 @pytest.fixture
@@ -187,7 +217,16 @@ def error_feedback_run(real_sweep) -> Run:
     return _sweep_run(real_sweep, "error-feedback-s0")
 
 
-SHARED_RUNS = {"golden", "faults_rerun", "real_sweep", "naive_labels_local_dp", "error_feedback_run", "teacher_cache"}
+SHARED_RUNS = {"golden", "small_sim", "dp_rerun", "faults_rerun", "real_sweep", "naive_labels_local_dp", "error_feedback_run", "teacher_cache"}
+
+
+# The heavy files in the order the workers take them: the golden cases first, from t = 0 (their
+# default case trains the teacher almost every other run loads, so a worker that needs it early
+# would wait), the runs that need no golden teacher (the small experiment's engines) on the
+# other worker meanwhile, then the rest. Files not named follow in their usual order.
+_HEAVY_ORDER = {name: i for i, name in enumerate([
+    "test_golden.py", "test_deploy.py", "test_flwr_run.py", "test_e2e_communication.py", "test_e2e.py",
+    "test_privacy_e2e.py", "test_reliability_e2e.py"])}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -198,4 +237,4 @@ def pytest_collection_modifyitems(config, items):
     longest file alone."""
     heavy = {item.path for item in items
              if item.get_closest_marker("slow") or SHARED_RUNS & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: item.path not in heavy)  # stable
+    items.sort(key=lambda item: (item.path not in heavy, _HEAVY_ORDER.get(item.path.name, len(_HEAVY_ORDER))))

@@ -27,7 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-epochs": 2, "progress": False,
         # the server settings the golden files were written with (the defaults before issue 21's)
-        "server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant"}
+        "server-optimizer": "fedavg", "server-lr": 1.0, "server-lr-schedule": "constant", "kd-schedule": "constant",
+        # the handshake asks 5 nodes and places the others by the engine's registration order
+        # (a fifth of a run's start-up when all 40 were asked, on 2 cores): the golden files,
+        # written when every node was asked, do not change
+        "handshake": "registration-order", "handshake-verify": 5}
 CASES: dict[str, dict] = {
     "default": {},
     # a mixed fleet: a device trace (tests/data/mixed-trace.csv: even clients weak, 0.1x speed,
@@ -35,10 +39,7 @@ CASES: dict[str, dict] = {
     # weak devices train a width-4 slice and fit fewer steps under the deadline; aggregated with
     # the coordinate-wise trimmed mean, ring by ring of the nested widths
     "nested-deadline": {"student-widths": "4,16", "device-trace": str(ROOT / "tests" / "data" / "mixed-trace.csv"),
-                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean",
-                        # the handshake asks 5 nodes and places the others by the engine's registration
-                        # order: the golden files, written when every node was asked, must not change
-                        "handshake": "registration-order", "handshake-verify": 5},
+                        "tier-steps": "16,16", "round-deadline": 0.6, "min-steps": 2, "aggregation": "trimmed-mean"},
     "secagg": {"secure-aggregation": True, "clients-per-round": 10},
     "logits-refine": {"protocol": "logits", "teacher-refine-steps": 20, "teacher-refine-lr": 0.01,
                       "num-rounds": 3},
@@ -47,6 +48,18 @@ CASES: dict[str, dict] = {
     "central-dp": {"dp-mode": "central", "dp-noise-multiplier": 1.0, "dp-clip-norm": 0.5,
                    "clients-per-round": 10, "num-rounds": 3},
 }
+
+# The small run every other way of starting the app is held to (`flwr run .`, a Ray cluster,
+# the Deployment Engine): 50 synthetic users, 20% in the cloud, 40 edge users in exactly 3
+# clients (users-per-client 14), 2 rounds, validated once on one client, the current server
+# defaults. Three clients make three messages a round: the engine's paths are exercised at a
+# tenth of a golden case's cost. One torch thread everywhere (``ONE_THREAD``): a deployment
+# trains its teacher in the ServerApp process, and another thread count changes float sums
+# (docs/devices.md, "Deployment vs simulation").
+SMALL = {"synthetic-users": 50, "synthetic-items": 80, "num-rounds": 2, "teacher-epochs": 2, "eval-every": 2,
+         "val-clients": 1, "progress": False}
+SMALL_SIM = {**SMALL, "users-per-client": 14}  # what a deployment's shards decide, given to a simulation
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -79,12 +92,12 @@ def run_command(name: str, out: Path, cache: Path, flat: dict, *, num_cpus: int 
 
 
 def run_case(name: str, out: Path, cache: Path, *, flat: dict | None = None, timeout: float = 900,
-             num_cpus: int = WORKERS, ray_address: str | None = None) -> Run:
+             num_cpus: int = WORKERS, ray_address: str | None = None, env: dict | None = None) -> Run:
     """One experiment through the CLI, as a user runs it, in its own process group so that a
     hang can be killed with its Ray processes. ``flat`` defaults to the golden case ``name``."""
     flat = {**BASE, **CASES[name]} if flat is None else flat
     cmd = run_command(name, out, cache, flat, num_cpus=num_cpus, ray_address=ray_address)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:  # minutes on a busy 2-core machine, well under one when idle
         stdout, err = proc.communicate(timeout=timeout)

@@ -2,11 +2,11 @@
 
 The slow test starts a Ray cluster of two nodes on loopback (tests/ray_cluster.py: a head on
 127.0.0.2 and a worker node on 127.0.0.3, one CPU each, so each can hold exactly one ClientApp
-actor), runs the
-golden default case on it and checks that (a) the results are the single-node run's, pinned
-in tests/golden/ (``model_digest`` of every round included), (b) the ClientApp actors lived
-on both nodes and both nodes handled messages, and (c) nothing of the cluster is left
-running. The other tests check the option without any Ray.
+actor), runs the small experiment on it (``SMALL_SIM`` in tests/e2e_runs.py: 3 clients, 2
+rounds) and checks that (a) the results are the single-node run's (``small_sim``, byte for
+byte, ``model_digest`` of every round included), (b) the ClientApp actors lived on both nodes
+and both nodes handled messages, and (c) nothing of the cluster is left running. The other
+tests check the option without any Ray.
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ import sys
 
 import pytest
 
-from e2e_runs import ROOT, run_case
+from conftest import small_teacher
+from e2e_runs import ONE_THREAD, ROOT, SMALL_SIM, run_case
 from ray_cluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from simulations import cluster
 from simulations.deploy import free_ports
-from test_golden import assert_golden, pinned
+from test_golden import pinned
 
 
+@pytest.mark.extended
 @pytest.mark.slow
-def test_a_run_on_a_two_node_ray_cluster_gives_the_single_node_results(golden, tmp_path):
+def test_a_run_on_a_two_node_ray_cluster_gives_the_single_node_results(small_sim, tmp_path):
     ray_cluster = LoopbackCluster(head_cpus=1, worker_cpus=1)
     try:
         address = ray_cluster.start()
         nodes = {n["node_id"]: n for n in ray_cluster.query("nodes")}
-        run = run_case("default", tmp_path / "out", golden.teacher_copy(tmp_path / "cache"), ray_address=address)
+        run = run_case("small", tmp_path / "out", small_teacher(small_sim, tmp_path / "cache"), flat=SMALL_SIM,
+                       ray_address=address, env=ONE_THREAD)
         ran = ray_cluster.query("actors")
     finally:
         left = ray_cluster.stop()
@@ -42,7 +45,7 @@ def test_a_run_on_a_two_node_ray_cluster_gives_the_single_node_results(golden, t
     assert not left, f"processes of the test cluster still alive: {left}"
 
     assert f"on the Ray cluster at {address}" in run.stderr
-    assert_golden("default", *pinned(run.out))  # model_digest of every round included
+    assert pinned(run.out) == pinned(small_sim.out)  # model_digest of every round included
 
     # one actor per CPU: one on the head, one on the worker node, and both took messages
     assert sorted(a["node_id"] for a in ran["actors"]) == sorted(nodes)

@@ -19,19 +19,17 @@ from types import SimpleNamespace
 
 import pytest
 
+from e2e_runs import ONE_THREAD, SMALL, cli_args
 from simulations import deploy
 from simulations.deploy import CertPaths, LocalFleet
 
 ROOT = Path(__file__).resolve().parents[1]
-# 50 synthetic users, 20% in the cloud: 40 edge users, users-per-client 14 -> exactly 3 clients.
-# Validated once, on one client (the last round; val-clients 1): a deployment starts a Python
-# process per message a SuperNode receives (`flwr-clientapp`, importing torch and Flower), so
-# fewer messages is a shorter run.
-TINY = ["--synthetic-users", "50", "--synthetic-items", "80", "--num-rounds", "2", "--teacher-epochs", "2",
-        "--eval-every", "2", "--val-clients", "1", "--progress", "false"]
-# One torch thread everywhere: the teacher is trained in the ServerApp process, and a different
-# thread count changes float sums (see docs/devices.md, "Deployment vs simulation").
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The small experiment (tests/e2e_runs.py): 50 synthetic users, 20% in the cloud: 40 edge users,
+# users-per-client 14 -> exactly 3 clients. Validated once, on one client (the last round;
+# val-clients 1): a deployment starts a Python process per message a SuperNode receives
+# (`flwr-clientapp`, importing torch and Flower), so fewer messages is a shorter run.
+TINY = cli_args(SMALL)
+ENV = ONE_THREAD  # see SMALL's comment
 
 
 def _fleet_processes(state: Path) -> list[str]:
@@ -355,23 +353,19 @@ def test_supernodes_from_shards_refuse_a_mismatched_device_and_measure_a_weak_on
 
 
 @pytest.mark.slow
-def test_deployment_and_simulation_give_the_same_model(loopback):
-    """Same seed and partitions: the round-1 global model is bit-identical in both engines."""
+def test_deployment_and_simulation_give_the_same_model(loopback, small_sim):
+    """Same seed and partitions: the global model of every round is bit-identical in both engines
+    (``small_sim``: the same experiment through `fedkd run`, one torch thread)."""
     assert loopback.proc.returncode == 0
-    tmp = loopback.tmp
-    sim = subprocess.run([sys.executable, "-m", "simulations.cli", "run", "--num-cpus", "1",
-                          "--experiment-name", "sim", "--output-dir", str(tmp / "out"),
-                          "--cache-dir", str(tmp / "cache-sim"), "--users-per-client", "14", *TINY],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
-    assert sim.returncode == 0, sim.stderr[-3000:]
-    dep, simulated = _rows(loopback.out / "metrics.csv"), _rows(tmp / "out" / "sim" / "metrics.csv")
-    assert json.loads((tmp / "out" / "sim" / "summary.json").read_text())["clients"] == 3
+    dep, simulated = _rows(loopback.out / "metrics.csv"), _rows(small_sim.out / "metrics.csv")
+    assert json.loads((small_sim.out / "summary.json").read_text())["clients"] == 3
     print(f"round-1 model_digest: deployment {dep[0]['model_digest']}, simulation {simulated[0]['model_digest']}")
     for d, s in zip(dep, simulated, strict=True):
         assert d["model_digest"] == s["model_digest"]
         assert d["train_loss"] == s["train_loss"] and d["val_ndcg"] == s["val_ndcg"]
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_supernode_dying_mid_run_fails_the_deployment_and_stops_every_process(tmp_path):
     proc = subprocess.Popen(_deploy_cmd(tmp_path, "dies", nodes=2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
@@ -396,6 +390,7 @@ def test_a_supernode_dying_mid_run_fails_the_deployment_and_stops_every_process(
     assert "logs kept in" in stdout
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_run_the_serverapp_fails_exits_nonzero_and_stops_every_process(tmp_path):
     """A value that passes validation but fails in the ServerApp (a cache-dir it cannot create)."""
@@ -409,6 +404,7 @@ def test_a_run_the_serverapp_fails_exits_nonzero_and_stops_every_process(tmp_pat
     assert _fleet_processes(tmp_path / "state") == []
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_tls_with_auth_admits_a_registered_supernode_and_refuses_an_unregistered_one(tmp_path):
     certs = deploy.make_certs(tmp_path / "certs", nodes=1)

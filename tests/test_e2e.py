@@ -26,7 +26,7 @@ def _short_end(run: Run) -> None:
     assert len(lines) <= 15 and lines[-1].startswith(f"results: {run.out} "), run.stdout
 
 
-def test_two_rounds_write_a_complete_results_folder(golden, faults_rerun):
+def test_two_rounds_write_a_complete_results_folder(golden, dp_rerun):
     run = golden["default"]  # 50 synthetic users, 80 items, 2 rounds: this test's experiment
     _short_end(run)
     out = run.out
@@ -70,9 +70,9 @@ def test_two_rounds_write_a_complete_results_folder(golden, faults_rerun):
     assert abs(summary["test_ndcg@10_float32"] - summary["test_ndcg@10"]) < 0.1  # the same student, rounded
     assert any(line.startswith("student.pt as saved (float32") for line in run.stdout.splitlines())
     # a second run reuses the cached teacher and moves the old results aside, never deleting them
-    # (faults_rerun: a run over a copy of an earlier run of its experiment, with the same cache)
-    again = faults_rerun.out
-    _short_end(faults_rerun)
+    # (dp_rerun: a run over a copy of an earlier run of its experiment, with the same cache)
+    again = dp_rerun.out
+    _short_end(dp_rerun)
     assert json.loads((again / "summary.json").read_text())["teacher"]["cached"] is True
     assert len(list(again.parent.glob(f"{again.name}.old-*"))) == 1
 

@@ -2,11 +2,12 @@
 (simulation mode, with its SuperExec and a `flwr-simulation` process that hosts the ServerApp),
 and leaves them running afterwards.
 
-One real run of the golden default case (tests/test_golden.py) for three claims: every
-end-of-run step of `fedkd run` (the membership attack, the references, the reconstruction
-attack) also runs under Flower's engine; the results are the golden files, byte for byte (the
-same seed gives the same run whichever way it is started); and `fedkd stop` on the results
-folder stops exactly the Flower processes the run recorded, by PID, with none left behind.
+One real run of the small experiment (``SMALL_SIM`` in tests/e2e_runs.py: 3 clients, 2 rounds)
+for three claims: every end-of-run step of `fedkd run` (the membership attack, the references,
+the reconstruction attack) also runs under Flower's engine; the results are those of the same
+experiment through `fedkd run` (``small_sim``), byte for byte (the same seed gives the same
+run whichever way it is started); and `fedkd stop` on the results folder stops exactly the
+Flower processes the run recorded, by PID, with none left behind.
 
 The SuperLink gets ports of its own (Flower reads them from the environment) and its own
 FLWR_HOME, so a SuperLink of the user's is neither reused nor touched.
@@ -15,7 +16,6 @@ FLWR_HOME, so a SuperLink of the user's is neither reused nor touched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_runs import BASE, ROOT
+from conftest import small_teacher
+from e2e_runs import ONE_THREAD, ROOT, SMALL_SIM
 from fedkd import processes
-from test_golden import assert_golden, pinned
+from test_golden import pinned
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +39,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def flwr_run(golden, tmp_path_factory):
-    """The golden default case through `flwr run . --stream`, its teacher loaded from the golden
-    cache. Whatever the test asserts, the processes it recorded are stopped at the end."""
-    golden["default"]  # its teacher (in a whole-suite run it has run already)
+def flwr_run(small_sim, tmp_path_factory):
+    """The small experiment through `flwr run . --stream`, its teacher loaded from a copy of
+    ``small_sim``'s cache. Whatever the test asserts, the processes it recorded are stopped at
+    the end."""
     tmp = tmp_path_factory.mktemp("flwr-run")
-    cache = golden.teacher_copy(tmp / "cache")
-    conf = {**BASE, "experiment-name": "default", "output-dir": str(tmp / "out"),
-            "cache-dir": str(cache)}
+    cache = small_teacher(small_sim, tmp / "cache")
+    conf = {**SMALL_SIM, "experiment-name": "small", "output-dir": str(tmp / "out"), "cache-dir": str(cache)}
     run_config = tmp / "run.toml"
     run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in conf.items()))
-    env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    env = {**ONE_THREAD, "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"
-    cmd = [flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=40", "--run-config", str(run_config)]
-    out = tmp / "out" / "default"
+    cmd = [flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config", str(run_config)]
+    out = tmp / "out" / "small"
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         yield proc, out
@@ -61,15 +61,16 @@ def flwr_run(golden, tmp_path_factory):
             processes.stop(out, out=lambda _: None)
 
 
-def test_flwr_run_gives_the_golden_results_with_every_end_of_run_step(flwr_run):
+def test_flwr_run_gives_the_results_of_fedkd_run_with_every_end_of_run_step(flwr_run, small_sim):
     proc, out = flwr_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["mia_auc"] <= 1.0 and summary["membership_attack"]["members"] == 40
     assert set(summary["references"]) == {"teacher", "popularity"}
     assert summary["reconstruction_attack"]
-    assert summary["teacher"]["cached"] is True  # loaded from the golden cache, so the run is the golden one
-    assert_golden("default", *pinned(out))
+    assert summary["teacher"]["cached"] is True  # small_sim's teacher, so the run is small_sim's
+    assert summary["clients"] == 3
+    assert pinned(out) == pinned(small_sim.out)  # model_digest of every round included
 
 
 def test_fedkd_stop_stops_exactly_the_recorded_flower_processes(flwr_run):

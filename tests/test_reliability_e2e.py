@@ -4,8 +4,9 @@ metrics.csv of an uninterrupted run (with faults; with central DP, to the same e
 
 Each run goes through the CLI in a subprocess (its own Ray instance, in its own process
 group so that a SIGKILL takes Ray's processes down with it). The uninterrupted faulty run is
-the golden case faults-norm-bound (tests/conftest.py); its same-seed rerun, killed and resumed,
-is shared with test_e2e (``faults_rerun``).
+the golden case faults-norm-bound (tests/conftest.py). The killed-and-resumed runs are session
+fixtures: the central-DP case's (``dp_rerun``, shared with test_e2e) runs in CI, the faults
+case's (``faults_rerun``) with the extended tests (``-m extended``).
 """
 
 import csv
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_runs import BASE, CASES, WORKERS, kill_after_round_2, run_case
+from e2e_runs import BASE, CASES, WORKERS, run_case
 from fedkd.config import ExperimentConfig
 from fedkd.faults import EXPECTED_REASON, draw_fault, malicious_ids
 
@@ -77,6 +78,7 @@ def test_every_injected_fault_is_rejected_with_its_reason_and_the_run_completes(
     assert res["messages"] == 120 and not res["missing"] and not res["unplanned"]
 
 
+@pytest.mark.extended  # CI resumes the central-DP case (dp_rerun) instead
 def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, faults_rerun):
     """``faults_rerun`` (tests/conftest.py): the faults case again with the same seed, SIGKILLed
     once round 2 was written and resumed. It ends with the uninterrupted run's metrics.csv,
@@ -90,15 +92,12 @@ def test_a_run_killed_mid_round_resumes_to_the_uninterrupted_metrics(reference, 
     assert "resumed after round" in (out / "run.log").read_text()
 
 
-def test_a_central_dp_run_killed_and_resumed_ends_with_the_same_epsilon_and_metrics(golden, tmp_path, cache):
-    """The golden central-DP case (Poisson sampling, clipping, noise; 3 rounds) killed after round
-    2 and resumed: the accountant comes back with the checkpoint, so the resumed run releases
-    exactly the rounds the uninterrupted one did, with the same noise, and ends at its epsilon."""
-    name = "central-dp"
-    flat = {**BASE, **CASES[name]}
-    reference = golden[name].out
-    kill_after_round_2(tmp_path, cache, name, flat)
-    out = _run(tmp_path, cache, name, {**flat, "resume": True})
+def test_a_central_dp_run_killed_and_resumed_ends_with_the_same_epsilon_and_metrics(golden, dp_rerun):
+    """``dp_rerun`` (tests/conftest.py): the golden central-DP case (Poisson sampling, clipping,
+    noise; 3 rounds) again with the same seed, killed after round 2 and resumed: the accountant
+    comes back with the checkpoint, so the resumed run releases exactly the rounds the
+    uninterrupted one did, with the same noise, and ends at its epsilon."""
+    reference, out = golden["central-dp"].out, dp_rerun.out
     assert "resumed after round" in (out / "run.log").read_text()
     assert (out / "metrics.csv").read_bytes() == (reference / "metrics.csv").read_bytes()
     a, b = (json.loads((d / "summary.json").read_text()) for d in (reference, out))
@@ -109,6 +108,7 @@ def test_a_central_dp_run_killed_and_resumed_ends_with_the_same_epsilon_and_metr
     assert a["reconstruction_attack"] == b["reconstruction_attack"]  # the observer's tally came back too
 
 
+@pytest.mark.extended
 def test_a_hanging_client_times_out_and_too_few_replies_skip_the_round(tmp_path, cache):
     """One client sleeps past round-timeout (reason 'timeout'); with min-replies above what is
     left the round is skipped, the model kept, and the run still completes."""
