@@ -80,8 +80,8 @@ def test_two_rounds_write_a_complete_results_folder(golden, dp_rerun):
 def test_logit_protocol_keeps_models_on_devices_and_refines_the_teacher(golden):
     """Logit-only FD with teacher refinement: no model crosses the wire in either direction,
     the devices' models persist between rounds in Flower's node state, and the teacher moves.
-    The golden case logits-refine is this experiment (protocol logits, 20 refinement steps at
-    lr 0.01, 3 rounds)."""
+    The golden case logits-refine is this experiment (protocol logits, 5 refinement steps a
+    round at lr 0.01, 2 rounds)."""
     run = golden["logits-refine"]
     _short_end(run)
     out = run.out
