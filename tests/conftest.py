@@ -4,12 +4,12 @@
 first use. Tests read these folders and never write into them: a test that must change a run
 (export it, run it again over it) works on a copy.
 
-The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml): an end-to-end run
-spends most of its wall time waiting (Python and Ray starting, Flower's polling), so one
-stream of tests kept the 2 cores about 40% busy. The shared runs are still made once per
-session, not once per worker: ``Once`` keeps each in a folder both workers see, behind a file
-lock (the recipe of pytest-xdist's documentation), and a worker that needs a run another
-worker is making waits for it.
+The suite runs in three pytest-xdist workers (``-n 3`` in pyproject.toml): an end-to-end run
+spends much of its wall time waiting (Python and Ray starting, Flower's polling), so one
+stream of tests kept the 2 cores about 40% busy, and two about 60% (docs/performance.md). The
+shared runs are still made once per session, not once per worker: ``Once`` keeps each in a
+folder every worker sees, behind a file lock (the recipe of pytest-xdist's documentation), and
+a worker that needs a run another worker is making waits for it.
 """
 
 from __future__ import annotations
