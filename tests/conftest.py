@@ -217,7 +217,8 @@ def error_feedback_run(real_sweep) -> Run:
     return _sweep_run(real_sweep, "error-feedback-s0")
 
 
-SHARED_RUNS = {"golden", "small_sim", "dp_rerun", "faults_rerun", "real_sweep", "naive_labels_local_dp", "error_feedback_run", "teacher_cache"}
+SHARED_RUNS = {"golden", "small_sim", "dp_rerun", "faults_rerun", "real_sweep", "naive_labels_local_dp",
+               "error_feedback_run", "teacher_cache"}
 
 
 # The heavy files in the order the workers take them: the golden cases first, from t = 0 (their
