@@ -95,10 +95,7 @@ class GoldenRuns:
         data (50 users, 80 items, seed 0, 2 teacher epochs) then loads the teacher instead of
         training the same one again. The run may write into its copy, never here."""
         self["default"]
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in self.cache.glob("teacher-*.pt"):
-            shutil.copy2(f, dest / f.name)
-        return dest
+        return copy_teachers(self.cache, dest)
 
 
 @pytest.fixture(scope="session")
@@ -147,10 +144,15 @@ def small_sim(once) -> Run:
 
 
 def small_teacher(small_sim: Run, dest: Path) -> Path:
-    """``dest``, holding a copy of ``small_sim``'s teacher: a run of SMALL's data loads it
-    instead of training it again. The run may write into its copy, never into the original."""
+    """``dest``, holding a copy of ``small_sim``'s teacher (its cache lies beside its ``out``)."""
+    return copy_teachers(small_sim.out.parents[1] / "cache", dest)
+
+
+def copy_teachers(cache: Path, dest: Path) -> Path:
+    """``dest``, holding a copy of the teachers in ``cache``: a run given ``dest`` as its cache
+    loads them instead of training them again, and may write into its copy, never into ``cache``."""
     dest.mkdir(parents=True, exist_ok=True)
-    for f in (small_sim.out.parents[1] / "cache").glob("teacher-*.pt"):
+    for f in cache.glob("teacher-*.pt"):
         shutil.copy2(f, dest / f.name)
     return dest
 
