@@ -95,7 +95,7 @@ class ExperimentConfig:
     data_duplicates: str = _opt("drop", "Exact duplicate rows (same user, item and timestamp): drop (counted in "
                                         "the log and summary.json) | keep | error (refuse the file, naming the "
                                         "first repeated line).")
-    synthetic_users: int = _opt(300, "Synthetic data: number of users.")
+    synthetic_users: int = _opt(100, "Synthetic data: number of users.")
     synthetic_items: int = _opt(400, "Synthetic data: number of items.")
     synthetic_mean_length: int = _opt(40, "Synthetic data: mean interactions per user.")
     synthetic_clusters: int = _opt(8, "Synthetic data: number of taste clusters.")

@@ -157,8 +157,8 @@ def test_settings_and_fleet_size():
         "num-rounds": 2, "local-lr": 0.5, "progress": False, "experiment-name": "a b"}
     with pytest.raises(ValueError, match="strings need quotes"):
         deploy._parse_pairs("experiment-name=a-b")
-    # defaults: 300 users, 240 at the edge -> 3 clients of 80
-    assert deploy.fit_fleet({}, 3) == {"users-per-client": 80}
+    # defaults: 100 users, 80 at the edge -> 3 clients of 27, 27 and 26
+    assert deploy.fit_fleet({}, 3) == {"users-per-client": 27}
     assert deploy.fit_fleet({"synthetic-users": 50}, 3)["users-per-client"] == 14
     assert deploy.fit_fleet({"synthetic-users": 50, "users-per-client": 14}, 3)["users-per-client"] == 14
     with pytest.raises(ValueError, match="make 3 edge clients .* but --nodes is 4"):
