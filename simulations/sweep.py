@@ -30,8 +30,11 @@ are taken from the current folder, as in ``fedkd run``.
 
 Every run's settings are checked before anything runs. A run whose summary.json exists and
 whose config.json matches its settings is skipped, so rerunning an interrupted or extended
-sweep runs only what is missing; a run whose settings changed is run again (its old folder
-is moved aside, never deleted). Failed runs go to failures.jsonl and the others go on.
+sweep runs only what is missing. A run interrupted after a round holds a checkpoint: if the
+checkpoint's settings are the run's, the run continues after it (``fedkd run --resume``, which
+ends exactly as an uninterrupted run), so a stopped sweep loses at most a round of each run in
+flight. A run whose settings changed is run again (its old folder is moved aside, never
+deleted). Failed runs go to failures.jsonl and the others go on.
 At the end the report (``fedkd report``) is written for the runs that finished.
 """
 
@@ -57,6 +60,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fedkd import checkpoint
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
 from simulations import ROOT
@@ -66,6 +70,7 @@ from simulations.runner import overrides_toml, resolve_overrides
 from simulations.runs import load_run
 
 SWEEP_KEYS = ("seed", "experiment-name", "output-dir")  # set by the sweep for each run
+RESUME = "to resume after round"  # the status of an interrupted run that continues from its checkpoint
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -95,7 +100,22 @@ class Run:
         return self.root / f"{self.name}.log"
 
     def status(self) -> str:
-        return run_status(load_run(self.dir), self.resolved)
+        """finished, stale, to run, or "to resume after round N"."""
+        status = run_status(load_run(self.dir), self.resolved)
+        if status == "to run" and (last := self.checkpointed_round()) is not None:
+            return f"{RESUME} {last}"
+        return status
+
+    def checkpointed_round(self) -> int | None:
+        """The last round of this run's checkpoint when the checkpoint holds exactly these
+        settings (the check `fedkd run --resume` makes), else None: a run of the converged
+        settings takes an hour and a session may end in the middle of it."""
+        if not (self.dir / checkpoint.NAME).is_file():
+            return None
+        try:
+            return int(checkpoint.load(self.dir, self.resolved)["round"])
+        except Exception:  # unreadable, another version or other settings: start the run afresh
+            return None
 
 
 @dataclass(frozen=True)
@@ -307,9 +327,12 @@ def describe(sweep: Sweep) -> tuple[dict[str, str], str]:
     status = {r.name: r.status() for r in sweep.runs}
     finished = sum(s == "finished" for s in status.values())
     stale = sum(s == "stale" for s in status.values())
+    resumed = sum(s.startswith(RESUME) for s in status.values())
     line = f"{len(status)} runs: {finished} finished, {len(status) - finished} to run"
-    if stale:
-        line += f" ({stale} stale: settings changed since they ran)"
+    notes = ([f"{stale} stale: settings changed since they ran"] if stale else []) + \
+        ([f"{resumed} to resume from their checkpoints"] if resumed else [])
+    if notes:
+        line += f" ({'; '.join(notes)})"
     return status, line
 
 
@@ -405,10 +428,14 @@ class SubprocessExecutor:
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
 
+    def command(self, run: Run) -> list[str]:
+        resume = run.status().startswith(RESUME)
+        return [sys.executable, "-m", "simulations.cli", "run", "--config", str(run.toml),
+                "--num-cpus", str(self.num_cpus), *(["--resume"] if resume else [])]
+
     def __call__(self, run: Run) -> int:
-        cmd = [sys.executable, "-m", "simulations.cli", "run", "--config", str(run.toml),
-               "--num-cpus", str(self.num_cpus)]
-        with run.log.open("w") as log:
+        cmd = self.command(run)
+        with run.log.open("a" if "--resume" in cmd else "w") as log:  # a resume keeps the first part's log
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             with self._lock:
                 self._procs.add(proc)

@@ -190,6 +190,30 @@ def test_interrupted_sweep_resumes_with_exactly_the_missing_runs(four_runs, tmp_
     assert "4 runs: 4 finished, 0 to run" in capsys.readouterr().out
 
 
+def test_a_run_interrupted_after_a_checkpoint_of_its_settings_is_resumed_not_restarted(four_runs, tmp_path, capsys):
+    """A run with a checkpoint of exactly its settings goes on with ``--resume`` (its log appended);
+    a checkpoint of other settings, or an unreadable one, starts the run afresh."""
+    from fedkd import checkpoint
+    from simulations.sweep import SubprocessExecutor
+
+    sweep = _plan(four_runs, tmp_path)
+    first = FakeExecutor(interrupt={"kd-s1"})
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, first, stop=lambda: None)
+    kd1, avg1 = (next(r for r in sweep.runs if r.name == n) for n in ("kd-s1", "avg-s1"))
+    checkpoint.save(kd1.dir, {"round": 7, "config": kd1.resolved})  # as the round loop writes it
+    avg1.dir.mkdir(parents=True)
+    checkpoint.save(avg1.dir, {"round": 2, "config": {**avg1.resolved, "kd-weight": 0.5}})
+    status, line = describe(_plan(four_runs, tmp_path))
+    assert status["kd-s1"] == "to resume after round 7" and status["avg-s1"] == "to run"
+    assert line == "4 runs: 2 finished, 2 to run (1 to resume from their checkpoints)"
+    ex = SubprocessExecutor(num_cpus=1)
+    assert ex.command(kd1)[-3:] == ["--num-cpus", "1", "--resume"]
+    assert ex.command(avg1)[-2:] == ["--num-cpus", "1"]  # another experiment's checkpoint: afresh
+    (kd1.dir / checkpoint.NAME).write_bytes(b"not a checkpoint")
+    assert kd1.status() == "to run" and "--resume" not in ex.command(kd1)
+
+
 def test_progress_estimates_what_is_left_from_the_mean_run():
     from simulations.sweep import _progress
 
