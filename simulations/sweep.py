@@ -60,7 +60,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedkd import checkpoint
 from fedkd.config import ExperimentConfig, Scalar
 from fedkd.results import JsonLines, write_json
 from simulations import ROOT
@@ -110,6 +109,8 @@ class Run:
         """The last round of this run's checkpoint when the checkpoint holds exactly these
         settings (the check `fedkd run --resume` makes), else None: a run of the converged
         settings takes an hour and a session may end in the middle of it."""
+        from fedkd import checkpoint  # torch: not for commands that only plan or read (`fedkd data`)
+
         if not (self.dir / checkpoint.NAME).is_file():
             return None
         try:
