@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedkd.config import settings_differ  # the rule a finished run's staleness follows too
+
 NAME = "checkpoint.pt"
 VERSION = 2  # 2: {part name: part state} (server/experiment.py)
 # Keys a resume may change: how the run is shown and that it is a resume, not what it computes.
@@ -71,7 +73,7 @@ def load(out_dir: Path, config: dict) -> dict:
     if ck.get("version") != VERSION:
         raise ValueError(f"cannot resume: {path} has checkpoint version {ck.get('version')}, expected {VERSION}")
     saved = ck["config"]
-    diff = sorted(k for k in set(saved) | set(config) if k not in MAY_DIFFER and saved.get(k) != config.get(k))
+    diff = [k for k in settings_differ(saved, config) if k not in MAY_DIFFER]
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume {out_dir}: the config differs from the checkpoint's in {shown}")

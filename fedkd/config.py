@@ -507,6 +507,31 @@ if not all(f.metadata["section"] in SECTIONS for f in _OPTIONS):
     raise RuntimeError("an option of ExperimentConfig is declared before any _section(...) line")
 
 
+# --------------------------------------------------------------------------- comparing runs' settings
+# The synthetic generator's knobs: what they say is unused when the interactions come from a file.
+SYNTHETIC_KEYS = ("synthetic-users", "synthetic-items", "synthetic-mean-length", "synthetic-clusters")
+
+
+def settings_differ(stored: Mapping[str, Scalar], expected: Mapping[str, Scalar]) -> list[str]:
+    """The keys in which a run's recorded settings (``stored``: config.json, a checkpoint) and the
+    settings asked for now (``expected``) differ in what the run computes; [] when they are the same run.
+
+    Why not plain equality: a knob added to fedkd later, at the value that keeps the earlier
+    behaviour, does not change what an older run did (a key missing from ``stored`` means what
+    fedkd did before it existed: ``ABSENT_MEANS``, else its default), and a default changed later
+    for a knob the run never used (the synthetic data's size, 300 users until 2026-12-01, under a
+    ``data-path``) does not either. Either would otherwise make every finished run stale and every
+    checkpoint unresumable. Any other difference counts.
+    """
+    defaults = ExperimentConfig().to_flat()
+    before = {**defaults, **ABSENT_MEANS}
+    keys = set(stored) | set(expected)
+    was = {k: stored.get(k, before.get(k)) for k in keys}
+    now = {k: expected.get(k, defaults.get(k)) for k in keys}
+    unused = set(SYNTHETIC_KEYS) if was.get("data-path") and now.get("data-path") else set()
+    return sorted(k for k in keys if k not in unused and was[k] != now[k])
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class Section(Mapping[str, Scalar]):

@@ -87,20 +87,13 @@ def run_status(run: Run, expected: Mapping | None = None) -> str:
 
 
 def same_config(stored: Mapping, expected: Mapping) -> bool:
-    """Equal settings, where a key only one side knows counts at its default.
+    """The same run's settings (:func:`fedkd.config.settings_differ`): a knob added to fedkd after
+    a run finished, at the value that keeps the earlier behaviour, or a changed default the run
+    never used, must not force the run to be redone; any other difference does (``stored`` is
+    the finished run's config.json, ``expected`` the plan)."""
+    from fedkd.config import settings_differ
 
-    A knob added to fedkd after a run finished, at the value that keeps the earlier behaviour,
-    does not change what that run did, so it must not force the run to be redone; any other
-    difference does (``stored`` is the finished run's config.json, ``expected`` the plan).
-    """
-    from fedkd.config import ABSENT_MEANS, ExperimentConfig
-
-    # a key missing from a stored config.json means what fedkd did before the key existed
-    # (ABSENT_MEANS, where a later default differs), else the default
-    defaults = ExperimentConfig().to_flat()
-    before = {**defaults, **ABSENT_MEANS}
-    return all(stored.get(k, before.get(k)) == expected.get(k, defaults.get(k))
-               for k in set(stored) | set(expected))
+    return not settings_differ(stored, expected)
 
 
 def load_sweep(folder: Path) -> Collection:

@@ -235,6 +235,22 @@ def test_checkpoint_is_written_atomically_and_refuses_another_config(tmp_path):
         checkpoint.load(tmp_path / "nowhere", cfg)
 
 
+def test_a_checkpoint_resumes_under_a_later_fedkd_whose_new_or_changed_knobs_it_never_used(tmp_path):
+    """A knob added later (absent from the checkpoint, asked at its default) or a default changed
+    for a knob the run did not use (the synthetic data's size under a data-path) keeps the
+    checkpoint resumable; the same change where it matters does not."""
+    now = ExperimentConfig().to_flat()
+    old = {k: v for k, v in now.items() if k != "round-deadline"}  # a fedkd before round-deadline
+    ml = {"data-path": "/data/u.data"}
+    checkpoint.save(tmp_path, {"round": 4, "config": {**old, **ml, "synthetic-users": 300}, "files": {}})
+    assert checkpoint.load(tmp_path, {**now, **ml, "synthetic-users": 100})["round"] == 4
+    with pytest.raises(ValueError, match=r"in round-deadline: None -> 5.0"):
+        checkpoint.load(tmp_path, {**now, **ml, "synthetic-users": 100, "round-deadline": 5.0})
+    checkpoint.save(tmp_path, {"round": 4, "config": {**old, "synthetic-users": 300}, "files": {}})  # synthetic data
+    with pytest.raises(ValueError, match=r"in synthetic-users: 300 -> 100"):
+        checkpoint.load(tmp_path, {**now, "synthetic-users": 100})
+
+
 def test_truncate_cuts_appended_files_back_and_removes_rewritten_ones(tmp_path):
     (tmp_path / "metrics.csv").write_text("round\n1\n2\n")
     (tmp_path / "summary.json").write_text("{}")

@@ -358,6 +358,10 @@ def test_a_knob_added_later_at_its_default_does_not_make_finished_runs_stale():
     assert same_config(before, now) and same_config(now, before)
     assert not same_config(before, {**now, "round-deadline": 1.0})  # a real difference still counts
     assert not same_config({**before, "seed": 3}, now)
+    # the synthetic data's size (default 300 users until 2026-12-01, 100 since) under a data-path: unused
+    ml = {"data-path": "/data/u.data"}
+    assert same_config({**now, **ml, "synthetic-users": 300}, {**now, **ml})
+    assert not same_config({**now, "synthetic-users": 300}, now)  # on synthetic data it is the data
 
 
 def test_a_knob_whose_default_changed_later_counts_at_what_older_runs_did():
