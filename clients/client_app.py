@@ -286,7 +286,7 @@ def _masked(cfg: ExperimentConfig, data: ClientData, content: Content, context: 
         t = int(rec["round-t"]) if "round-t" in rec else int(rec["t"])
         codes, k = _noised(cfg, data, content, layout, padded, len(everyone), t, round_idx, rng)
     else:
-        k = secagg.ring_bits(len(everyone), bits)
+        k = secagg.ring_bits(len(holders) if cfg.secagg_group_size else len(everyone), bits)  # a group: its own sum
         codes = secagg.quantize(padded, layout, ranges, bits, rng, stats=cfg.dp_mode != "central",
                                 norm_cap=cfg.dp_clip_norm if cfg.dp_mode == "central" else None)
     return secagg.pack_ring(secagg.mask(codes, data.partition_id, rec["b"], rec["s"], mask_keys, k, round_idx), k)

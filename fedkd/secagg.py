@@ -360,14 +360,42 @@ def neighbourhoods(ids: Sequence[int], shares: int, rng: np.random.Generator) ->
     return {v: sorted({order[(x + o) % n] for o in range(-half, half + 1)}) for x, v in enumerate(order)}
 
 
-def refusal_chance(n: int, shares: int, fraction: float, dropout: float) -> float:
+def groups(ids: Sequence[int], size: int, rng: np.random.Generator) -> dict[int, list[int]]:
+    """Each device's group, itself included, as a sorted list (the same shape as
+    :func:`neighbourhoods`): the devices in a random order (``rng``, the server's), cut into
+    ``ceil(n / size)`` groups whose sizes differ by at most one, so none holds more than ``size``;
+    but never fewer than 2 in a group (with 3 devices and ``size`` 2, one group of 3), since a
+    group's sum is what the server learns.
+
+    Why groups: each group is a secure sum of its own, whose ring needs the headroom of its
+    members' codes only (``ring_bits(size, b)``) and whose keys and shares cost its members only,
+    so the masked uploads stay near the plain ones' size however many devices a round has; the
+    price is that the server learns every group's sum, not just the round's."""
+    ids = sorted(int(i) for i in ids)
+    n = len(ids)
+    count = max(1, min(-(-n // int(size)), n // 2))
+    order = [ids[p] for p in rng.permutation(n)]
+    out = {}
+    for part in np.array_split(np.asarray(order, dtype=np.int64), count):
+        members = sorted(int(i) for i in part)
+        out.update({i: members for i in members})
+    return out
+
+
+def refusal_chance(n: int, shares: int, fraction: float, dropout: float, *, group: int = 0) -> float:
     """An upper bound on the chance that a round of ``n`` devices is refused when each drops after
     sharing with probability ``dropout``, independently: fewer than ``t`` survivors, or (SecAgg+)
     some device whose neighbourhood keeps fewer than its ``share_t`` answers (a union bound over the
     ``n`` neighbourhoods). What sizes ``secagg-shares``: a neighbourhood must be large enough that
-    its losses stay below ``shares - share_t`` (docs/privacy.md has the table)."""
+    its losses stay below ``shares - share_t`` (docs/privacy.md has the table). With ``group``
+    (:func:`groups`): the chance that some group is refused (a union bound over the groups; a
+    refused group costs its own devices only)."""
     def fewer_alive(m: int, t: int) -> float:
         return sum(math.comb(m, a) * (1 - dropout) ** a * dropout ** (m - a) for a in range(t))
+    if group and n:
+        sizes = {len(g) for g in map(tuple, groups(range(n), group, np.random.default_rng(0)).values())}
+        count = max(1, min(-(-n // int(group)), n // 2))
+        return min(1.0, count * max(fewer_alive(m, threshold(m, fraction)) for m in sizes))
     whole = fewer_alive(n, threshold(n, fraction))
     if shares <= 0 or shares >= n:
         return whole

@@ -81,13 +81,14 @@ class SecureSum:
 
     def __init__(self, full_model, student_dim: int, transport: Transport, *, quant_bits: int,
                  threshold: float, initial_range: float, adaptive: bool, weighted: bool = False,
-                 noise=None, shares: int = 0, seed: int = 0) -> None:
+                 noise=None, shares: int = 0, group_size: int = 0, seed: int = 0) -> None:
         self.layout = sub_layout(full_model, student_dim)
         self.transport = transport
         self.bits, self.fraction, self.adaptive = secagg.code_bits(quant_bits), threshold, adaptive
         self.weighted = weighted  # devices send examples/reference x update; the mean divides by their sum
         self.noise = noise  # distributed DP's fedkd.ddp.Setting: the ring holds the noise, and maybe a count
         self.shares, self.seed = int(shares), int(seed)  # SecAgg+'s neighbourhoods (0: all), drawn per round
+        self.group_size = int(group_size)  # one secure sum per group of at most this many (0: one for the round)
         self.ranges = np.full(len(self.layout), float(initial_range))
         self._reset()
 
@@ -100,6 +101,7 @@ class SecureSum:
         self.node_of: dict[int, Node] = {}
         self.used, self.nbytes, self.reference, self.weight = None, (0, 0), 1.0, 0.0
         self.extra = np.zeros(self.extras, np.int64)  # the sums of the coordinates after the update's (the count)
+        self.last_groups: list[tuple[list[int], dict]] = []  # with groups: each accepted group's survivors and sum
 
     @property
     def extras(self) -> int:
@@ -121,9 +123,14 @@ class SecureSum:
         """Values in a masked upload: the codes, the range statistics, the extra coordinates."""
         return secagg.input_length(self.layout, stats=self.adaptive) + self.extras
 
-    def expected_bytes(self) -> int:
-        """Size of a masked upload this round: every value at ``ring_bits``."""
-        return secagg.packed_ring_bytes(self.length, self.ring_bits)
+    def expected_bytes(self, pid: int | None = None) -> int:
+        """Size of a masked upload this round (of device ``pid``'s, with groups): every value at the ring's bits."""
+        return secagg.packed_ring_bytes(self.length, self.ring_bits if pid is None or not self.group_size
+                                        else self._group_ring(self.graph[pid]))
+
+    def _group_ring(self, group: list[int]) -> int:
+        """A group's ring: the headroom of its devices that shared keys (what each of them counts too)."""
+        return secagg.ring_bits(sum(j in self.mask_keys for j in group), self.bits)
 
     def before_train(self, grid: Grid, sent: list[Node], contents, r: int) -> tuple[list[Node], tuple[int, int]]:
         """Step 1: the devices about to train share their seeds (encrypted, routed by the server);
@@ -138,14 +145,20 @@ class SecureSum:
         self.ids = [n.partition_id for n in nodes]
         self.node_of = {n.partition_id: n for n in nodes}
         self.t = secagg.threshold(len(self.ids), self.fraction) if self.ids else 0
-        self.graph = secagg.neighbourhoods(self.ids, self.shares, streams.rng(self.seed, Stream.SECAGG_GRAPH, r))
+        rng = streams.rng(self.seed, Stream.SECAGG_GRAPH, r)
+        self.graph = (secagg.groups(self.ids, self.group_size, rng) if self.group_size
+                      else secagg.neighbourhoods(self.ids, self.shares, rng))
         near = len(self.graph[self.ids[0]]) if self.ids else 0
         self.share_t = secagg.threshold(near, self.fraction) if self.ids else 0
         config = {"round": r, "threshold": self.t}  # the round's t: the fewest survivors it accepts
-        if near < len(self.ids):  # SecAgg+: a seed is shared among a neighbourhood, with its own threshold
+        if near < len(self.ids) and not self.group_size:  # SecAgg+: a neighbourhood's own threshold
             config["share-threshold"] = self.share_t
+
+        def config_of(pid: int) -> dict:  # with groups, each group is a round of its own: its own t
+            return {**config, "threshold": secagg.threshold(len(self.graph[pid]), self.fraction)} \
+                if self.group_size else dict(config)
         key_of = {n.partition_id: n.enc_key for n in nodes}
-        asks = [(n, Content(configs={"config": dict(config), "peers": {
+        asks = [(n, Content(configs={"config": config_of(n.partition_id), "peers": {
             "ids": self.graph[n.partition_id],
             "keys": b"".join(key_of[j] for j in self.graph[n.partition_id])}})) for n in nodes]
         ex = self.transport.exchange(grid, asks, "query.secagg_keys", r)
@@ -175,9 +188,11 @@ class SecureSum:
         survivors' sum at the full student's shapes; None (round refused, logged) below the threshold.
         ``last_sum`` keeps the unmasked sum of the round (None when refused): what the server
         learns under secure aggregation, for the reconstruction attack."""
-        self.used, self.last_sum = 0, None
+        self.used, self.last_sum, self.last_groups = 0, None, []
         if not self.mask_keys:  # nobody took part: an empty sum (central DP still releases its noise)
             return {k: np.zeros(shape, np.float64) for k, shape in self.layout.items()}
+        if self.group_size:
+            return self._grouped_total(uploads, r)
         masked = {u.node.partition_id: secagg.unpack_ring(u.payload, self.ring_bits, self.length) for u in uploads}
         survivors = sorted(masked)
         if len(survivors) < self.t:
@@ -221,6 +236,70 @@ class SecureSum:
         self.weight = (sum(float(u.metrics["num-examples"]) for u in uploads) / self.reference if self.weighted
                        else float(self.used))
         return sums
+
+    def _grouped_total(self, uploads: list[Upload], r: int) -> dict | None:
+        """``total`` with groups: each group's survivors reveal shares of their own group's seeds,
+        each group's sum is unmasked in its own ring and added to the others' as exact integers
+        (so without refusals the round's sum is the one a single secure sum gives, bit for bit). A
+        group below its threshold is refused alone (logged); the round only if every group is."""
+        masked = {u.node.partition_id: secagg.unpack_ring(u.payload, self._group_ring(self.graph[u.node.partition_id]),
+                                                          self.length) for u in uploads}
+        accepted = []
+        for group in sorted({tuple(self.graph[i]) for i in self.mask_keys}):
+            holders = [j for j in group if j in self.mask_keys]
+            alive, t = [j for j in holders if j in masked], secagg.threshold(len(group), self.fraction)
+            if len(alive) < t:
+                self._refuse_group(r, group, f"only {len(alive)} of its {len(holders)} devices that shared their "
+                                             f"seeds sent a valid masked update; its threshold is {t}")
+            else:
+                accepted.append((list(group), holders, alive, t))
+        items = []
+        for group, holders, alive, _ in accepted:
+            for i in alive:
+                senders = [j for j in holders if j != i and j in self.inbox.get(i, {})]
+                items.append((self.node_of[i], Content(configs={
+                    "config": {"round": r},
+                    "peers": {"survivors": alive, "from": senders,
+                              "shares": b"".join(self.inbox[i][j] for j in senders)}})))
+        ex = self.transport.exchange(self.grid, items, "query.secagg_unmask", r) if items else None
+        self.nbytes = (ex.down, ex.up) if ex else (0, 0)
+        revealed = {}
+        for node, rep in ex.replies if ex else ():
+            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
+            mine = [j for j in self.graph[node.partition_id] if j in self.mask_keys]
+            if not isinstance(blob, bytes) or len(blob) != len(mine) * secagg.SEED_BYTES:
+                self._reject(r, node, "malformed unmask reply")
+                continue
+            revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
+                                           for x, j in enumerate(mine)}
+        total, used = np.zeros(self.length, np.int64), []
+        for group, holders, alive, t in accepted:
+            try:
+                got = secagg.unmask({i: masked[i] for i in alive}, {j: self.mask_keys[j] for j in holders}, group,
+                                    {i: s for i, s in revealed.items() if i in group}, t,
+                                    secagg.ring_bits(len(holders), self.bits), r)
+            except (secagg.SecAggError, ValueError) as exc:
+                self._refuse_group(r, tuple(group), str(exc))
+                continue
+            total += got.astype(np.int64)  # the group's exact sum: its ring has the headroom
+            used += alive
+            self.last_groups.append((alive, secagg.dequantize_sum(got, len(alive), self.layout, self.ranges,
+                                                                  self.bits, stats=self.adaptive)[0]))
+        if not used:
+            return self._refuse(r, f"every group of at most {self.group_size} devices was refused")
+        sums, ratio = secagg.dequantize_sum(total, len(used), self.layout, self.ranges, self.bits, stats=self.adaptive)
+        self.ranges = secagg.next_ranges(self.ranges, ratio)
+        self.used, self.last_sum = len(used), sums
+        counted = set(used)
+        self.weight = (sum(float(u.metrics["num-examples"]) for u in uploads if u.node.partition_id in counted)
+                       / self.reference if self.weighted else float(self.used))
+        return sums
+
+    def _refuse_group(self, r: int, group, reason: str) -> None:
+        self.transport.rejections.append({"round": r, "partition_id": None, "node_id": None,
+                                          "reason": f"secure aggregation refused the group {list(group)}: {reason}"})
+        log.warning("round %d: secure aggregation refused the group %s: %s; its devices are left out",
+                    r, list(group), reason)
 
     def _reject(self, r: int, node: Node, reason: str) -> None:
         self.transport.rejections.append({"round": r, "partition_id": node.partition_id, "node_id": node.node_id,

@@ -54,7 +54,8 @@ class ReconstructionAttack:
     Under secure aggregation the server sees one masked vector per client, unrelated to its
     update; what it can attack is the round's unmasked sum, against the union of that round's
     clients' items (a void round, whose sum the server cannot unmask, is not attacked); results
-    are averaged over rounds. A part of the round loop: its tally is checkpointed.
+    are averaged over rounds. With groups (``secagg-group-size``) it learns, and attacks, each
+    group's sum. A part of the round loop: its tally is checkpointed.
     """
 
     name = "reconstruction"
@@ -87,6 +88,10 @@ class ReconstructionAttack:
             return
         if self.secure.last_sum is None:  # the round was refused: the server could not unmask it either
             return
+        if self.secure.last_groups:  # groups: the server learns each group's sum, and attacks each
+            for x, (pids, sums) in enumerate(self.secure.last_groups):
+                self.tally.add(f"{r}.{x}", attack(sums, self.items(sorted(pids)), self.popular))
+            return
         self.tally.add(r, attack(self.secure.last_sum, self.items(sorted(u.node.partition_id for u in uploads)),
                                  self.popular))
 
@@ -95,15 +100,20 @@ class ReconstructionAttack:
         if self.secure is None:
             seen = ("each client's decoded update, ranked by its item-table rows' L2 change, top |H| against "
                     "the client's distinct training items H; averaged per client, then over clients")
+        elif self.secure.group_size:
+            seen = ("secure aggregation in groups (secagg-group-size): each group's unmasked sum, ranked by its "
+                    "item-table rows' L2 change, top |H| against the union H of that group's clients' training "
+                    "items; averaged over the rounds' groups")
         else:
             seen = ("secure aggregation: only each round's unmasked sum, ranked by its item-table rows' L2 change, "
                     "top |H| against the union H of that round's clients' training items; averaged over rounds")
-        res = {"observed": "round-sum" if self.secure is not None else "client-update", "method": seen,
+        observed = ("client-update" if self.secure is None else "group-sum" if self.secure.group_size else "round-sum")
+        res = {"observed": observed, "method": seen,
                **self.tally.summary()}
         if res["units"]:
             log.info("history reconstruction (%s): precision@|H| %.4f (popularity %.4f, chance %.4f) over %d %s",
                      res["observed"], res["precision@k"], res["popularity_precision@k"], res["random_precision@k"],
-                     res["units"], "rounds" if self.secure is not None else "clients")
+                     res["units"], {"client-update": "clients", "round-sum": "rounds", "group-sum": "groups"}[observed])
         return {"reconstruction_attack": res}
 
     def state_dict(self) -> dict:

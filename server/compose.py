@@ -155,9 +155,10 @@ def _warn_of_refusals(cfg, eligible: int) -> None:
     if lost <= 0:
         return
     n = min(cfg.clients_per_round, eligible) if cfg.clients_per_round > 0 else eligible
-    chance = refusal_chance(n, cfg.secagg_shares, cfg.secagg_threshold, lost)
+    chance = refusal_chance(n, cfg.secagg_shares, cfg.secagg_threshold, lost, group=cfg.secagg_group_size)
     if chance > 0.05:
-        graph = f"neighbourhoods of {cfg.secagg_shares}" if 0 < cfg.secagg_shares < n else "all devices"
+        graph = (f"groups of at most {cfg.secagg_group_size}" if cfg.secagg_group_size else
+                 f"neighbourhoods of {cfg.secagg_shares}" if 0 < cfg.secagg_shares < n else "all devices")
         log.warning("secure aggregation: with %.0f%% of devices failing after sharing (fault-*), a round of %d "
                     "(%s, secagg-threshold %g) is refused with probability up to %.0f%%; raise secagg-shares or "
                     "lower secagg-threshold", 100 * lost, n, graph, cfg.secagg_threshold, 100 * chance)
@@ -172,7 +173,7 @@ def make_aggregator(cfg, exp, fleet: Fleet, accountant):
         total = SecureSum(fleet.full_model, cfg.student_dim, exp.transport, quant_bits=cfg.quant_bits,
                           threshold=cfg.secagg_threshold, initial_range=cfg.dp_clip_norm if fixed else cfg.secagg_range,
                           adaptive=not fixed, weighted=cfg.dp_mode == "off", noise=getattr(exp, "ddp", None),
-                          shares=cfg.secagg_shares, seed=cfg.seed)
+                          shares=cfg.secagg_shares, group_size=cfg.secagg_group_size, seed=cfg.seed)
     else:
         total = ClippedSum(fleet.full_model, fleet.width_of, cfg.student_dim, cfg.dp_clip_norm)
     adaptive, update_noise = None, None

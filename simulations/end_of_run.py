@@ -47,7 +47,7 @@ def summary_lines(out: Path) -> list[str]:
         lines.append(f"membership-inference attack AUC {_num(s['mia_auc'])} (0.5 = no better than a coin)")
     rec = s.get("reconstruction_attack") or {}
     if rec.get("units"):
-        seen = "round sums" if rec.get("observed") == "round-sum" else "updates"
+        seen = {"round-sum": "round sums", "group-sum": "group sums"}.get(rec.get("observed"), "updates")
         lines.append(f"history reconstruction from {seen}: precision@|history| {_num(rec.get('precision@k'))} "
                      f"(popularity {_num(rec.get('popularity_precision@k'))}, "
                      f"chance {_num(rec.get('random_precision@k'))})")

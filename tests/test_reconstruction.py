@@ -97,7 +97,7 @@ def test_under_secure_aggregation_only_the_rounds_sum_is_attacked_against_the_un
     a refused round (``last_sum`` None) teaches it nothing."""
     pop = population(CFG)
     n = pop.dataset.num_items
-    secure = SimpleNamespace(last_sum=None)
+    secure = SimpleNamespace(last_sum=None, last_groups=[], group_size=0)  # what SecureSum shows the attack
     obs = ReconstructionAttack(CFG.replace(secure_aggregation=True), secure=secure)
     masked = {p: {"masked": np.zeros(3, np.uint32)} for p in (0, 3)}  # uploads are opaque to the attack
     secure.last_sum = {k: _revealing_update(obs.items([0]), n)[k] + _revealing_update(obs.items([3]), n)[k]
@@ -109,6 +109,24 @@ def test_under_secure_aggregation_only_the_rounds_sum_is_attacked_against_the_un
     union = obs.items([0, 3])
     assert res["observed"] == "round-sum" and (res["units"], res["attacks"]) == (1, 1)
     assert res["precision@k"] == 1.0 and res["mean_k"] == len(union)
+
+
+def test_with_groups_each_groups_sum_is_attacked_against_its_members_union():
+    """Secure aggregation in groups: the server learns each group's sum (``last_groups``), so
+    each is attacked against its own members' items, as one unit of its own."""
+    pop = population(CFG)
+    n = pop.dataset.num_items
+    sums = {p: _revealing_update(ReconstructionAttack(CFG).items([p]), n) for p in (0, 3, 5)}
+    secure = SimpleNamespace(last_sum={"item_emb.weight": sum(s["item_emb.weight"] for s in sums.values())},
+                             last_groups=[([0, 3], {"item_emb.weight": sums[0]["item_emb.weight"]
+                                                    + sums[3]["item_emb.weight"]}),
+                                          ([5], {"item_emb.weight": sums[5]["item_emb.weight"]})],
+                             group_size=2)
+    obs = ReconstructionAttack(CFG.replace(secure_aggregation=True), secure=secure)
+    obs.observe([_upload(p, {"masked": np.zeros(3, np.uint32)}) for p in (0, 3, 5)], r=2)
+    res = obs.result()["reconstruction_attack"]
+    assert res["observed"] == "group-sum" and (res["units"], res["attacks"]) == (2, 2)
+    assert res["precision@k"] == 1.0 and res["mean_k"] == (len(obs.items([0, 3])) + len(obs.items([5]))) / 2
 
 
 def test_other_protocols_say_why_there_is_nothing_to_attack():

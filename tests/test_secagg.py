@@ -354,7 +354,7 @@ class _Devices:
         return Exchanged(replies, 10 * len(items), 20 * len(replies), {})
 
 
-def _secure_sum(n=6, threshold=0.5, weighted=True, shares=0):
+def _secure_sum(n=6, threshold=0.5, weighted=True, shares=0, group_size=0):
     from fedkd.models import ModelConfig
     from server.aggregation import SecureSum
     from server.transport import Node
@@ -365,7 +365,7 @@ def _secure_sum(n=6, threshold=0.5, weighted=True, shares=0):
     devices = _Devices(nodes)
     nodes = [Node(n.node_id, n.partition_id, n.tier, n.examples, devices.key(n.partition_id)) for n in nodes]
     agg = SecureSum(full, 4, devices, quant_bits=8, threshold=threshold, initial_range=1.0, adaptive=True,
-                    weighted=weighted, shares=shares)
+                    weighted=weighted, shares=shares, group_size=group_size)
     content = Content(configs={"config": {"round": 3}})
     sent, _ = agg.before_train(None, nodes, [content], 3)
     devices.mask_keys = dict(zip(content.configs["peers"]["ids"],
@@ -386,8 +386,10 @@ def _uploads(agg, devices, content, survivors, examples):
                                 stats=True)
         plain[pid] = codes
         kept = devices.kept[pid]
-        y = secagg.mask(codes, pid, kept.b, kept.s, devices.near(pid), agg.ring_bits, 3)
-        out.append(Upload(node, {"num-examples": examples[pid]}, secagg.pack_ring(y, agg.ring_bits)))
+        # the ClientApp's ring: the round's holders, or with groups its group's (those it shared with)
+        k = secagg.ring_bits(len(devices.near(pid)), 8) if agg.group_size else agg.ring_bits
+        y = secagg.mask(codes, pid, kept.b, kept.s, devices.near(pid), k, 3)
+        out.append(Upload(node, {"num-examples": examples[pid]}, secagg.pack_ring(y, k)))
     return out, plain
 
 
@@ -448,3 +450,75 @@ def test_the_refusal_bound_is_exact_for_the_complete_graph_and_covers_what_neigh
         alive = {i for i in ids if rng.random() >= 0.2}
         refused += len(alive) < 15 or any(sum(j in alive for j in graph[i]) < 5 for i in ids)
     assert 0 < refused / 2000 <= bounds[1]
+
+
+def test_groups_cut_the_round_into_near_equal_groups_of_at_most_the_size_and_at_least_two():
+    for n, size in ((150, 16), (12, 4), (17, 16), (3, 2), (2, 16), (40, 7)):
+        graph = secagg.groups(range(n), size, np.random.default_rng(n))
+        parts = {tuple(g) for g in graph.values()}
+        sizes = sorted(len(g) for g in parts)
+        assert sorted(i for g in parts for i in g) == list(range(n))  # every device in exactly one group
+        assert all(graph[i] == sorted(graph[i]) and i in graph[i] for i in range(n))
+        assert sizes[-1] - sizes[0] <= 1 and sizes[0] >= 2
+        assert sizes[-1] <= size or len(parts) == 1  # a round too small for two groups stays whole
+    assert {len(g) for g in secagg.groups(range(150), 16, np.random.default_rng(0)).values()} == {15}
+    assert secagg.groups(range(3), 2, np.random.default_rng(0)) == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2]}
+    a, b = (secagg.groups(range(30), 5, np.random.default_rng(s)) for s in (1, 2))
+    assert a == secagg.groups(range(30), 5, np.random.default_rng(1)) and a != b  # drawn by the server each round
+    # a group's ring holds its own devices' codes only: 12 bits for 15 at 8 bits, 16 for 150
+    assert secagg.ring_bits(15, 8) == 12 and secagg.ring_bits(150, 8) == 16
+
+
+def test_the_server_sums_groups_exactly_and_refuses_a_group_alone():
+    """SecureSum with groups of at most 4 among 12 devices: each device shares with its group only
+    (its threshold), uploads in its group's 10-bit ring instead of the round's 12, and the
+    survivors' mean is the complete graph's, bit for bit; a group that loses 3 of its 4 devices
+    after sharing is refused alone (its last device too), and the mean is the other groups'."""
+    examples = {i: 5 * (i + 1) for i in range(12)}
+    means, sizes = {}, {}
+    for group in (0, 4):
+        agg, devices, sent, content = _secure_sum(n=12, group_size=group)
+        assert {len(devices.kept[n.partition_id].ids) for n in sent} == {4 if group else 12}
+        assert {devices.kept[n.partition_id].t for n in sent} == {2 if group else 6}
+        uploads, plain = _uploads(agg, devices, content, sent[1:], examples)  # one dropped after sharing
+        sizes[group] = {u.payload.size for u in uploads}
+        assert all(u.payload.size == agg.expected_bytes(u.node.partition_id) for u in uploads)
+        got = agg(uploads, 3)
+        assert got.used == 11 and not devices.rejections
+        means[group] = got.update
+        assert len(agg.last_groups) == (3 if group else 0)
+    assert sizes == {0: {secagg.packed_ring_bytes(agg.length, 12)}, 4: {secagg.packed_ring_bytes(agg.length, 10)}}
+    for k in means[0]:
+        np.testing.assert_array_equal(means[0][k], means[4][k])
+    agg, devices, sent, content = _secure_sum(n=12, group_size=4)
+    lost = agg.graph[0][1:]  # three of device 0's group
+    alive = [n for n in sent if n.partition_id not in lost]
+    uploads, plain = _uploads(agg, devices, content, alive, examples)
+    got = agg(uploads, 3)
+    assert got.used == 8 and len(agg.last_groups) == 2  # device 0, alone in its group, is left out too
+    assert f"refused the group {agg.graph[0]}: only 1 of its 4 devices" in devices.rejections[-1]["reason"]
+    kept = [u for u in uploads if u.node.partition_id != 0]
+    sums, _ = secagg.dequantize_sum(sum(plain[u.node.partition_id] for u in kept), 8, agg.layout,
+                                    np.ones(len(agg.layout)), 8, stats=True)
+    weight = sum(examples[u.node.partition_id] for u in kept) / content.configs["config"]["secagg-examples"]
+    for k in agg.layout:
+        np.testing.assert_allclose(got.update[k], (sums[k] / weight).astype(np.float32))
+
+
+def test_the_refusal_bound_with_groups_is_per_group():
+    def fewer(m, t, d):
+        return sum(__import__("math").comb(m, a) * (1 - d) ** a * d ** (m - a) for a in range(t))
+    assert secagg.refusal_chance(150, 0, 0.5, 0.3, group=16) == pytest.approx(10 * fewer(15, 8, 0.3))
+    assert secagg.refusal_chance(150, 0, 0.5, 0.3, group=16) > secagg.refusal_chance(150, 0, 0.5, 0.3)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"secagg-group-size": 1}, r"allowed 0 \(one secure sum over the round\) or at least 2"),
+    ({"secagg-group-size": 16, "secagg-shares": 5}, "0 with secagg-shares"),
+    ({"secagg-group-size": 16, "dp-mode": "distributed"}, "0 with dp-mode = distributed"),
+])
+def test_groups_refuse_what_they_cannot_keep(overrides, says):
+    from fedkd.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match=says):
+        ExperimentConfig.from_flat({"secure-aggregation": True, **overrides})

@@ -41,7 +41,7 @@ class ParamsProtocol(Protocol):
         cfg = self.cfg
         if cfg.secure_aggregation:
             masked = got.arrays.get("masked", {}).get("values")
-            size = secure_part(self.aggregator).expected_bytes()
+            size = secure_part(self.aggregator).expected_bytes(node.partition_id)
             if masked is None or set(got.arrays) != {"masked"} or masked.dtype != np.uint8 or masked.shape != (size,):
                 raise PayloadError("malformed", f"secure aggregation expects only masked/values, uint8 ({size},)")
             return masked
