@@ -211,6 +211,7 @@ def test_the_reconstruction_attack_is_in_the_golden_runs_summaries(golden):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a run of its own (15-25 s of a worker); CI keeps the server's exact group sums (test_secagg)
 def test_secure_aggregation_in_groups_gives_the_same_student_with_smaller_masked_uploads(golden, tmp_path):
     """The golden secagg case (10 devices a round) run again in groups of at most 4 (groups of
     4, 3 and 3): each group's sum is unmasked in its own ring and the sums are added as exact
