@@ -209,16 +209,7 @@ class SecureSum:
                           "shares": b"".join(self.inbox[i][j] for j in senders)}})))
         ex = self.transport.exchange(self.grid, items, "query.secagg_unmask", r)
         self.nbytes = (ex.down, ex.up)
-        revealed = {}
-        for node, rep in ex.replies:
-            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
-            near = set(self.graph[node.partition_id])
-            mine = [j for j in holders if j in near]  # one share per holder of its neighbourhood
-            if not isinstance(blob, bytes) or len(blob) != len(mine) * secagg.SEED_BYTES:
-                self._reject(r, node, "malformed unmask reply")
-                continue
-            revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
-                                           for x, j in enumerate(mine)}
+        revealed = self._revealed(ex.replies, r)
         try:
             total = secagg.unmask(masked, self.mask_keys, self.ids, revealed, self.t, self.ring_bits, r,
                                   graph=self.graph, share_t=self.share_t)
@@ -263,15 +254,7 @@ class SecureSum:
                               "shares": b"".join(self.inbox[i][j] for j in senders)}})))
         ex = self.transport.exchange(self.grid, items, "query.secagg_unmask", r) if items else None
         self.nbytes = (ex.down, ex.up) if ex else (0, 0)
-        revealed = {}
-        for node, rep in ex.replies if ex else ():
-            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
-            mine = [j for j in self.graph[node.partition_id] if j in self.mask_keys]
-            if not isinstance(blob, bytes) or len(blob) != len(mine) * secagg.SEED_BYTES:
-                self._reject(r, node, "malformed unmask reply")
-                continue
-            revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
-                                           for x, j in enumerate(mine)}
+        revealed = self._revealed(ex.replies if ex else [], r)
         total, used = np.zeros(self.length, np.int64), []
         for group, holders, alive, t in accepted:
             try:
@@ -294,6 +277,20 @@ class SecureSum:
         self.weight = (sum(float(u.metrics["num-examples"]) for u in uploads if u.node.partition_id in counted)
                        / self.reference if self.weighted else float(self.used))
         return sums
+
+    def _revealed(self, replies, r: int) -> dict[int, dict[int, bytes]]:
+        """Step 3's answers: responder -> {holder of its neighbourhood or group: the share it revealed};
+        a malformed answer is rejected (logged) and left out."""
+        revealed = {}
+        for node, rep in replies:
+            blob = unpack(rep.content).configs.get("secagg", {}).get("shares")
+            mine = [j for j in self.graph[node.partition_id] if j in self.mask_keys]  # one share per holder near it
+            if not isinstance(blob, bytes) or len(blob) != len(mine) * secagg.SEED_BYTES:
+                self._reject(r, node, "malformed unmask reply")
+                continue
+            revealed[node.partition_id] = {j: blob[x * secagg.SEED_BYTES:(x + 1) * secagg.SEED_BYTES]
+                                           for x, j in enumerate(mine)}
+        return revealed
 
     def _refuse_group(self, r: int, group, reason: str) -> None:
         self.transport.rejections.append({"round": r, "partition_id": None, "node_id": None,
