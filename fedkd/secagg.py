@@ -392,10 +392,9 @@ def refusal_chance(n: int, shares: int, fraction: float, dropout: float, *, grou
     refused group costs its own devices only)."""
     def fewer_alive(m: int, t: int) -> float:
         return sum(math.comb(m, a) * (1 - dropout) ** a * dropout ** (m - a) for a in range(t))
-    if group and n:
-        sizes = {len(g) for g in map(tuple, groups(range(n), group, np.random.default_rng(0)).values())}
-        count = max(1, min(-(-n // int(group)), n // 2))
-        return min(1.0, count * max(fewer_alive(m, threshold(m, fraction)) for m in sizes))
+    if group and n:  # the sizes of groups() do not depend on the draw
+        parts = {tuple(g) for g in groups(range(n), group, np.random.default_rng(0)).values()}
+        return min(1.0, sum(fewer_alive(len(g), threshold(len(g), fraction)) for g in parts))
     whole = fewer_alive(n, threshold(n, fraction))
     if shares <= 0 or shares >= n:
         return whole
